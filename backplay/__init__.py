@@ -1,0 +1,12 @@
+"""backplay: verify backward attribution rules against their game-theoretic definitions.
+
+Three parts hold each other equal: ``theory`` (exact objects), ``numerics`` (cvxpy programs) and
+``gpu`` (batched torch). See THEORY.md for every identity (I1, I2, ...) the code names.
+"""
+
+from . import gpu, numerics, rules, testing, theory
+from .gpu import explain
+from .nets import MLPSpec
+
+__all__ = ["MLPSpec", "explain", "gpu", "numerics", "rules", "testing", "theory"]
+__version__ = "0.1.0"

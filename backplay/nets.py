@@ -1,0 +1,352 @@
+"""One network description shared by theory, numerics and gpu (THEORY.md section 0).
+
+``MLPSpec`` holds a fully connected net in torch layer order: ``weights[l-1]`` is W^l with shape
+(n_l, n_{l-1}) and acts on y^{l-1}; ``biases[l-1]`` is b^l or ``None``. Hidden layers use the
+activation (ReLU, or softplus_eps(z) = eps*log(1 + exp(z/eps))); the output layer is linear by default
+or carries the activation too (``output="relu"`` / ``"softplus"``).
+
+A spec is either numeric (float64 numpy arrays) or exact (numpy object arrays of sympy Rationals,
+see :meth:`MLPSpec.exact`). The exact copy of a float spec is the exact binary value of every float,
+so exact results and float64 results describe the same net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import sympy as sp
+
+ACTIVATIONS = ("relu", "softplus")
+
+
+def _as_array(value: Any, name: str) -> np.ndarray:
+    """Convert torch tensors, numpy arrays, sympy matrices and nested lists to a numpy array."""
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().double().numpy()
+    if isinstance(value, sp.MatrixBase):
+        value = np.array(value.tolist(), dtype=object)
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
+def to_rational(value: Any) -> sp.Expr:
+    """Exact sympy value: floats become the Rational of their exact binary value."""
+    if isinstance(value, sp.Basic):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return sp.Integer(int(value))
+    return sp.Rational(float(value))
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    if arr.dtype == object:
+        for v in arr.flat:
+            if isinstance(v, sp.Basic) and v.free_symbols:
+                continue
+            if not sp.sympify(v).is_finite:
+                raise ValueError(f"{name} contains a non-finite value: {v}")
+    elif not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values (nan or inf)")
+
+
+@dataclass(frozen=True, eq=False)
+class MLPSpec:
+    """A ReLU or softplus MLP in torch layer order (THEORY.md section 0).
+
+    Args:
+        weights: W^1..W^L, W^l of shape (n_l, n_{l-1}).
+        biases: b^1..b^L (entries may be ``None``), or ``None`` for a bias-free net.
+        activation: ``"relu"`` or ``"softplus"``.
+        eps: softplus temperature (> 0; a float, a sympy Rational or a positive sympy Symbol).
+        output: ``"linear"`` (logits, default) or the activation's name (output carries it too).
+    """
+
+    weights: tuple
+    biases: tuple
+    activation: str
+    eps: Any
+    output: str
+
+    def __init__(
+        self,
+        weights: Sequence[Any],
+        biases: Sequence[Any] | None = None,
+        activation: str = "relu",
+        eps: Any = None,
+        output: str = "linear",
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if output not in ("linear", activation):
+            raise ValueError(
+                f"output must be 'linear' or the activation {activation!r}, got {output!r}"
+            )
+        if len(weights) == 0:
+            raise ValueError("an MLPSpec needs at least one weight matrix")
+        ws = []
+        for l, w in enumerate(weights, start=1):
+            arr = _as_array(w, f"W^{l}")
+            if arr.ndim != 2:
+                raise ValueError(f"W^{l} must be a 2-d matrix, got shape {arr.shape}")
+            if arr.shape[0] == 0 or arr.shape[1] == 0:
+                raise ValueError(f"W^{l} has an empty dimension: shape {arr.shape}")
+            _check_finite(arr, f"W^{l}")
+            if ws and arr.shape[1] != ws[-1].shape[0]:
+                raise ValueError(
+                    f"shape mismatch: W^{l} has {arr.shape[1]} columns but layer {l - 1} "
+                    f"has {ws[-1].shape[0]} neurons"
+                )
+            ws.append(arr)
+        if biases is None:
+            biases = [None] * len(ws)
+        if len(biases) != len(ws):
+            raise ValueError(f"got {len(ws)} weight matrices but {len(biases)} biases")
+        bs = []
+        for l, (b, w) in enumerate(zip(biases, ws), start=1):
+            if b is None:
+                bs.append(None)
+                continue
+            arr = _as_array(b, f"b^{l}").reshape(-1)
+            if arr.shape[0] != w.shape[0]:
+                raise ValueError(
+                    f"shape mismatch: b^{l} has {arr.shape[0]} entries, W^{l} has {w.shape[0]} rows"
+                )
+            _check_finite(arr, f"b^{l}")
+            bs.append(arr)
+        if activation == "softplus":
+            if eps is None:
+                raise ValueError("a softplus net needs eps > 0")
+            eps_s = sp.sympify(eps)
+            if eps_s.free_symbols:
+                if eps_s.is_positive is not True:
+                    raise ValueError(f"symbolic eps must be declared positive, got {eps}")
+            elif not (eps_s.is_finite and eps_s > 0):
+                raise ValueError(f"eps must be finite and > 0, got {eps}")
+            if not isinstance(eps, sp.Basic):
+                eps = float(eps)
+        elif eps is not None:
+            raise ValueError("eps is only used with activation='softplus'")
+        if any(a.dtype == object for a in ws + [b for b in bs if b is not None]):
+            conv = np.vectorize(to_rational, otypes=[object])  # any exact entry: all exact
+            ws = [conv(w) for w in ws]
+            bs = [None if b is None else conv(b) for b in bs]
+        object.__setattr__(self, "weights", tuple(ws))
+        object.__setattr__(self, "biases", tuple(bs))
+        object.__setattr__(self, "activation", activation)
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "output", output)
+
+    # -- shape ---------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Number of layers L."""
+        return len(self.weights)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """(n_0, n_1, ..., n_L)."""
+        return (self.weights[0].shape[1],) + tuple(w.shape[0] for w in self.weights)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.weights[0].dtype == object
+
+    def weight(self, l: int) -> np.ndarray:
+        """W^l, 1 <= l <= L."""
+        return self.weights[l - 1]
+
+    def bias(self, l: int) -> np.ndarray:
+        """b^l, zeros when the layer has no bias."""
+        b = self.biases[l - 1]
+        if b is not None:
+            return b
+        n = self.weights[l - 1].shape[0]
+        return np.array([sp.Integer(0)] * n, dtype=object) if self.is_exact else np.zeros(n)
+
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in self.biases)
+
+    def activated(self, l: int) -> bool:
+        """Whether layer l applies the activation (hidden layers, and the output unless linear)."""
+        return l < self.depth or self.output != "linear"
+
+    # -- conversions ---------------------------------------------------------------------------
+    def exact(self) -> "MLPSpec":
+        """Copy with sympy Rational entries (exact binary value of each float); eps likewise."""
+        if self.is_exact:
+            return self
+        conv = np.vectorize(to_rational, otypes=[object])
+        eps = self.eps
+        if eps is not None and not isinstance(eps, sp.Basic):
+            eps = to_rational(eps)
+        return MLPSpec(
+            [conv(w) for w in self.weights],
+            [None if b is None else conv(b) for b in self.biases],
+            self.activation,
+            eps,
+            self.output,
+        )
+
+    def numeric(self) -> "MLPSpec":
+        """float64 copy (inverse of :meth:`exact` up to rounding)."""
+        if not self.is_exact:
+            return self
+        eps = self.eps
+        if isinstance(eps, sp.Basic):
+            if eps.free_symbols:
+                raise ValueError("cannot make a numeric copy of a spec with symbolic eps")
+            eps = float(eps)
+        return MLPSpec(
+            [w.astype(np.float64) for w in self.weights],
+            [None if b is None else b.astype(np.float64) for b in self.biases],
+            self.activation,
+            eps,
+            self.output,
+        )
+
+    def with_eps(self, eps: Any, activation: str = "softplus") -> "MLPSpec":
+        """Same weights with another activation / eps (e.g. the softplus surrogate of a ReLU net)."""
+        output = "linear" if self.output == "linear" else activation
+        return MLPSpec(self.weights, self.biases, activation, eps if activation == "softplus" else None, output)
+
+    @classmethod
+    def from_torch(cls, module: Any) -> "MLPSpec":
+        """Read an ``nn.Sequential`` of Linear / ReLU / Softplus (nested Sequentials are flattened).
+
+        ``nn.Softplus(beta)`` gives eps = 1/beta. The spec describes the exact softplus; torch's own
+        module switches to the identity above ``threshold`` (default 20 on beta*z).
+        """
+        import torch.nn as nn
+
+        def flatten(m: Any) -> list:
+            if isinstance(m, nn.Sequential):
+                return [c for child in m for c in flatten(child)]
+            return [m]
+
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected a torch nn.Module, got {type(module).__name__}")
+        layers = flatten(module)
+        weights, biases, acts = [], [], []
+        eps = None
+        for m in layers:
+            if isinstance(m, nn.Linear):
+                if len(acts) < len(weights):
+                    acts.append(None)  # two Linear layers in a row
+                weights.append(m.weight)
+                biases.append(None if m.bias is None else m.bias)
+            elif isinstance(m, (nn.ReLU, nn.Softplus)):
+                name = "relu" if isinstance(m, nn.ReLU) else "softplus"
+                if len(weights) != len(acts) + 1:
+                    raise ValueError(f"activation {type(m).__name__} must follow a Linear layer")
+                if name == "softplus":
+                    m_eps = 1.0 / float(m.beta)
+                    if eps is not None and m_eps != eps:
+                        raise ValueError("all Softplus modules must share one beta")
+                    eps = m_eps
+                acts.append(name)
+            elif isinstance(m, (nn.Identity, nn.Dropout)):
+                continue
+            else:
+                raise TypeError(
+                    f"unsupported module {type(m).__name__} in MLPSpec.from_torch "
+                    "(supported: Linear, ReLU, Softplus, Identity, Dropout, nested Sequential)"
+                )
+        if not weights:
+            raise ValueError("the module contains no Linear layer")
+        if len(acts) < len(weights):
+            acts.append(None)
+        hidden = acts[:-1]
+        if any(a is None for a in hidden):
+            raise ValueError("every hidden Linear layer must be followed by ReLU or Softplus")
+        kinds = set(hidden) | ({acts[-1]} - {None})
+        if len(kinds) > 1:
+            raise ValueError(f"mixed activations {sorted(kinds)} are not supported")
+        activation = kinds.pop() if kinds else "relu"
+        output = "linear" if acts[-1] is None else activation
+        return cls(weights, biases, activation, eps if activation == "softplus" else None, output)
+
+    def to_torch(self, dtype: Any = None, device: Any = None) -> Any:
+        """An ``nn.Sequential`` computing this net (float64 by default).
+
+        Softplus layers get beta = 1/eps and a threshold high enough that torch's identity switch
+        stays below round-off (700 in float64, 20 otherwise).
+        """
+        import torch
+        import torch.nn as nn
+
+        dtype = torch.float64 if dtype is None else dtype
+        spec = self.numeric()
+        mods: list = []
+        for l, (w, b) in enumerate(zip(spec.weights, spec.biases), start=1):
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype, device=device)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(w).to(dtype))
+                if b is not None:
+                    lin.bias.copy_(torch.from_numpy(b).to(dtype))
+            mods.append(lin)
+            if spec.activated(l):
+                if spec.activation == "relu":
+                    mods.append(nn.ReLU())
+                else:
+                    threshold = 700.0 if dtype == torch.float64 else 20.0
+                    mods.append(nn.Softplus(beta=1.0 / spec.eps, threshold=threshold))
+        return nn.Sequential(*mods).to(dtype=dtype, device=device).eval()
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """float64 forward pass of one input: [(z^1, y^1), ..., (z^L, y^L)]."""
+        spec = self.numeric()
+        y = _as_array(x, "x").reshape(-1).astype(np.float64)
+        if y.shape[0] != spec.widths[0]:
+            raise ValueError(f"x has {y.shape[0]} entries, the net expects {spec.widths[0]}")
+        out = []
+        for l in range(1, spec.depth + 1):
+            z = spec.weight(l) @ y + spec.bias(l)
+            if not spec.activated(l):
+                y = z
+            elif spec.activation == "relu":
+                y = np.maximum(z, 0.0)
+            else:
+                y = spec.eps * np.logaddexp(0.0, z / spec.eps)
+            out.append((z, y))
+        return out
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.forward(x)[-1][1]
+
+    def __repr__(self) -> str:
+        eps = f", eps={self.eps}" if self.eps is not None else ""
+        kind = "exact" if self.is_exact else "float64"
+        return (
+            f"MLPSpec(widths={self.widths}, activation={self.activation!r}{eps}, "
+            f"output={self.output!r}, bias={self.has_bias}, {kind})"
+        )
+
+
+def check_input(spec: MLPSpec, x: Any) -> np.ndarray:
+    """One input vector for ``spec`` as a numpy array (object dtype kept), with clear errors."""
+    arr = _as_array(x, "x").reshape(-1) if not isinstance(x, np.ndarray) or x.ndim <= 1 else None
+    if arr is None:
+        raise ValueError(f"x must be one input vector, got shape {np.shape(x)}")
+    if arr.shape[0] != spec.widths[0]:
+        raise ValueError(f"x has {arr.shape[0]} entries, the net expects {spec.widths[0]}")
+    _check_finite(arr, "x")
+    return arr
+
+
+def check_target(spec: MLPSpec, target: int) -> int:
+    """The explained output index, checked against the output width."""
+    if not isinstance(target, (int, np.integer)) or isinstance(target, bool):
+        raise TypeError(f"target must be an int, got {type(target).__name__}")
+    n = spec.widths[-1]
+    if not 0 <= int(target) < n:
+        raise ValueError(f"target {target} out of range for {n} outputs")
+    return int(target)
+
