@@ -10,6 +10,7 @@ linear output layer.
 
 from .game_graph import GameGraph, binary_entropy, equilibrium_policy, policy_state_values, policy_value
 from .game_programs import (
+    DEFAULT_SOLVER_OPTIONS,
     REACHED_TOL,
     BestResponse,
     Certificate,
@@ -23,6 +24,7 @@ from .game_programs import (
 )
 
 __all__ = [
+    "DEFAULT_SOLVER_OPTIONS",
     "REACHED_TOL",
     "BestResponse",
     "Certificate",

@@ -22,6 +22,7 @@ trusting ``problem.value``.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -32,7 +33,6 @@ from scipy.special import rel_entr
 
 from ..nets import MLPSpec, check_target
 from .game_graph import (
-    MINUS,
     PLUS,
     GameGraph,
     binary_entropy,
@@ -49,8 +49,18 @@ from .game_graph import (
 )
 
 ACCEPTED_STATUS = (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
-#: a kept state counts as reached by a solution when its discounted occupation exceeds this.
-REACHED_TOL = 1e-9
+#: a kept state counts as reached by a best response when its discounted occupation exceeds
+#: REACHED_TOL times its upper bound w(s) (its occupation if the mover always continued).
+REACHED_TOL = 1e-7
+
+
+#: default options per solver, merged under the caller's ``solver_options``: Clarabel's default
+#: tolerances (1e-8) give occupations of the entropic programs to only ~1e-5. With these tight
+#: targets Clarabel sometimes stops at "almost solved" (cvxpy status optimal_inaccurate); that
+#: status is accepted (cvxpy's warning is silenced) and reported in the results' ``status``.
+DEFAULT_SOLVER_OPTIONS: dict[str, dict[str, Any]] = {
+    "CLARABEL": {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "tol_ktratio": 1e-10},
+}
 
 
 class SolverError(RuntimeError):
@@ -65,7 +75,11 @@ def _solve(problem: cp.Problem, solver: str, solver_options: Mapping[str, Any] |
         raise ValueError(f"solver {solver!r} is not installed; installed: {cp.installed_solvers()}")
     t0 = time.perf_counter()
     try:
-        problem.solve(solver=name, **dict(solver_options or {}))
+        options = {**DEFAULT_SOLVER_OPTIONS.get(name, {}), **dict(solver_options or {})}
+        with warnings.catch_warnings():
+            # optimal_inaccurate is accepted and reported in the results' ``status``
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+            problem.solve(solver=name, **options)
     except cp.SolverError as exc:
         raise SolverError(f"{what}: solver {name} failed: {exc}") from exc
     elapsed = time.perf_counter() - t0
@@ -87,11 +101,11 @@ class BestResponse:
             extracted policy really achieves; equals ``value`` up to solver tolerance).
         policy: the pair in the public policy format: the mover's column holds the best response,
             mu_continue / nu at reached states and **0 (stop) at states the solution does not reach**
-            (dropped as unreachable, or with occupation <= ``REACHED_TOL``); these entries do not
-            affect the payoff. The opponent's column is the fixed policy it was given. Linear output
-            layers are 1.
-        reached: list of L bool arrays (n_l, 2): states kept in the program with occupation
-            > ``REACHED_TOL``.
+            (dropped as unreachable, or with occupation <= ``REACHED_TOL`` * its bound); these
+            entries do not affect the payoff. The opponent's column is the fixed policy it was
+            given. Linear output layers are 1.
+        reached: list of L bool arrays (n_l, 2): states kept in the program whose occupation
+            exceeds ``REACHED_TOL`` times its upper bound.
         occupation: list of L+1 arrays (n_l, 2): discounted occupation nu of every state (entry 0 =
             the terminal states, i.e. the input layer); 0 at dropped states.
         continue_mass: list of L arrays (n_l, 2) (policy layout): discounted mass that continues.
@@ -149,12 +163,16 @@ def best_response(
 
     States unreachable from (L, target, +1) (zero weights, or after a continue probability 0 of the
     opponent) are dropped before the program is built, and the value is recomputed with numpy.
+    For accuracy on deep nets the program is scaled per state, bounded by a never-active valid
+    bound and written with a potential-shaped objective (same optimum, same values; details in
+    ``_best_response_program``).
 
     Args:
         spec, x, target: the net, the input and the explained output.
         player: ``"max"`` or ``"min"``, the player who optimises.
-        opponent_policy: a policy pair in the public format; only the opponent's column is used
-            (the mover's column is ignored, but the whole pair is validated).
+        opponent_policy: a policy pair in the public format. The opponent's column is the fixed
+            policy; the mover's column only sets the potential of the shaped objective (see
+            below) and does not change the optimum (e.g. pass the candidate pair itself).
         terminal: optional (payoff_plus, payoff_minus) replacing (x, -x) (section 4).
         solver: a cvxpy solver name (default ``"CLARABEL"``; ``"SCS"`` works too).
         solver_options: extra keyword arguments for ``problem.solve``.
@@ -187,21 +205,27 @@ def _best_response_program(
 ) -> BestResponse:
     """Build and solve the best-response program on the reachable part of the graph.
 
-    Two reformulations keep deep nets solvable to tolerance; neither changes the program's optimum.
+    Variables: mu_continue(s), mu_stop(s) >= 0 at the mover's choice states, nu(s) >= 0 at the
+    other kept states (opponent's states: mu_continue = p_opp nu; linear output: mu_continue = nu).
+    Two reformulations keep deep nets solvable to tolerance; neither changes the optimum.
 
-    * Scaling: occupations grow like products of gammas. Every state s gets the scale w(s) = its
-      occupation when the mover always continues and the opponent plays its policy (an upper bound
-      of nu(s) for every mover policy: the flow is monotone). The variables are nu_hat = nu / w and
-      mu_hat = mu / w in [0, 1], and the flow row of s is divided by w(s): the transfer matrix is
-      A_hat = diag(1/w) A diag(w) (a Doob transform). The entropy terms are homogeneous:
-      rel_entr(w a, w b) = w rel_entr(a, b).
-    * Potential shaping: the objective J = sum_s c(s) r(s) + sum_t nu(t) g(t) (+ entropy) is written
-      as J + phi . (start + A c - nu), which is the same function on the feasible set, i.e.
-      J = phi(start) + sum_s [mu_c(s) (Q(s) - phi(s)) - mu_stop(s) phi(s)] (+ entropy) with
-      Q(s) = r(s) + sum |W| phi(successor) the continue value under the potential phi. phi is the
-      value of the given pair (numpy policy evaluation); any phi gives the same program, this one
-      removes the cancellation between huge + and - occupations from the objective. The numpy
-      recomputation of the value uses the same shaped form.
+    * Scaling: discounted occupations grow like products of gammas. Let w(s) be the occupation of s
+      when the mover always continues and the opponent plays its policy: an upper bound of nu(s)
+      for every mover policy (the flow is monotone). The valid constraint nu <= 2 w keeps the
+      solver's iterates bounded (much better accuracy) and is never active, so the flow duals stay
+      the state values. The program is written in units of scale(s) = sqrt(w(s))
+      (nu = scale * nu_hat, likewise mu), and the flow row of s is divided by scale(s): transfer
+      matrix A_hat = diag(1/scale) A diag(scale). The square root balances the range of the
+      variables against that of the objective coefficients; it was the most accurate choice tried
+      (w, sqrt(w), 1) on deep He-initialised nets (occupations up to 1e8). The entropy terms are
+      homogeneous: rel_entr(k a, k b) = k rel_entr(a, b).
+    * Potential shaping: with phi = the values of the given pair (numpy policy evaluation) and
+      Q(s) = s b(s) + sum_j |W_ij| phi(successor) the continue value under phi, the objective
+      J = sum_s mu_c(s) s b(s) + sum_t nu(t) g(t) (+ entropy) is written as
+      J + phi . (start + A mu_c - nu) = phi(start) + sum_s [mu_c(s) (Q(s) - phi(s)) - mu_stop(s) phi(s)]
+      (+ entropy), the same function on the feasible set (THEORY.md section 6's LP, its dual being
+      the values). It avoids summing huge + and - occupations; the numpy recomputation of the value
+      uses the same form.
     """
     mover_sign = 1.0 if player == "max" else -1.0  # + states for Max, - states for Min
     kappa_mover = mover_sign  # entropy sign: Max earns eps H, Min pays it
@@ -210,7 +234,7 @@ def _best_response_program(
     payoff_pair = (payoff_plus, payoff_minus)
     g_full = np.concatenate([payoff_plus, payoff_minus])  # terminal payoffs, flat
 
-    # roles of the states
+    # roles of the states; reachability and the occupation bound w
     p_flat = graph.flatten(opp_policy)
     choice = graph.activated
     mover = choice & (graph.sign == mover_sign)
@@ -218,72 +242,67 @@ def _best_response_program(
     forced = ~choice  # linear output layer: continue only
     q_all = np.where(opponent, p_flat, 1.0)  # the mover continues everywhere
     reachable, reachable_T = graph.reachable(target, q_all > 0.0)
-    w, w_T = graph.occupation(target, q_all)
-    import os
-    if os.environ.get("NOW"): w = (w > 0).astype(float); w_T = (w_T > 0).astype(float)
-    keep, keep_T = reachable & (w > 0.0), reachable_T & (w_T > 0.0)
+    w_full, w_T = graph.occupation(target, q_all)
+    keep, keep_T = reachable & (w_full > 0.0), reachable_T & (w_T > 0.0)
 
-    # potential phi = values of the given pair, continue values Q under phi (full graph)
+    # potential phi = values of the given pair; continue values Q under phi
     phi_full = graph.flatten(policy_state_values(spec, payoff_plus, opp_policy, terminal=payoff_pair)[1:])
-    if os.environ.get("NOPHI"): phi_full = 0 * phi_full
     Q_full = graph.reward + graph.A.T @ phi_full + graph.A_T.T @ g_full
 
-    # restriction to the kept states, in scaled units
+    # restriction to the kept states
     R, T = np.flatnonzero(keep), np.flatnonzero(keep_T)
     N = R.size
-    w_R, phi, Q = w[R], phi_full[R], Q_full[R]
-    A_hat = (sps.diags(1.0 / w_R) @ graph.A[R][:, R] @ sps.diags(w_R)).tocsr()
+    w, phi, Q = w_full[R], phi_full[R], Q_full[R]
+    scale = np.sqrt(w)
+    A_hat = (sps.diags(1.0 / scale) @ graph.A[R][:, R] @ sps.diags(scale)).tocsr()
     i_start = int(np.searchsorted(R, graph.start(target)))
     start = np.zeros(N)
     start[i_start] = 1.0  # w(start) = 1
-    q_fixed = np.where(forced[R], 1.0, np.where(opponent[R], p_flat[R], 0.0))
+    q = np.where(forced[R], 1.0, p_flat[R])  # continue probability at the fixed states
     h_opp = np.where(opponent[R], binary_entropy(p_flat[R]), 0.0)
-    M = np.flatnonzero(mover[R])
+    M, F = np.flatnonzero(mover[R]), np.flatnonzero(~mover[R])  # mover's / fixed states
     K = M.size
-    select_mover = sps.csr_matrix((np.ones(K), (np.arange(K), M)), shape=(K, N))
-    w_M = w_R[M]
-    # shaped objective coefficients (per unit of scaled mass)
-    fixed_coef = w_R * (q_fixed * Q - phi + kappa_opp * eps * h_opp)  # nu_hat at non-mover states
-    fixed_coef[M] = 0.0
-    continue_coef = w_M * (Q[M] - phi[M])  # mu_hat_continue at the mover's states
-    stop_coef = -w_M * phi[M]  # mu_hat_stop at the mover's states
+    embed_M = sps.csr_matrix((np.ones(K), (M, np.arange(K))), shape=(N, K))
+    embed_F = sps.csr_matrix((np.ones(F.size), (F, np.arange(F.size))), shape=(N, F.size))
+    # shaped objective coefficients, per unit of scaled mass
+    fixed_coef = scale[F] * (q[F] * Q[F] - phi[F] + kappa_opp * eps * h_opp[F])
+    continue_coef = scale[M] * (Q[M] - phi[M])
+    stop_coef = -scale[M] * phi[M]
 
-    # the program: nu = w * nu_hat, mu(s, a) = w * mu_hat(s, a)
-    nu_hat = cp.Variable(N, nonneg=True, name="nu_hat")
-    continue_hat = sps.diags(q_fixed) @ nu_hat  # fixed at the opponent's and forced states
-    J = phi[i_start] + fixed_coef @ nu_hat
-    constraints = []
-    if K > 0:
-        mu_hat_c = cp.Variable(K, nonneg=True, name="mu_hat_continue")
-        mu_hat_stop = cp.Variable(K, nonneg=True, name="mu_hat_stop")
-        nu_hat_mover = select_mover @ nu_hat
-        constraints.append(mu_hat_c + mu_hat_stop == nu_hat_mover)  # sum_a mu(s, a) = nu(s)
-        continue_hat = continue_hat + select_mover.T @ mu_hat_c
-        J = J + continue_coef @ mu_hat_c + stop_coef @ mu_hat_stop
-        if eps > 0.0:
-            entropy = -w_M @ (cp.rel_entr(mu_hat_c, nu_hat_mover) + cp.rel_entr(mu_hat_stop, nu_hat_mover))
-            J = J + kappa_mover * eps * entropy
+    # the program
+    nu_hat_F = cp.Variable(F.size, nonneg=True, name="nu_hat_fixed")
+    mu_hat_c = cp.Variable(K, nonneg=True, name="mu_hat_continue")
+    mu_hat_stop = cp.Variable(K, nonneg=True, name="mu_hat_stop")
+    nu_hat_M = mu_hat_c + mu_hat_stop  # sum_a mu(s, a) = nu(s) at the mover's states
+    nu_hat = embed_F @ nu_hat_F + embed_M @ nu_hat_M
+    continue_hat = embed_F @ cp.multiply(q[F], nu_hat_F) + embed_M @ mu_hat_c
+    J = phi[i_start] + fixed_coef @ nu_hat_F + continue_coef @ mu_hat_c + stop_coef @ mu_hat_stop
+    if eps > 0.0 and K > 0:
+        entropy = -scale[M] @ (cp.rel_entr(mu_hat_c, nu_hat_M) + cp.rel_entr(mu_hat_stop, nu_hat_M))
+        J = J + kappa_mover * eps * entropy
     flow = nu_hat == start + A_hat @ continue_hat
-    constraints.append(flow)
+    constraints = [flow, nu_hat <= 2.0 * scale]  # nu <= 2 w: valid, never active
     objective = cp.Maximize(J) if player == "max" else cp.Minimize(J)
     problem = cp.Problem(objective, constraints)
     solve_time = _solve(problem, solver, solver_options, f"best response of {player}")
 
     # recompute the (shaped) objective with numpy from the variable values
-    nu_hat_v = np.maximum(np.asarray(nu_hat.value, dtype=np.float64).reshape(-1), 0.0)
-    value = float(phi[i_start] + fixed_coef @ nu_hat_v)
-    c_hat_v = q_fixed * nu_hat_v
-    if K > 0:
-        mc = np.maximum(np.asarray(mu_hat_c.value, dtype=np.float64).reshape(-1), 0.0)
-        ms = np.maximum(np.asarray(mu_hat_stop.value, dtype=np.float64).reshape(-1), 0.0)
-        value += float(continue_coef @ mc + stop_coef @ ms)
-        if eps > 0.0:
-            nm = mc + ms
-            value += kappa_mover * eps * float(-w_M @ (rel_entr(mc, nm) + rel_entr(ms, nm)))
-        c_hat_v[M] = mc
-        nu_hat_v[M] = mc + ms
-    nu_v = w_R * nu_hat_v
-    c_v = w_R * c_hat_v
+    def _value_of(var: cp.Variable) -> np.ndarray:
+        if var.size == 0:
+            return np.zeros(0)
+        return np.maximum(np.asarray(var.value, dtype=np.float64).reshape(-1), 0.0)
+
+    nf, mc, ms = _value_of(nu_hat_F), _value_of(mu_hat_c), _value_of(mu_hat_stop)
+    value = float(phi[i_start] + fixed_coef @ nf + continue_coef @ mc + stop_coef @ ms)
+    if eps > 0.0 and K > 0:
+        nm = mc + ms
+        value += kappa_mover * eps * float(-scale[M] @ (rel_entr(mc, nm) + rel_entr(ms, nm)))
+    nu_hat_v = np.zeros(N)
+    nu_hat_v[F], nu_hat_v[M] = nf, mc + ms
+    c_hat_v = np.zeros(N)
+    c_hat_v[F], c_hat_v[M] = q[F] * nf, mc
+    nu_v = scale * nu_hat_v
+    c_v = scale * c_hat_v
     nu_T_v = graph.A_T[T][:, R] @ c_v
 
     # back to the full graph
@@ -295,7 +314,7 @@ def _best_response_program(
     nu_T_full = np.zeros(2 * widths[0])
     nu_T_full[T] = nu_T_v
     reached_flat = np.zeros(graph.n_states, dtype=bool)
-    reached_flat[R] = nu_hat_v > REACHED_TOL
+    reached_flat[R] = nu_v > REACHED_TOL * w
     br = np.zeros(graph.n_states)
     ok = reached_flat & mover
     br[ok] = np.clip(c_full[ok] / nu_full[ok], 0.0, 1.0)
@@ -304,10 +323,10 @@ def _best_response_program(
     policy = graph.unflatten(pair_flat)
     # state values from the duals of the flow rows: for the shaped objective the multiplier of
     # the row of s is v(s) - phi(s) (per unit of mass injected at s); cvxpy's dual of `lhs == rhs`
-    # is d optimum / d rhs for Maximize and minus that for Minimize; the row was divided by w(s)
+    # is d optimum / d rhs for Maximize and minus that for Minimize; the row was divided by scale(s)
     dual_sign = 1.0 if player == "max" else -1.0
     v_full = np.full(graph.n_states, np.nan)
-    v_full[R] = phi + dual_sign * np.asarray(flow.dual_value, dtype=np.float64).reshape(-1) / w_R
+    v_full[R] = phi + dual_sign * np.asarray(flow.dual_value, dtype=np.float64).reshape(-1) / scale
 
     return BestResponse(
         player=player,
@@ -461,6 +480,11 @@ def occupation_measure(
     where A carries |W_ij| and P carries |W_ij| / gamma_i along each edge of the extended graph;
     the terminal occupations are A_T @ (p * nu) and P_T @ (p * r). The objective is 0: the flow
     system on the DAG has a unique solution. The default policy is :func:`equilibrium_policy`.
+    For accuracy on deep nets nu is written in units of sqrt(w), w the occupation if every state
+    continued, with never-active valid bounds nu <= 2 w, r <= 2 (as in :func:`best_response`).
+
+    Zero rows: continuing at a neuron with gamma = 0 collects the reward and ends the trajectory
+    (the ``sink`` mass); stopping ends it in the cemetery (the ``stopped`` mass).
     """
     spec = numeric_spec(spec)
     xf = float_input(spec, x)
@@ -471,18 +495,26 @@ def occupation_measure(
     p = graph.flatten(pol)
     start = np.zeros(graph.n_states)
     start[graph.start(target)] = 1.0
-    continue_op = sps.diags(p)
+    # scaling as in the best-response program: w = occupation if every state continued (numpy
+    # sweep, independent of the policy) bounds nu; variables in units of sqrt(w), rows divided
+    # by sqrt(w); the bounds nu <= 2 w and r <= 2 are valid and never active
+    w, _ = graph.occupation(target, np.ones(graph.n_states))
+    scale = np.sqrt(np.where(w > 0.0, w, 1.0))
+    A_hat = sps.diags(1.0 / scale) @ graph.A @ sps.diags(p * scale)  # discounted transfer of nu_hat
+    P_p = graph.P @ sps.diags(p)  # undiscounted transfer of r
 
-    nu = cp.Variable(graph.n_states, nonneg=True, name="nu")  # discounted occupation
+    nu_hat = cp.Variable(graph.n_states, nonneg=True, name="nu_hat")  # nu = sqrt(w) * nu_hat
     r = cp.Variable(graph.n_states, nonneg=True, name="r")  # undiscounted occupation
     constraints = [
-        nu == start + (graph.A @ continue_op) @ nu,
-        r == start + (graph.P @ continue_op) @ r,
+        nu_hat == start + A_hat @ nu_hat,
+        r == start + P_p @ r,
+        nu_hat <= 2.0 * scale,
+        r <= 2.0,
     ]
     problem = cp.Problem(cp.Minimize(0), constraints)
     _solve(problem, solver, solver_options, "occupation flow program")
 
-    nu_v = np.maximum(np.asarray(nu.value, dtype=np.float64), 0.0)
+    nu_v = scale * np.maximum(np.asarray(nu_hat.value, dtype=np.float64), 0.0)
     r_v = np.maximum(np.asarray(r.value, dtype=np.float64), 0.0)
     nu_T = graph.A_T @ (p * nu_v)
     r_T = graph.P_T @ (p * r_v)
