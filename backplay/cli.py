@@ -14,7 +14,7 @@ from .testing.identities import IDENTITIES, TOL_CVXPY, TOL_TORCH, Case
 from .testing.random_nets import random_cases
 
 
-def verify(seed: int = 0, cases: int = 24, solver: str = "CLARABEL",
+def verify(seed: int = 0, cases: int = 100, solver: str = "CLARABEL",
            progress: bool = True) -> list[dict[str, Any]]:
     """Run every identity on ``cases`` seeded random nets; one summary row per identity."""
     rows = {i.name: dict(identity=i.name, statement=i.statement, cases=0, exact_failures=0,
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="check the identities of THEORY.md: exact == cvxpy == torch")
     v.add_argument("--seed", type=int, default=0, help="seed of the built-in random nets (default 0)")
-    v.add_argument("--cases", type=int, default=24, help="number of random nets (default 24)")
+    v.add_argument("--cases", type=int, default=100, help="number of random nets (default 100)")
     v.add_argument("--solver", default="CLARABEL", help="cvxpy solver (default CLARABEL)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")

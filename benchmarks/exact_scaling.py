@@ -2,7 +2,8 @@
 
 For random ReLU nets (dyadic weights, biases) of growing width at fixed depths it times
   * exact: ``ReLUNetGame(spec).solve(x, k)`` in sympy rationals (graph construction included),
-  * cvxpy: ``certify_equilibrium`` (two best-response LPs, Clarabel) on the whole extended graph,
+  * cvxpy: ``certify_equilibrium`` (two best-response LPs, Clarabel); "LP st." is the number of
+    states in the two programs (states the opponent's policy makes unreachable are dropped),
   * torch: ``backplay.gpu.occupation`` (one batched float64 pass, batch 64) and, as the baseline
     of the same run, the plain autograd gradient of the same batch; the ratio is printed.
 A method is no longer run at larger widths once one size took more than ``--limit`` seconds (10).
@@ -46,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; limit {args.limit:g} s per cell")
     head = f"{'depth':>5} {'width':>5} {'states':>7} {'edges':>8} | {'exact s':>8} | {'cvxpy s':>8} " \
-           f"{'exploit.':>8} | {'torch s':>8} {'grad s':>8} {'ratio':>6}"
+           f"{'exploit.':>8} {'LP st.':>6} | {'torch s':>8} {'grad s':>8} {'ratio':>6}"
     print(head)
     print("-" * len(head))
     rng = np.random.default_rng(0)
@@ -66,6 +67,7 @@ def main() -> None:
                 cert = bp.numerics.certify_equilibrium(spec, x, 0)
                 cells["cvxpy"] = time.perf_counter() - t0
                 cells["exploit"] = cert.exploitability
+                cells["lp_states"] = cert.max_response.n_states + cert.min_response.n_states
                 over["cvxpy"] = cells["cvxpy"] > args.limit
             if not over["torch"]:
                 model = spec.to_torch()
@@ -85,7 +87,7 @@ def main() -> None:
 
             ratio = f"{cells['torch'] / cells['grad']:6.2f}" if "torch" in cells else f"{'-':>6}"
             print(f"{depth:>5} {width:>5} {states:>7} {edges:>8} | {f('exact')} | {f('cvxpy')} "
-                  f"{f('exploit', '{:8.1e}')} | {f('torch')} {f('grad')} {ratio}", flush=True)
+                  f"{f('exploit', '{:8.1e}')} {f('lp_states', '{:6d}').strip():>6} | {f('torch')} {f('grad')} {ratio}", flush=True)
             if all(over.values()):
                 break
 

@@ -216,7 +216,7 @@ def check_i2(c: Case) -> IdentityCheck:
         detail = detail or f"checked {2 * 2 ** n_act} unilateral deviations"
     gates = c.occ.gates
     t_err = max(err(_floats(gates[l][0]), c.gates[l]) for l in range(c.spec.depth))
-    return IdentityCheck("I2", ok, t_err, c.cert.exploitability / max(1.0, abs(float(c.sol.value))), detail)
+    return IdentityCheck("I2", ok, t_err, abs(c.cert.exploitability) / max(1.0, abs(float(c.sol.value))), detail)
 
 
 def check_i3(c: Case) -> IdentityCheck:
@@ -389,7 +389,7 @@ def check_i10(c: Case) -> IdentityCheck:
     t_err = max(t_err, max(err(_floats(c.occ.gates[l][0]), c.gates[l]) for l in range(c.spec.depth)))
     scale = max(1.0, abs(float(c.sol.value)))
     cv = max(err([c.cert.max_value], [c.sol.value]), err([c.cert.min_value], [c.sol.value]),
-             c.cert.exploitability / scale)
+             abs(c.cert.exploitability) / scale)
     return IdentityCheck("I10", ok, t_err, cv)
 
 
