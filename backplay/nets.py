@@ -350,3 +350,49 @@ def check_target(spec: MLPSpec, target: int) -> int:
         raise ValueError(f"target {target} out of range for {n} outputs")
     return int(target)
 
+
+
+@dataclass(frozen=True, eq=False)
+class FrozenNet:
+    """One explained forward pass written as affine layers (THEORY.md sections 5 and 7).
+
+    ``weights[l-1]`` (n_l, n_{l-1}) and ``biases[l-1]`` (or None) give z^l = W^l y^{l-1} + b^l;
+    ``ys`` holds the recorded y^0 (the input), ..., y^L (the output). The activation between z^l and
+    y^l is frozen into these values (ReLU, softplus, a max-pool selection, a frozen gate ...), so a CNN
+    unrolled at one input is a FrozenNet too. Routing laws need nothing else. Entries are floats or
+    exact (sympy) values.
+    """
+
+    weights: tuple
+    biases: tuple
+    ys: tuple
+
+    def __init__(self, weights: Sequence[Any], biases: Sequence[Any] | None, ys: Sequence[Any]) -> None:
+        ws = [_as_array(w, f"W^{l}") for l, w in enumerate(weights, start=1)]
+        bs = [None if b is None else _as_array(b, f"b^{l}").reshape(-1)
+              for l, b in enumerate(biases if biases is not None else [None] * len(ws), start=1)]
+        yv = [_as_array(y, f"y^{l}").reshape(-1) for l, y in enumerate(ys)]
+        if len(yv) != len(ws) + 1 or len(bs) != len(ws):
+            raise ValueError(f"need L weights, L biases and L+1 values; got {len(ws)}, {len(bs)}, {len(yv)}")
+        for l, (w, b) in enumerate(zip(ws, bs), start=1):
+            if w.ndim != 2 or w.shape != (yv[l].shape[0], yv[l - 1].shape[0]):
+                raise ValueError(f"shape mismatch at layer {l}: W {w.shape}, y^{l - 1} {yv[l - 1].shape}, "
+                                 f"y^{l} {yv[l].shape}")
+            if b is not None and b.shape[0] != w.shape[0]:
+                raise ValueError(f"shape mismatch: b^{l} has {b.shape[0]} entries, W^{l} has {w.shape[0]} rows")
+            for arr, name in ((w, f"W^{l}"), (b, f"b^{l}")):
+                if arr is not None:
+                    _check_finite(arr, name)
+        for l, y in enumerate(yv):
+            _check_finite(y, f"y^{l}")
+        object.__setattr__(self, "weights", tuple(ws))
+        object.__setattr__(self, "biases", tuple(bs))
+        object.__setattr__(self, "ys", tuple(yv))
+
+    @property
+    def depth(self) -> int:
+        return len(self.weights)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(y.shape[0] for y in self.ys)

@@ -18,6 +18,7 @@ This module depends on torch only (the gpu package imports it, not the other way
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensor = torch.Tensor
 
-__all__ = ["Rule", "LayerRule", "Gradient", "GradientXInput", "LRP0", "safe_divide"]
+__all__ = [
+    "Rule", "LayerRule", "Gradient", "GradientXInput", "LRP0", "AlphaBeta", "RG", "RGEq",
+    "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide",
+]
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -121,3 +125,151 @@ class LRP0(LayerRule):
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
         return layer.input * layer.map.adjoint(safe_divide(upper, layer.z))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing laws (THEORY.md section 5). The parameters live here; backplay.gpu implements them as
+# batched layer maps and backplay.theory as exact laws on the extended graph, independently.
+#
+# Shared convention for every routing law, at neuron i of layer l with lower units j (the neurons
+# of layer l-1 plus, when b_i != 0, a constant bias unit with y = 1 and weight b_i):
+#   Z_ij = W_ij y_j; the + branch is {j : Z_ij > 0}, the - branch {j : Z_ij < 0};
+#   S+_i = sum of Z_ij > 0, S-_i = sum of Z_ij < 0 (route temperature 1 always, bias included).
+#   Routing in branch b: pi(j | i, b) proportional to |W_ij| |y_j|^(1/T) on the branch (bias: |b_i|).
+#   Hand-over p_i to the + branch (sign kept), q_i = 1 - p_i to the - branch (sign flipped),
+#   multiplier m_i at the transition; relevance R^{l-1}_j = sum_i m_i R_i (p_i pi(j|i,+) - q_i pi(j|i,-)).
+#   Mass sent to an empty branch is stopped (cemetery) with its sign; mass routed to the bias unit
+#   ends in the bias sink. Start: R^L = f_k(x) at the target. I14: sum_j R^0_j + stopped = f_k(x)
+#   whenever m (p - q) = 1. Where p = q (so m = 1/(p - q) is undefined) the token is stopped.
+# ---------------------------------------------------------------------------------------------
+def _finite(name: str, v: float) -> None:
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be finite, got {v}")
+
+
+def _positive(name: str, v: float) -> None:
+    _finite(name, v)
+    if not float(v) > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+
+
+@dataclass(frozen=True)
+class AlphaBeta(LayerRule):
+    """alpha-beta-LRP as a routing law (THEORY.md I15): p = alpha/(alpha+beta), q = beta/(alpha+beta),
+    m = alpha + beta, route temperature 1, so R_j = sum_i (alpha Z+_ij/S+_i - beta Z-_ij/S-_i) R_i
+    (0/0 := 0). Conservative (I14) iff alpha - beta = 1; other values need ``conservative=False``."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    conservative: bool = True
+
+    def __post_init__(self) -> None:
+        _finite("alpha", self.alpha)
+        _finite("beta", self.beta)
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta <= 0:
+            raise ValueError(f"need alpha, beta >= 0 and alpha + beta > 0, got {self.alpha}, {self.beta}")
+        if self.conservative and self.alpha - self.beta != 1:
+            raise ValueError(
+                f"alpha - beta != 1 (alpha={self.alpha}, beta={self.beta}) breaks conservation (I14); "
+                "pass conservative=False to use it anyway"
+            )
+
+
+@dataclass(frozen=True)
+class RG(LayerRule):
+    """The routing game RG(tau, T) (THEORY.md I16): Gibbs hand-over p = sigmoid(1/tau), the maximiser
+    of p + tau H(p); m = 1/(p - q) = coth(1/(2 tau)); route temperature T (I19). T = 1 is alpha-beta
+    with alpha = 1/(1 - e^(-1/tau)), beta = 1/(e^(1/tau) - 1); the default tau = 1/ln 2 is alpha=2, beta=1."""
+
+    tau: float = 1.0 / math.log(2.0)
+    route_temp: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("tau", self.tau)
+        _positive("route_temp", self.route_temp)
+
+
+@dataclass(frozen=True)
+class RGEq(LayerRule):
+    """RG+Eq(kappa, nu, T) (THEORY.md I18): log-odds(p) = kappa + nu log(S+/|S-|), m = 1/(p - q),
+    route temperature T. (log(alpha/beta), 0) is alpha-beta; (0, 1) the gradient equilibrium.
+    With nu > 0, S- = 0 gives p = 1 and S+ = 0 gives p = 0; where p = q the token is stopped."""
+
+    kappa: float = 0.0
+    nu: float = 1.0
+    route_temp: float = 1.0
+
+    def __post_init__(self) -> None:
+        _finite("kappa", self.kappa)
+        _finite("nu", self.nu)
+        if self.nu < 0:
+            raise ValueError(f"nu must be >= 0, got {self.nu}")
+        _positive("route_temp", self.route_temp)
+
+
+@dataclass(frozen=True)
+class GradientEquilibrium(LayerRule):
+    """The gradient equilibrium (THEORY.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
+    where z_i = 0 the token is stopped), route temperature 1. It is RGEq(0, 1, 1) and gives LRP-0,
+    i.e. Gradient x Input on a bias-free ReLU net: the Doob (|y|-) transform of the GV kernel."""
+
+
+@dataclass(frozen=True)
+class Anchor(LayerRule):
+    """Extended action set (THEORY.md section 5): routing pi_lam = (1 - lam) pi + lam u, u uniform on
+    the branch support (bias unit included); ``lam`` a number or one per layer (torch order,
+    layer 1 first). lam = 0 is the base law."""
+
+    rule: Rule = RG()
+    lam: float | tuple = 0.1
+    anchor: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, (AlphaBeta, RG, RGEq, GradientEquilibrium)):
+            raise TypeError(f"Anchor needs a routing law, got {type(self.rule).__name__}")
+        lams = self.lam if isinstance(self.lam, tuple) else (self.lam,)
+        for v in lams:
+            _finite("lam", v)
+            if not 0 <= v <= 1:
+                raise ValueError(f"lam must lie in [0, 1], got {v}")
+        if self.anchor != "uniform":
+            raise ValueError(f"unknown anchor {self.anchor!r} (MLPs and CNNs: 'uniform')")
+
+    def lam_at(self, layer: int, depth: int) -> float:
+        """lam of torch layer ``layer`` (1..depth)."""
+        if not isinstance(self.lam, tuple):
+            return self.lam
+        if len(self.lam) != depth:
+            raise ValueError(f"lam has {len(self.lam)} entries, the net has {depth} layers")
+        return self.lam[layer - 1]
+
+
+@dataclass(frozen=True)
+class RiskAverse(LayerRule):
+    """Risk aversion (THEORY.md I20): with cost X = c_j = sigma^2 / x_j^2 at the input reached (0 for
+    stopped paths), the law Q* proportional to P exp(-theta X) is Markov: K_theta(s, s') =
+    K(s, s') U(s')/U(s), U(s) = E_s[exp(-theta X)] (one extra sweep). The multiplier is reset to
+    m = 1/(p_theta - q_theta) so the law stays in the conservative family (I14). theta = 0 is the
+    base law."""
+
+    rule: Rule = RG()
+    theta: float = 1.0
+    sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor)):
+            raise TypeError(f"RiskAverse needs a routing law, got {type(self.rule).__name__}")
+        _finite("theta", self.theta)
+        _positive("sigma", self.sigma)
+
+
+@dataclass(frozen=True)
+class SoftplusGame(LayerRule):
+    """The entropic game (THEORY.md I10-I12): Gradient x Input of the softplus_eps surrogate (same
+    weights, every activation replaced by softplus_eps), i.e. x times the signed occupation under
+    the Gibbs policies sigmoid(z/eps). eps -> 0 recovers the ReLU Gradient x Input."""
+
+    eps: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("eps", self.eps)
