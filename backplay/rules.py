@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "Rule", "LayerRule", "Gradient", "GradientXInput", "LRP0", "AlphaBeta", "RG", "RGEq",
-    "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide",
+    "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide", "Sweep",
 ]
 
 
@@ -57,6 +57,17 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """One backward sweep: the input relevance (shape of the first layer's input), the relevance at
+    every layer's input in torch order ([0] input, [L] the start at the output layer), and the
+    signed stopped mass per sample accumulated by the law (``None`` when the rule does not track it)."""
+
+    relevance: Tensor
+    layers: list
+    stopped: Tensor | None = None
+
+
+@dataclass(frozen=True)
 class LayerRule(Rule):
     """A rule computed by one backward sweep, layer L down to the input."""
 
@@ -72,11 +83,47 @@ class LayerRule(Rule):
         """Turn the measure reached at layer 0 into the input relevance (default: unchanged)."""
         return lower
 
-    def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
+    def view(self, y: Tensor, r: Tensor) -> Tensor:
+        """The relevance reported at a layer whose values are ``y``, from the swept measure ``r``."""
+        return r
+
+    # -- the sweep (residual blocks: the add node, then the body, skip and body parts summed) --------
+    def _context(self, trace: "Trace", target: Tensor) -> dict:
+        return {"stopped": None}
+
+    def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+        return self.backward(layer, r)
+
+    def _item_backward(self, item: Any, r: Tensor, ctx: dict) -> Tensor:
+        if hasattr(item, "body"):  # backplay.gpu.graph.ResidualTrace
+            r2 = self._layer_backward(item.add, r.reshape(item.add.y.shape), ctx)
+            skip = r2[:, 0]
+            rb = self._down(item.body, r2[:, 1], ctx)
+            return skip + rb.reshape(skip.shape)
+        return self._layer_backward(item, r.reshape(item.y.shape), ctx)
+
+    def _down(self, items: list, r: Tensor, ctx: dict) -> Tensor:
+        for item in reversed(items):
+            r = self._item_backward(item, r, ctx)
+        return r
+
+    def sweep(self, trace: "Trace", target: Tensor) -> Sweep:
+        ctx = self._context(trace, target)
+        items = trace.layers
+        L = len(items)
         r = self.start(trace, target)
-        for layer in reversed(trace.layers):
-            r = self.backward(layer, r)
-        return self.finish(trace, r)
+        rel: list = [None] * (L + 1)
+        rel[L] = self.view(trace.output, r)
+        for k in range(L - 1, -1, -1):
+            r = self._item_backward(items[k], r, ctx)
+            if k > 0:
+                rel[k] = self.view(items[k].input, r)
+        r = self.finish(trace, r)
+        rel[0] = r
+        return Sweep(r, rel, ctx["stopped"])
+
+    def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
+        return self.sweep(trace, target).relevance
 
 
 @dataclass(frozen=True)
@@ -106,7 +153,10 @@ class GradientXInput(Gradient):
     """
 
     def finish(self, trace: "Trace", lower: Tensor) -> Tensor:
-        return trace.x * lower
+        return trace.x.reshape(lower.shape) * lower
+
+    def view(self, y: Tensor, r: Tensor) -> Tensor:
+        return y.reshape(r.shape) * r
 
 
 @dataclass(frozen=True)
@@ -142,6 +192,225 @@ class LRP0(LayerRule):
 #   ends in the bias sink. Start: R^L = f_k(x) at the target. I14: sum_j R^0_j + stopped = f_k(x)
 #   whenever m (p - q) = 1. Where p = q (so m = 1/(p - q) is undefined) the token is stopped.
 # ---------------------------------------------------------------------------------------------
+def _routing_parts(rule: "Rule") -> tuple["Rule", "Anchor | None", "RiskAverse | None"]:
+    """(base law, anchor or None, risk aversion or None) of a routing rule."""
+    risk = anchor = None
+    if isinstance(rule, RiskAverse):
+        risk, rule = rule, rule.rule
+    if isinstance(rule, Anchor):
+        anchor, rule = rule, rule.rule
+    return rule, anchor, risk
+
+
+def _handover(base: "Rule", Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(p, m, stop) per neuron for the base law, from S+ >= 0 and S- <= 0 (bias included, T = 1)."""
+    if isinstance(base, AlphaBeta):
+        a, b = float(base.alpha), float(base.beta)
+        p = torch.full_like(Sp, a / (a + b))
+        return p, torch.full_like(Sp, a + b), torch.zeros_like(Sp, dtype=torch.bool)
+    if isinstance(base, GradientEquilibrium):
+        tot, z = Sp - Sn, Sp + Sn
+        p = safe_divide(Sp, tot)
+        stop = z == 0
+        return p, safe_divide(tot, z), stop
+    if isinstance(base, RG):
+        pv = 1.0 / (1.0 + math.exp(-1.0 / base.tau))
+        p = torch.full_like(Sp, pv)
+    elif isinstance(base, RGEq):
+        kappa, nu = float(base.kappa), float(base.nu)
+        if nu == 0:
+            p = torch.full_like(Sp, 1.0 / (1.0 + math.exp(-kappa)))
+        else:
+            pos, neg = Sp > 0, Sn < 0
+            both = pos & neg
+            one = torch.ones_like(Sp)
+            lo = kappa + nu * (torch.log(torch.where(both, Sp, one)) - torch.log(torch.where(both, -Sn, one)))
+            p = torch.where(both, torch.sigmoid(lo),
+                            torch.where(pos, one, torch.where(neg, torch.zeros_like(Sp), 0.5 * one)))
+    else:  # pragma: no cover
+        raise TypeError(f"{type(base).__name__} is not a routing law")
+    q = 1 - p
+    stop = p == q
+    m = torch.where(stop, torch.zeros_like(p), 1 / torch.where(stop, torch.ones_like(p), p - q))
+    return p, m, stop
+
+
+class _Local:
+    """The routing law at one layer of the explained pass (shared convention above), batched.
+
+    Routing weights: + branch W+_ij u+_j + |W-_ij| u-_j (+ b_i if b_i > 0), - branch W+_ij u-_j +
+    |W-_ij| u+_j (+ |b_i| if b_i < 0), u = |y|^(1/T) split by the sign of y; the anchor's uniform part
+    uses the indicator weights 1{W > 0}, 1{W < 0} on 1{y > 0}, 1{y < 0}.
+    """
+
+    def __init__(self, layer: "LayerTrace", base: "Rule", lam: float) -> None:
+        M, y = layer.map, layer.input
+        self.M, self.lam = M, float(lam)
+        b = M.bias_like(layer.z)
+        yp, yn = y.clamp_min(0), y.clamp_max(0)
+        Sp = M.apply(yp, "pos") + M.apply(yn, "neg")
+        Sn = M.apply(yn, "pos") + M.apply(yp, "neg")
+        if b is not None:
+            Sp, Sn = Sp + b.clamp_min(0), Sn + b.clamp_max(0)
+        self.full_p, self.full_n = Sp > 0, Sn < 0
+        self.p, self.m, self.stop = _handover(base, Sp, Sn)
+        self.q = 1 - self.p
+        T = float(getattr(base, "route_temp", 1.0))
+        if T == 1.0:
+            self.up, self.un = yp, -yn
+        else:
+            u = y.abs().pow(1.0 / T)
+            zero = torch.zeros_like(u)
+            self.up, self.un = torch.where(y > 0, u, zero), torch.where(y < 0, u, zero)
+        self.bp = None if b is None else b.clamp_min(0)
+        self.bn = None if b is None else (-b).clamp_min(0)
+        self.Dp = self._w(self.up, self.un, self.bp)
+        self.Dn = self._w(self.un, self.up, self.bn)
+        if self.lam:
+            self.ip, self.in_ = (y > 0).to(y.dtype), (y < 0).to(y.dtype)
+            self.ibp = None if b is None else (b > 0).to(y.dtype)
+            self.ibn = None if b is None else (b < 0).to(y.dtype)
+            self.Np = self._i(self.ip, self.in_, self.ibp)
+            self.Nn = self._i(self.in_, self.ip, self.ibn)
+
+    def _w(self, a: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
+        out = self.M.apply(a, "pos") - self.M.apply(c, "neg")
+        return out if bias is None else out + bias
+
+    def _i(self, a: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
+        out = self.M.apply(a, "ipos") + self.M.apply(c, "ineg")
+        return out if bias is None else out + bias
+
+    def branch_values(self, U: Tensor) -> tuple[Tensor, Tensor]:
+        """V_b = sum_j pi(j|b) U_j + pi(bias|b) * 1; 1 on an empty branch (stopped, U = 1)."""
+        lam = self.lam
+        Vp = safe_divide(self._w(self.up * U, self.un * U, self.bp), self.Dp)
+        Vn = safe_divide(self._w(self.un * U, self.up * U, self.bn), self.Dn)
+        if lam:
+            Ip = safe_divide(self._i(self.ip * U, self.in_ * U, self.ibp), self.Np)
+            In = safe_divide(self._i(self.in_ * U, self.ip * U, self.ibn), self.Nn)
+            Vp, Vn = (1 - lam) * Vp + lam * Ip, (1 - lam) * Vn + lam * In
+        one = torch.ones_like(Vp)
+        return torch.where(self.full_p, Vp, one), torch.where(self.full_n, Vn, one)
+
+    def expect(self, U: Tensor) -> Tensor:
+        """U at this layer from U at the layer below (the extra sweep of RiskAverse)."""
+        Vp, Vn = self.branch_values(U)
+        return torch.where(self.stop, torch.ones_like(Vp), self.p * Vp + self.q * Vn)
+
+    def backward(self, R: Tensor, U: Tensor | None = None, U_self: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """(relevance at the layer below, signed stopped mass per sample)."""
+        M, lam = self.M, self.lam
+        zero = torch.zeros_like(R)
+        if U is None:
+            p, q, m, stop = self.p, self.q, self.m, self.stop
+            Vp = Vn = torch.ones_like(R)
+            up, un = self.up, self.un
+        else:  # Doob transform by U, multiplier reset to 1/(p_theta - q_theta)
+            Vp, Vn = self.branch_values(U)
+            p, q = safe_divide(self.p * Vp, U_self), safe_divide(self.q * Vn, U_self)
+            stop = self.stop | (U_self == 0) | (p == q)
+            m = torch.where(stop, zero, 1 / torch.where(stop, torch.ones_like(p), p - q))
+            up, un = self.up * U, self.un * U
+        Rm = torch.where(stop, zero, m * R)
+        ap, an = Rm * p, Rm * q
+        cp = safe_divide(ap * (1 - lam), self.Dp * Vp)
+        cn = safe_divide(an * (1 - lam), self.Dn * Vn)
+        lower = up * (M.transpose(cp, "pos") + M.transpose(cn, "neg")) \
+            - un * (M.transpose(cp, "neg") + M.transpose(cn, "pos"))
+        stopped = torch.where(stop, R, zero) + torch.where(self.full_p, zero, ap) \
+            - torch.where(self.full_n, zero, an)
+        if self.bp is not None:
+            stopped = stopped + cp * self.bp - cn * self.bn
+        if lam:
+            ip, in_ = (self.ip, self.in_) if U is None else (self.ip * U, self.in_ * U)
+            ci_p = safe_divide(ap * lam, self.Np * Vp)
+            ci_n = safe_divide(an * lam, self.Nn * Vn)
+            lower = lower + ip * (M.transpose(ci_p, "ipos") - M.transpose(ci_n, "ineg")) \
+                + in_ * (M.transpose(ci_p, "ineg") - M.transpose(ci_n, "ipos"))
+            if self.ibp is not None:
+                stopped = stopped + ci_p * self.ibp - ci_n * self.ibn
+        return lower, stopped.flatten(1).sum(1)
+
+
+def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
+    base, anchor, risk = _routing_parts(rule)
+    depth = getattr(trace, "n_layers", len(trace.layers))
+    ctx = {"stopped": torch.zeros_like(trace.output[:, 0]), "base": base, "anchor": anchor,
+           "depth": depth, "local": {}, "U": {}}
+    if risk is not None:
+        x = trace.x
+        theta, s2 = float(risk.theta), float(risk.sigma) ** 2
+        if theta == 0:
+            U = torch.ones_like(x)
+        else:
+            nz = x != 0
+            c = s2 / torch.where(nz, x, torch.ones_like(x)) ** 2
+            U = torch.where(nz, torch.exp(-theta * c), torch.zeros_like(x))  # x = 0 is never reached
+        _u_sweep(trace.layers, U, ctx)
+    return ctx
+
+
+def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
+    loc = ctx["local"].get(id(layer))
+    if loc is None:
+        anchor = ctx["anchor"]
+        lam = 0.0 if anchor is None else anchor.lam_at(getattr(layer, "index", 1), ctx["depth"])
+        loc = _Local(layer, ctx["base"], lam)
+        ctx["local"][id(layer)] = loc
+    return loc
+
+
+def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
+    U = U.reshape(layer.input.shape)
+    if getattr(layer, "kind", None) == "maxpool":
+        U_self = layer.map.apply(U)
+    else:
+        U_self = _local_of(layer, ctx).expect(U)
+    ctx["U"][id(layer)] = (U, U_self)
+    return U_self
+
+
+def _u_sweep(items: list, U: Tensor, ctx: dict) -> Tensor:
+    for item in items:
+        if hasattr(item, "body"):
+            U_in = U.reshape(item.input.shape)
+            Ub = _u_sweep(item.body, U_in, ctx)
+            U = _u_layer(item.add, torch.stack([U_in, Ub.reshape(U_in.shape)], dim=1), ctx)
+        else:
+            U = _u_layer(item, U, ctx)
+    return U
+
+
+@dataclass(frozen=True)
+class _RoutingLaw(LayerRule):
+    """Shared torch implementation of the routing laws (the convention above), one batched sweep.
+
+    Start R^L = f_k(x) at the target; MaxPool layers route to the argmax (winner takes all) whatever
+    the law; the stopped mass (cemetery and bias sink) is accumulated in the sweep's ``stopped``."""
+
+    def start(self, trace: "Trace", target: Tensor) -> Tensor:
+        return trace.onehot(target) * trace.output
+
+    def _context(self, trace: "Trace", target: Tensor) -> dict:
+        return _routing_context(self, trace, target)
+
+    def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+        if getattr(layer, "kind", None) == "maxpool":
+            return layer.map.transpose(r)
+        U, U_self = ctx["U"].get(id(layer), (None, None))
+        lower, stopped = _local_of(layer, ctx).backward(r, U, U_self)
+        ctx["stopped"] = ctx["stopped"] + stopped
+        return lower
+
+    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
+        """The law at one layer on its own (no anchor, no risk aversion; stopped mass dropped)."""
+        ctx = {"stopped": torch.zeros(upper.shape[0], dtype=upper.dtype, device=upper.device),
+               "base": _routing_parts(self)[0], "anchor": None, "depth": 1, "local": {}, "U": {}}
+        return self._layer_backward(layer, upper, ctx)
+
+
 def _finite(name: str, v: float) -> None:
     if not math.isfinite(float(v)):
         raise ValueError(f"{name} must be finite, got {v}")
@@ -154,7 +423,7 @@ def _positive(name: str, v: float) -> None:
 
 
 @dataclass(frozen=True)
-class AlphaBeta(LayerRule):
+class AlphaBeta(_RoutingLaw):
     """alpha-beta-LRP as a routing law (THEORY.md I15): p = alpha/(alpha+beta), q = beta/(alpha+beta),
     m = alpha + beta, route temperature 1, so R_j = sum_i (alpha Z+_ij/S+_i - beta Z-_ij/S-_i) R_i
     (0/0 := 0). Conservative (I14) iff alpha - beta = 1; other values need ``conservative=False``."""
@@ -176,7 +445,7 @@ class AlphaBeta(LayerRule):
 
 
 @dataclass(frozen=True)
-class RG(LayerRule):
+class RG(_RoutingLaw):
     """The routing game RG(tau, T) (THEORY.md I16): Gibbs hand-over p = sigmoid(1/tau), the maximiser
     of p + tau H(p); m = 1/(p - q) = coth(1/(2 tau)); route temperature T (I19). T = 1 is alpha-beta
     with alpha = 1/(1 - e^(-1/tau)), beta = 1/(e^(1/tau) - 1); the default tau = 1/ln 2 is alpha=2, beta=1."""
@@ -190,7 +459,7 @@ class RG(LayerRule):
 
 
 @dataclass(frozen=True)
-class RGEq(LayerRule):
+class RGEq(_RoutingLaw):
     """RG+Eq(kappa, nu, T) (THEORY.md I18): log-odds(p) = kappa + nu log(S+/|S-|), m = 1/(p - q),
     route temperature T. (log(alpha/beta), 0) is alpha-beta; (0, 1) the gradient equilibrium.
     With nu > 0, S- = 0 gives p = 1 and S+ = 0 gives p = 0; where p = q the token is stopped."""
@@ -208,14 +477,14 @@ class RGEq(LayerRule):
 
 
 @dataclass(frozen=True)
-class GradientEquilibrium(LayerRule):
+class GradientEquilibrium(_RoutingLaw):
     """The gradient equilibrium (THEORY.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
     where z_i = 0 the token is stopped), route temperature 1. It is RGEq(0, 1, 1) and gives LRP-0,
     i.e. Gradient x Input on a bias-free ReLU net: the Doob (|y|-) transform of the GV kernel."""
 
 
 @dataclass(frozen=True)
-class Anchor(LayerRule):
+class Anchor(_RoutingLaw):
     """Extended action set (THEORY.md section 5): routing pi_lam = (1 - lam) pi + lam u, u uniform on
     the branch support (bias unit included); ``lam`` a number or one per layer (torch order,
     layer 1 first). lam = 0 is the base law."""
@@ -245,7 +514,7 @@ class Anchor(LayerRule):
 
 
 @dataclass(frozen=True)
-class RiskAverse(LayerRule):
+class RiskAverse(_RoutingLaw):
     """Risk aversion (THEORY.md I20): with cost X = c_j = sigma^2 / x_j^2 at the input reached (0 for
     stopped paths), the law Q* proportional to P exp(-theta X) is Markov: K_theta(s, s') =
     K(s, s') U(s')/U(s), U(s) = E_s[exp(-theta X)] (one extra sweep). The multiplier is reset to
@@ -273,3 +542,13 @@ class SoftplusGame(LayerRule):
 
     def __post_init__(self) -> None:
         _positive("eps", self.eps)
+
+    def sweep(self, trace: "Trace", target: Tensor) -> Sweep:
+        net = getattr(trace, "network", None)
+        if net is None:
+            raise TypeError("SoftplusGame needs a trace from backplay.gpu.explain (it re-runs the "
+                            "forward pass of the softplus surrogate)")
+        from backplay.gpu.graph import softplus_surrogate
+
+        surrogate = net.trace(trace.x, gate=softplus_surrogate(self.eps))
+        return GradientXInput().sweep(surrogate, target)

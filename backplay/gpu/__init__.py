@@ -1,12 +1,17 @@
 """backplay.gpu: the fast batched torch path (any device).
 
-``explain`` runs a rule (:mod:`backplay.rules`) on a model for a batch; ``occupation`` returns the
-occupation measures of the GV game / entropic game (THEORY.md sections 2-3); ``interval_bounds`` is
-IBP, the game's monotone bound on a box (I13). Models: ``nn.Sequential`` of Linear / ReLU /
-Softplus (nested Sequential, Identity, Dropout allowed) or a :class:`backplay.MLPSpec`.
+``explain`` runs a rule (:mod:`backplay.rules`) on a model for a batch (MLPs, CNNs with BatchNorm and
+pools, residual blocks built with :class:`Residual` / :class:`Add`); ``unroll`` writes the explained
+pass of one input as a :class:`backplay.nets.FrozenNet`; ``occupation`` returns the occupation
+measures of the GV game / entropic game (THEORY.md sections 2-3); ``interval_bounds`` is IBP, the
+game's monotone bound on a box (I13). ``occupation`` and ``interval_bounds`` take ``nn.Sequential`` of
+Linear / ReLU / Softplus (nested Sequential, Identity, Dropout allowed) or a :class:`backplay.MLPSpec`.
 """
 
 from backplay.gpu.engine import ExplainReport, explain
+from backplay.gpu.modules import Add, Residual
 from backplay.gpu.occupation import Occupation, interval_bounds, occupation
+from backplay.gpu.unroll import unroll
 
-__all__ = ["explain", "occupation", "interval_bounds", "Occupation", "ExplainReport"]
+__all__ = ["explain", "occupation", "interval_bounds", "unroll", "Add", "Residual", "Occupation",
+           "ExplainReport"]

@@ -248,8 +248,8 @@ class Trace:
 
     @property
     def output(self) -> Tensor:
-        """y^L, shape [B, n_L]."""
-        return self.layers[-1].y
+        """y^L, shape [B, n_L] (flattened when the last layer has more dimensions)."""
+        return self.layers[-1].y.flatten(1)
 
     def logit(self, target: Tensor) -> Tensor:
         """f_target(x) per sample, shape [B]."""

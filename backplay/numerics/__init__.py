@@ -22,6 +22,15 @@ from .game_programs import (
     entropic_choice,
     occupation_measure,
 )
+from .routing import (
+    FlowOccupation,
+    LocalMaximiserReport,
+    check_local_maximisers,
+    gibbs_handover,
+    law_occupation,
+    route_choice,
+    routing_kernels,
+)
 
 __all__ = [
     "DEFAULT_SOLVER_OPTIONS",
@@ -40,4 +49,12 @@ __all__ = [
     "occupation_measure",
     "policy_state_values",
     "policy_value",
+    # routing laws (THEORY.md section 5)
+    "FlowOccupation",
+    "LocalMaximiserReport",
+    "check_local_maximisers",
+    "gibbs_handover",
+    "law_occupation",
+    "route_choice",
+    "routing_kernels",
 ]

@@ -1,0 +1,323 @@
+"""Speed and peak memory of ``bp.explain`` per rule, relative to the plain autograd gradient.
+
+Two models, random init (seed 0), eval mode, float32 by default:
+  * cnn: VGG-like, conv64-relu-conv64-relu-maxpool-conv128-relu-conv128-relu-maxpool-conv256-relu-
+    maxpool-adaptiveavgpool(1)-flatten-linear256-relu-linear10; batch 16 at 3x64x64;
+  * mlp: 784-512-512-10, batch 256.
+For every rule it times ``bp.explain(model, x, target, rule=rule)`` (median of ``--repeat`` runs after
+``--warmup`` runs) and divides by the time of the plain autograd gradient of the same batch
+(forward + ``torch.autograd.grad`` of the summed target logits), measured in the same run. zennit's
+AlphaBeta(2, 1) (a LayerMapComposite: AlphaBeta on Conv2d/Linear, zennit's default Norm on the avg
+pool, Pass on ReLU, default stabiliser 1e-6; hooks registered once, outside the timed calls) is
+timed the same way when zennit is installed; "bp/zennit" is backplay's AlphaBeta time over it.
+
+Peak memory ("peak MB": the extra memory one call needs above what is held before it):
+  * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
+    memory allocated before the call (tensor memory of torch's caching allocator).
+  * CPU: every method runs once in a fresh subprocess (after a 1-sample warm-up that does the lazy
+    library initialisation); peak = ``ru_maxrss`` after the call minus the RSS just before it. The
+    child runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves every large tensor by mmap and
+    returns it on free (no arena reuse hiding allocations); ``ru_maxrss`` has KiB resolution. This
+    is process memory, so it also counts allocator and library overheads; it is the honest
+    portable measure on CPU (tracemalloc does not see torch's allocations and the CPU profiler's
+    memory events were incomplete here).
+Targets (the project's): every routing-game rule (AlphaBeta ... SoftplusGame) within 2.0x the
+gradient's time and 1.5x its peak memory, and backplay's AlphaBeta faster than zennit's.
+
+    python benchmarks/rules_speed.py                 # device: cuda if available, else cpu
+    python benchmarks/rules_speed.py --device cpu --repeat 9 --models cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+import backplay as bp
+
+R = bp.rules
+RULES = {
+    "Gradient": lambda: R.Gradient(),
+    "GradientXInput": lambda: R.GradientXInput(),
+    "LRP0": lambda: R.LRP0(),
+    "AlphaBeta(2,1)": lambda: R.AlphaBeta(2, 1),
+    "RG()": lambda: R.RG(),
+    "RG(route_temp=0.5)": lambda: R.RG(route_temp=0.5),
+    "RGEq()": lambda: R.RGEq(),
+    "GradientEquilibrium()": lambda: R.GradientEquilibrium(),
+    "Anchor(RG(),0.1)": lambda: R.Anchor(R.RG(), 0.1),
+    "RiskAverse(RG(),1.0)": lambda: R.RiskAverse(R.RG(), 1.0),
+    "SoftplusGame(0.5)": lambda: R.SoftplusGame(0.5),
+}
+ROUTING = ["AlphaBeta(2,1)", "RG()", "RG(route_temp=0.5)", "RGEq()", "GradientEquilibrium()",
+           "Anchor(RG(),0.1)", "RiskAverse(RG(),1.0)", "SoftplusGame(0.5)"]
+GRAD = "autograd gradient"
+ZENNIT = "zennit AlphaBeta(2,1)"
+TIME_TARGET, MEM_TARGET = 2.0, 1.5
+
+
+# ------------------------------------------------------------------------------------------------
+# models and methods
+# ------------------------------------------------------------------------------------------------
+def build(kind: str, device: str, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
+        model = nn.Sequential(
+            *conv(3, 64), *conv(64, 64), nn.MaxPool2d(2),
+            *conv(64, 128), *conv(128, 128), nn.MaxPool2d(2),
+            *conv(128, 256), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10),
+        )
+        x = torch.randn(16, 3, 64, 64)
+    elif kind == "mlp":
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 10))
+        x = torch.randn(256, 784)
+    else:
+        raise ValueError(kind)
+    model = model.to(device=device, dtype=dtype).eval()
+    x = x.to(device=device, dtype=dtype)
+    t = torch.arange(x.shape[0], device=device) % 10
+    return model, x, t
+
+
+def autograd_gradient(model, x, t):
+    xx = x.detach().requires_grad_(True)
+    out = model(xx)
+    (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xx)
+    return g
+
+
+@contextlib.contextmanager
+def _torchvision_stub():
+    """zennit 0.5.1 imports torchvision.models.resnet.{BasicBlock, Bottleneck}; stand-ins if absent
+    (same as tests/_torchvision_stub.py), removed from sys.modules afterwards."""
+    names = ("torchvision", "torchvision.models", "torchvision.models.resnet")
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "torchvision"}
+    try:
+        try:
+            importlib.import_module("torchvision.models.resnet")
+        except Exception:  # noqa: BLE001 - absent, or broken beside this torch
+            for k in [k for k in sys.modules if k.split(".")[0] == "torchvision" and k not in saved]:
+                del sys.modules[k]
+            mods = [types.ModuleType(n) for n in names]
+            mods[0].__path__, mods[1].__path__ = [], []
+            mods[0].models, mods[1].resnet = mods[1], mods[2]
+            mods[2].BasicBlock = type("BasicBlock", (), {})
+            mods[2].Bottleneck = type("Bottleneck", (), {})
+            sys.modules.update(zip(names, mods))
+        yield
+    finally:
+        for k in [k for k in sys.modules if k.split(".")[0] == "torchvision" and k not in saved]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def load_zennit():
+    if importlib.util.find_spec("zennit") is None:
+        return None
+    with _torchvision_stub():
+        return importlib.import_module("zennit")
+
+
+def zennit_alphabeta(zennit, model, t, n_out: int = 10):
+    """A callable x -> relevance with zennit's AlphaBeta(2, 1) composite registered on ``model``
+    (and a closer to remove the hooks)."""
+    from zennit.attribution import Gradient as ZGradient
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import AlphaBeta, Norm, Pass
+    from zennit.types import Activation, AvgPool, Convolution, Linear
+
+    composite = LayerMapComposite(layer_map=[
+        (Activation, Pass()), (AvgPool, Norm()),
+        (Convolution, AlphaBeta(alpha=2.0, beta=1.0)), (Linear, AlphaBeta(alpha=2.0, beta=1.0)),
+    ])
+    onehot = nn.functional.one_hot(t, n_out)
+    attributor = ZGradient(model=model, composite=composite)
+    attributor.__enter__()
+
+    def run(model_, x, t_):
+        _, rel = attributor(x, lambda out: out * onehot.to(out.dtype))
+        return rel
+
+    return run, lambda: attributor.__exit__(None, None, None)
+
+
+def method(name: str, zennit=None, model=None, t=None):
+    """(fn(model, x, t), close)."""
+    if name == GRAD:
+        return autograd_gradient, lambda: None
+    if name == ZENNIT:
+        return zennit_alphabeta(zennit, model, t)
+    rule = RULES[name]()
+    return (lambda m, x, tt: bp.explain(m, x, tt, rule=rule)), lambda: None
+
+
+# ------------------------------------------------------------------------------------------------
+# measurements
+# ------------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn, model, x, t, device: str, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn(model, x, t)
+    sync(device)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(model, x, t)
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_cuda(fn, model, x, t, device: str) -> float:
+    fn(model, x, t)  # warm (cuDNN / cuBLAS workspaces)
+    sync(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn(model, x, t)
+    sync(device)
+    del out
+    return float(torch.cuda.max_memory_allocated(device) - base)
+
+
+def peak_cpu_child(args) -> None:
+    """Child process: one method, one call; prints the peak RSS delta in bytes as JSON."""
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    model, x, t = build(args.child_model, "cpu", dtype)
+    zennit = load_zennit() if args.child_method == ZENNIT else None
+    fn, close = method(args.child_method, zennit, model, t)
+    fn(model, x[:1], t[:1])  # lazy library initialisation on one sample
+    base = _rss_bytes()
+    out = fn(model, x, t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del out
+    close()
+    print(json.dumps({"peak": max(0, peak - base)}))
+
+
+def peak_cpu(name: str, kind: str, args) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-model", kind, "--child-method", name,
+           "--dtype", args.dtype, "--threads", str(args.threads)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak"])
+
+
+def run_model(kind: str, args, zennit) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    model, x, t = build(kind, args.device, dtype)
+    names = [GRAD, *RULES] + ([ZENNIT] if zennit is not None and kind in args.zennit_models else [])
+    rows = []
+    for name in names:
+        row = {"model": kind, "method": name}
+        try:
+            fn, close = method(name, zennit, model, t)
+            try:
+                row["time"] = median_time(fn, model, x, t, args.device, args.warmup, args.repeat)
+                if not args.no_memory:
+                    row["peak"] = (peak_cuda(fn, model, x, t, args.device) if args.device.startswith("cuda")
+                                   else peak_cpu(name, kind, args))
+            finally:
+                close()
+        except Exception as e:  # noqa: BLE001 - a rule not implemented yet is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {r["model"]: r for r in rows if r["method"] == GRAD}
+    zen = {r["model"]: r for r in rows if r["method"] == ZENNIT and "time" in r}
+    head = (f"{'model':<5} {'method':<24} {'ms':>9} {'x grad':>7} {'peak MB':>9} {'x grad':>7} "
+            f"{'bp/zennit':>9}  targets")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        g = base[r["model"]]
+        if "error" in r:
+            print(f"{r['model']:<5} {r['method']:<24} {'n/a':>9}  {r['error']}")
+            continue
+        tr = r["time"] / g["time"]
+        mem = r.get("peak")
+        mr = mem / g["peak"] if mem is not None and g.get("peak") else None
+        zr = ""
+        if r["method"] == "AlphaBeta(2,1)" and r["model"] in zen:
+            zr = f"{r['time'] / zen[r['model']]['time']:.2f}"
+        flags = ""
+        if r["method"] in ROUTING:
+            ok_t = tr <= TIME_TARGET
+            ok_m = mr is None or mr <= MEM_TARGET
+            flags = ("time ok" if ok_t else f"time > {TIME_TARGET}x") + ", " + \
+                    ("mem n/a" if mr is None else ("mem ok" if ok_m else f"mem > {MEM_TARGET}x"))
+            if zr:
+                flags += ", " + ("faster than zennit" if float(zr) < 1 else "SLOWER than zennit")
+        mem_s = f"{mem / 2**20:9.1f}" if mem is not None else f"{'-':>9}"
+        mr_s = f"{mr:7.2f}" if mr is not None else f"{'-':>7}"
+        print(f"{r['model']:<5} {r['method']:<24} {r['time'] * 1e3:9.2f} {tr:7.2f} {mem_s} {mr_s} "
+              f"{zr:>9}  {flags}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--models", default="cnn,mlp")
+    parser.add_argument("--zennit-models", default="cnn,mlp", help="models on which zennit is timed")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    parser.add_argument("--child-method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_method:
+        peak_cpu_child(args)
+        return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.threads)
+    zennit = load_zennit()
+    dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"device: {args.device} ({dev}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.dtype}; median of {args.repeat} after {args.warmup} warm-up; "
+          f"zennit {getattr(zennit, '__version__', 'installed') if zennit else 'not installed'}")
+    print("peak memory: " + ("torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
+                             else "ru_maxrss - RSS before the call, one fresh subprocess per method"))
+    rows = []
+    for kind in args.models.split(","):
+        rows += run_model(kind, args, zennit)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
