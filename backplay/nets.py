@@ -361,13 +361,18 @@ class FrozenNet:
     y^l is frozen into these values (ReLU, softplus, a max-pool selection, a frozen gate ...), so a CNN
     unrolled at one input is a FrozenNet too. Routing laws need nothing else. Entries are floats or
     exact (sympy) values.
+
+    ``kinds[l-1]`` is ``"affine"`` (the rule applies) or ``"maxpool"`` (a frozen 0/1 selection of
+    the argmax: relevance passes to the winner unchanged, whatever the rule).
     """
 
     weights: tuple
     biases: tuple
     ys: tuple
+    kinds: tuple
 
-    def __init__(self, weights: Sequence[Any], biases: Sequence[Any] | None, ys: Sequence[Any]) -> None:
+    def __init__(self, weights: Sequence[Any], biases: Sequence[Any] | None, ys: Sequence[Any],
+                 kinds: Sequence[str] | None = None) -> None:
         ws = [_as_array(w, f"W^{l}") for l, w in enumerate(weights, start=1)]
         bs = [None if b is None else _as_array(b, f"b^{l}").reshape(-1)
               for l, b in enumerate(biases if biases is not None else [None] * len(ws), start=1)]
@@ -385,6 +390,10 @@ class FrozenNet:
                     _check_finite(arr, name)
         for l, y in enumerate(yv):
             _check_finite(y, f"y^{l}")
+        kinds = tuple(kinds) if kinds is not None else ("affine",) * len(ws)
+        if len(kinds) != len(ws) or not set(kinds) <= {"affine", "maxpool"}:
+            raise ValueError(f"kinds must give 'affine' or 'maxpool' for each of the {len(ws)} layers")
+        object.__setattr__(self, "kinds", kinds)
         object.__setattr__(self, "weights", tuple(ws))
         object.__setattr__(self, "biases", tuple(bs))
         object.__setattr__(self, "ys", tuple(yv))

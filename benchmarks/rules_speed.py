@@ -15,9 +15,9 @@ Peak memory ("peak MB": the extra memory one call needs above what is held befor
   * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
     memory allocated before the call (tensor memory of torch's caching allocator).
   * CPU: every method runs once in a fresh subprocess (after a 1-sample warm-up that does the lazy
-    library initialisation); peak = ``ru_maxrss`` after the call minus the RSS just before it. The
-    child runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves every large tensor by mmap and
-    returns it on free (no arena reuse hiding allocations); ``ru_maxrss`` has KiB resolution. This
+    library initialisation); the peak-RSS mark is reset (``/proc/self/clear_refs`` <- 5, Linux), and
+    peak = VmHWM after the call minus VmRSS just before it (/proc/self/status). The child runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves every large tensor by mmap and
+    returns it on free (no arena reuse hiding allocations); KiB resolution. This
     is process memory, so it also counts allocator and library overheads; it is the honest
     portable measure on CPU (tracemalloc does not see torch's allocations and the CPU profiler's
     memory events were incomplete here).
@@ -35,7 +35,6 @@ import contextlib
 import importlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -146,11 +145,11 @@ def zennit_alphabeta(zennit, model, t, n_out: int = 10):
         (Activation, Pass()), (AvgPool, Norm()),
         (Convolution, AlphaBeta(alpha=2.0, beta=1.0)), (Linear, AlphaBeta(alpha=2.0, beta=1.0)),
     ])
-    onehot = nn.functional.one_hot(t, n_out)
     attributor = ZGradient(model=model, composite=composite)
     attributor.__enter__()
 
     def run(model_, x, t_):
+        onehot = nn.functional.one_hot(t_, n_out)
         _, rel = attributor(x, lambda out: out * onehot.to(out.dtype))
         return rel
 
@@ -188,9 +187,22 @@ def median_time(fn, model, x, t, device: str, warmup: int, repeat: int) -> float
     return statistics.median(ts)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset the peak-RSS mark VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_cuda(fn, model, x, t, device: str) -> float:
@@ -213,12 +225,14 @@ def peak_cpu_child(args) -> None:
     zennit = load_zennit() if args.child_method == ZENNIT else None
     fn, close = method(args.child_method, zennit, model, t)
     fn(model, x[:1], t[:1])  # lazy library initialisation on one sample
-    base = _rss_bytes()
+    if not _reset_hwm():
+        raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
+    base = _status_kib("VmRSS")
     out = fn(model, x, t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kib("VmHWM")
     del out
     close()
-    print(json.dumps({"peak": max(0, peak - base)}))
+    print(json.dumps({"peak": max(0, peak - base) * 1024}))
 
 
 def peak_cpu(name: str, kind: str, args) -> float:
@@ -309,7 +323,7 @@ def main() -> None:
           f"{args.dtype}; median of {args.repeat} after {args.warmup} warm-up; "
           f"zennit {getattr(zennit, '__version__', 'installed') if zennit else 'not installed'}")
     print("peak memory: " + ("torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
-                             else "ru_maxrss - RSS before the call, one fresh subprocess per method"))
+                             else "VmHWM (reset) - VmRSS before the call, one fresh subprocess per method"))
     rows = []
     for kind in args.models.split(","):
         rows += run_model(kind, args, zennit)

@@ -71,6 +71,7 @@ def test_i14_stopping_decomposition(case, rule):
     for l in range(spec.depth + 1):  # the state occupation and the layer map agree
         assert close(law.w0 * occ.signed(l), rel[l])
     assert close(input_relevance_by_paths(law), rel[0])
+    assert close(law.attribution(), rel[0])
     assert close(sum(p.probability for p in law.paths()), 1)
 
 
@@ -306,7 +307,7 @@ def test_errors():
         routing_law(spec)
     with pytest.raises(TypeError, match="LRP0"):
         routing_law(spec, [1.0, 0.0], 0, LRP0())
-    with pytest.raises(ValueError, match="lam values"):
+    with pytest.raises(ValueError, match="lam has 3 entries"):
         routing_law(spec, [1.0, 0.0], 0, Anchor(RG(), (0.1, 0.2, 0.3)))
     with pytest.raises(ValueError, match="out of range"):
         routing_law(spec, [1.0, 0.0], 3, RG())

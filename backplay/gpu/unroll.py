@@ -18,7 +18,7 @@ def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
     Layer l of the result is layer l of :func:`backplay.explain` (report ``layers``): each Linear /
     Conv2d (BatchNorm merged) gives its dense matrix (its action on the basis vectors) and bias vector,
     AvgPool2d / AdaptiveAvgPool2d their averaging matrix, MaxPool2d the frozen 0/1 selection of the
-    argmax at this input; ReLU / Softplus are folded into the recorded values ``ys`` (y^0 = x
+    argmax at this input (``kinds`` "maxpool": relevance goes to the winner whatever the rule); ReLU / Softplus are folded into the recorded values ``ys`` (y^0 = x
     flattened, ..., y^L); Flatten adds nothing. Residual blocks are not unrollable (ValueError).
     """
     from backplay.gpu.engine import prepare_graph
@@ -30,7 +30,7 @@ def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
         raise ValueError(f"unroll takes one input (the shape of a single sample), got shape {tuple(x.shape)}")
     with torch.no_grad():
         trace = prep.net.trace(prep.x)
-        weights, biases, ys = [], [], [prep.x.flatten()]
+        weights, biases, ys, kinds = [], [], [prep.x.flatten()], []
         for l, rec in enumerate(trace.layers, start=1):
             if hasattr(rec, "body"):
                 raise ValueError(f"layer {l} is a Residual block: residual models cannot be unrolled "
@@ -39,7 +39,8 @@ def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
             n_in = rec.input[0].numel()
             eye = torch.eye(n_in, dtype=torch.float64, device=rec.input.device).reshape((n_in,) + shape)
             op = rec.map
-            if getattr(rec, "kind", None) == "maxpool":  # the selection of this input, per basis vector
+            kinds.append("maxpool" if getattr(rec, "kind", None) == "maxpool" else "affine")
+            if kinds[-1] == "maxpool":  # the selection of this input, per basis vector
                 from backplay.gpu.graph import Selection
 
                 op = Selection(rec.map.indices.expand((n_in,) + tuple(rec.map.indices.shape[1:])), shape)
@@ -49,4 +50,4 @@ def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
             weights.append(W.cpu().numpy())
             biases.append(None if b is None else b[0].flatten().cpu().numpy())
             ys.append(rec.y[0].flatten())
-        return FrozenNet(weights, biases, [y.cpu().numpy() for y in ys])
+        return FrozenNet(weights, biases, [y.cpu().numpy() for y in ys], kinds)

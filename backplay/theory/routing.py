@@ -81,9 +81,6 @@ class _Arith:
     def exp(self, v: Any) -> Any:
         return sp.exp(v) if self.ctx is None else self.ctx.exp(v)
 
-    def log(self, v: Any) -> Any:
-        return sp.log(v) if self.ctx is None else self.ctx.log(v)
-
     def power(self, a: Any, e: Any) -> Any:
         if e == 1:
             return a
@@ -111,10 +108,9 @@ def _params(rule: Rule) -> tuple[list, bool]:
         return [rule.alpha, rule.beta], False
     if isinstance(rule, GradientEquilibrium):
         return [], False
-    inv_t = 1 / to_rational(rule.route_temp)
-    tr = not (isinstance(inv_t, sp.Integer))
     if isinstance(rule, RG):
         return [rule.tau, rule.route_temp], True
+    tr = not isinstance(1 / to_rational(rule.route_temp), sp.Integer)  # |y|^(1/T)
     nu = to_rational(rule.nu)
     return [rule.kappa, rule.nu, rule.route_temp], tr or rule.kappa != 0 or not isinstance(nu, sp.Integer)
 
@@ -532,12 +528,6 @@ def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: 
         raise TypeError(f"target must be an int, got {type(target).__name__}")
     if not 0 <= int(target) < frozen.widths[-1]:
         raise ValueError(f"target {target} out of range for {frozen.widths[-1]} outputs")
-    if isinstance(rule, Anchor) and isinstance(rule.lam, tuple) and len(rule.lam) != frozen.depth:
-        raise ValueError(f"Anchor has {len(rule.lam)} lam values, the net has {frozen.depth} layers")
-    if isinstance(rule, RiskAverse) and isinstance(rule.rule, Anchor):
-        lam = rule.rule.lam
-        if isinstance(lam, tuple) and len(lam) != frozen.depth:
-            raise ValueError(f"Anchor has {len(lam)} lam values, the net has {frozen.depth} layers")
     if dps < 15:
         raise ValueError(f"dps must be >= 15, got {dps}")
     return RoutingLaw(frozen, int(target), rule, _Arith(_field_of(rule, field), dps))
