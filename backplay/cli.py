@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from .testing.identities import IDENTITIES, TOL_CVXPY, TOL_TORCH, Case
+from .testing.identities import TOL_CVXPY, TOL_TORCH, Case
+from .testing.registry import IDENTITIES
 from .testing.random_nets import random_cases
 
 
@@ -33,8 +34,9 @@ def verify(seed: int = 0, cases: int = 100, solver: str = "CLARABEL",
                 row["failures"].append(f"case {k}: {type(exc).__name__}: {exc}")
                 row["exact_failures"] += 1
                 continue
-            row["torch_err"] = max(row["torch_err"], res.torch_err)
-            row["cvxpy_err"] = max(row["cvxpy_err"], res.cvxpy_err)
+            for col in ("torch_err", "cvxpy_err"):
+                value = getattr(res, col)
+                row[col] = None if value is None else max(row[col] or 0.0, value)
             if not res.exact:
                 row["exact_failures"] += 1
             if not res.ok:
@@ -46,11 +48,15 @@ def verify(seed: int = 0, cases: int = 100, solver: str = "CLARABEL",
     return out
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = ("identity", "what it states", "cases", "exact", "torch vs exact", "cvxpy vs exact", "result")
     body = [(r["identity"], r["statement"], str(r["cases"]),
              "ok" if r["exact_failures"] == 0 else f"{r['exact_failures']} fail",
-             f"{r['torch_err']:.1e}", f"{r['cvxpy_err']:.1e}", "PASS" if r["passed"] else "FAIL")
+             _fmt(r["torch_err"]), _fmt(r["cvxpy_err"]), "PASS" if r["passed"] else "FAIL")
             for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)

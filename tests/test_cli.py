@@ -3,14 +3,14 @@
 import json
 
 import backplay.cli as cli
-from backplay.testing import identities
+from backplay.testing import identities, registry
 
 
 def test_verify_json_passes(capsys):
     assert cli.main(["verify", "--cases", "4", "--seed", "3", "--json", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["seed"] == 3
-    assert {r["identity"] for r in out["identities"]} == {f"I{k}" for k in range(1, 14)}
+    assert {r["identity"] for r in out["identities"]} == {f"I{k}" for k in range(1, 22)}
     assert all(r["cases"] > 0 for r in out["identities"])
 
 
@@ -26,8 +26,8 @@ def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
         res.torch_err = 1.0
         return res
 
-    rows = [identities.Identity(i.name, i.statement, broken if i.name == "I3" else i.check, i.applies)
-            for i in identities.IDENTITIES]
+    rows = [registry.Identity(i.name, i.statement, broken if i.name == "I3" else i.check, i.applies)
+            for i in registry.IDENTITIES]
     monkeypatch.setattr(cli, "IDENTITIES", rows)
     assert cli.main(["verify", "--cases", "2", "--no-progress"]) == 1
     assert "I3 FAILED" in capsys.readouterr().out

@@ -271,6 +271,36 @@ def _eps_bound(model: nn.Sequential, x: torch.Tensor, target: torch.Tensor, eps:
     return E.detach(), A.detach()
 
 
+def _alphabeta_eps_bound(model: nn.Sequential, x: torch.Tensor, target: torch.Tensor,
+                         alpha: float, beta: float, eps: float):
+    """Elementwise bound on |alpha-beta with stabilised S+- - exact alpha-beta| for an MLP: zennit's
+    float stabiliser replaces S+_i by S+_i + eps and S-_i by S-_i - eps (bias included in S+-), so
+    each kernel entry alpha Z+_ij/S+_i (beta |Z-_ij|/|S-_i|) is multiplied by c = |S|/(|S| + eps) in
+    [1 - eps/|S|, 1]; as in ``_eps_bound``, A is the absolute path mass of the exact kernel and
+    E^{l-1}_j = sum_i sum_b K^b_ij (E_i + A_i eps/|S^b_i|). Returns (E, A) at the input."""
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    ys, y = [x], x
+    for i, lin in enumerate(lins):
+        z = lin(y)
+        y = z.clamp(min=0) if i < len(lins) - 1 else z
+        ys.append(y)
+    onehot = F.one_hot(target, y.shape[1]).to(x.dtype)
+    A = (y * onehot).abs()
+    E = torch.zeros_like(A)
+    for lin, y_low in zip(reversed(lins), reversed(ys[:-1])):
+        Z = y_low[:, None, :] * lin.weight[None]  # [B, out, in]
+        b = lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=x.dtype)
+        new_A, new_E = torch.zeros_like(y_low), torch.zeros_like(y_low)
+        for coef, Zb, S in ((alpha, Z.clamp(min=0), Z.clamp(min=0).sum(-1) + b.clamp(min=0)),
+                            (beta, Z.clamp(max=0).abs(), (Z.clamp(max=0).sum(-1) + b.clamp(max=0)).abs())):
+            inv = torch.where(S == 0, torch.zeros_like(S), 1 / S)
+            K = coef * Zb * inv[..., None]
+            new_A = new_A + torch.einsum("boi,bo->bi", K, A)
+            new_E = new_E + torch.einsum("boi,bo->bi", K, E + A * eps * inv)
+        A, E = new_A, new_E
+    return E.detach(), A.detach()
+
+
 def explain(model, x, target, rule):
     r, rep = bp.explain(model, x, target, rule=rule, return_report=True)
     return r, rep
@@ -297,6 +327,53 @@ def test_alphabeta_vs_zennit(zennit, kind, bias, alpha, beta, seed):
     # backplay's stopped mass is the rest of the logit (I14), and zennit's sum is the same number
     torch.testing.assert_close(rep.relevance_sum, r_z.flatten(1).sum(1), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(rep.stopped, logit - r_z.flatten(1).sum(1), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("alpha,beta", [(2.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alphabeta_vs_zennit_default_stabiliser(zennit, alpha, beta, bias, seed):
+    """zennit's AlphaBeta with its *default* stabiliser (1e-6) vs backplay AlphaBeta on MLPs: not
+    1e-9 (observed ~1e-4 normwise: S- of a neuron can be a few small contributions), but within the
+    path bound of ``_alphabeta_eps_bound`` (+ 1e-12 of the path mass for round-off)."""
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import AlphaBeta, Pass
+    from zennit.types import Activation, Linear
+
+    model = mlp(seed, bias)
+    x = inputs(model, seed)
+    t = targets(model, x, seed)
+    comp = LayerMapComposite(layer_map=[(Activation, Pass()), (Linear, AlphaBeta(alpha=alpha, beta=beta))])
+    r_z = zennit_relevance(zennit, model, x, t, comp)
+    r_bp = bp.explain(model, x, t, rule=bp.rules.AlphaBeta(alpha, beta))
+    E, A = _alphabeta_eps_bound(model, x, t, alpha, beta, 1e-6)
+    assert ((r_bp - r_z).abs() <= E + 1e-12 * A.amax(1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "cnn-adaptive"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_alphabeta_avgpool_convention_vs_zennit_norm(zennit, kind, seed):
+    """The one convention that differs: zennit's built-in composites put ``Norm`` (LRP-0) on avg
+    pools, backplay applies the routing law to them like to any linear layer. The pool inputs here
+    are ReLU outputs (>= 0), so backplay's - branch is empty (its q-share is stopped) and the pool
+    multiplies relevance by alpha, zennit's by 1; everything below is linear in that relevance, so
+    backplay AlphaBeta(2, 1) == 2 x zennit's (Norm on the pool) exactly, and AlphaBeta(1, 0) agrees."""
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import AlphaBeta, Norm, Pass
+    from zennit.types import Activation, AvgPool, Convolution, Linear
+
+    model = make(kind, True, seed)
+    x = inputs(model, seed)
+    t = targets(model, x, seed)
+    for alpha, beta in ((2.0, 1.0), (1.0, 0.0)):
+        comp = LayerMapComposite(layer_map=[
+            (Activation, Pass()), (AvgPool, Norm(stabilizer=_safe_den)),
+            (Convolution, AlphaBeta(alpha=alpha, beta=beta, stabilizer=_safe_den)),
+            (Linear, AlphaBeta(alpha=alpha, beta=beta, stabilizer=_safe_den)),
+        ])
+        r_z = zennit_relevance(zennit, model, x, t, comp)
+        r_bp = bp.explain(model, x, t, rule=bp.rules.AlphaBeta(alpha, beta))
+        assert_agree(r_bp, alpha * r_z)
 
 
 @pytest.mark.parametrize("kind,bias", NETS)

@@ -1,6 +1,8 @@
 """Hypothesis strategies and assertion helpers, public for users' own property tests."""
 
-from .identities import IDENTITIES, Case, IdentityCheck, assert_identity, check_identity, err
+from .identities import Case, IdentityCheck, err
+from .registry import IDENTITIES, Identity, assert_identity, check_identity
+from .routing_identities import ROUTING_RULES, torch_matches_law
 from .random_nets import random_case, random_cases
 from .strategies import (
     dyadics,
@@ -13,7 +15,7 @@ from .strategies import (
 )
 
 __all__ = [
-    "IDENTITIES", "Case", "IdentityCheck", "assert_identity", "check_identity", "dyadics", "err",
+    "IDENTITIES", "ROUTING_RULES", "Case", "Identity", "IdentityCheck", "assert_identity", "check_identity", "dyadics", "err",
     "exact_preactivations", "inputs_for", "nets_with_inputs", "random_case", "random_cases",
-    "relu_nets", "softplus_nets", "tie_at",
+    "relu_nets", "softplus_nets", "tie_at", "torch_matches_law",
 ]

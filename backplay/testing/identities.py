@@ -7,15 +7,16 @@ For every identity a check function returns an :class:`IdentityCheck`:
   * ``cvxpy_err``: worst error of backplay.numerics (cvxpy programs) against the exact objects.
 Errors are absolute errors divided by max(1, largest |exact value| compared), so nets with large
 outputs are held to the same number of significant digits. Both the property tests and
-``backplay verify`` call these functions, so the table and the tests cannot drift apart.
+``backplay verify`` call these functions (through :mod:`backplay.testing.registry`), so the table
+and the tests cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import sympy as sp
@@ -24,9 +25,11 @@ import torch
 from .. import numerics
 from ..gpu import interval_bounds, occupation
 from ..gpu.engine import explain
-from ..nets import MLPSpec
+from ..nets import FrozenNet, MLPSpec
 from ..rules import LRP0
-from ..theory import ReLUNetGame, enumerate_policies, exact_forward, gap_bound, ibp, lrp0, to_float
+from ..theory import (
+    ReLUNetGame, enumerate_policies, exact_forward, freeze, gap_bound, ibp, lrp0, routing_law, to_float,
+)
 
 TOL_TORCH = 1e-10
 TOL_CVXPY = 1e-6
@@ -65,13 +68,14 @@ class IdentityCheck:
 
     identity: str
     exact: bool
-    torch_err: float
-    cvxpy_err: float
+    torch_err: float | None  # None: no torch counterpart
+    cvxpy_err: float | None  # None: no cvxpy counterpart
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.exact and self.torch_err <= TOL_TORCH and self.cvxpy_err <= TOL_CVXPY
+        return self.exact and (self.torch_err is None or self.torch_err <= TOL_TORCH) and \
+            (self.cvxpy_err is None or self.cvxpy_err <= TOL_CVXPY)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Case:
     target: int
     game_cls: type = ReLUNetGame
     solver: str = "CLARABEL"
+    laws: dict = field(default_factory=dict, repr=False)
 
     @property
     def entropic(self) -> bool:
@@ -139,6 +144,17 @@ class Case:
             w = np.vectorize(self.game.F.num, otypes=[object])(self.game.spec.weight(l))
             g = w.T.dot(delta)
         return g, bgrads
+
+    @cached_property
+    def frozen(self) -> FrozenNet:
+        """The exact explained forward pass (routing laws, THEORY.md section 5)."""
+        return freeze(self.spec, self.x)
+
+    def law(self, rule: Any) -> Any:
+        """The exact routing law of ``rule`` on this case (cached)."""
+        if rule not in self.laws:
+            self.laws[rule] = routing_law(self.frozen, target=self.target, rule=rule)
+        return self.laws[rule]
 
     @cached_property
     def model(self) -> torch.nn.Module:
@@ -468,59 +484,3 @@ def check_i13(c: Case) -> IdentityCheck:
     n_lo, n_hi = numerics.box_bound(c.spec, lo, hi, c.target, solver=c.solver)
     cv = max(err([n_lo], [lower]), err([n_hi], [upper]))
     return IdentityCheck("I13", ok, t_err, cv)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A row of the verification table."""
-
-    name: str
-    statement: str
-    check: Callable[[Case], IdentityCheck]
-    applies: Callable[[MLPSpec], bool]
-
-
-def _relu(s: MLPSpec) -> bool:
-    return s.activation == "relu"
-
-
-def _softplus(s: MLPSpec) -> bool:
-    return s.activation == "softplus"
-
-
-def _any(s: MLPSpec) -> bool:
-    return True
-
-
-IDENTITIES: list[Identity] = [
-    Identity("I1", "game value = network, every layer", check_i1, _relu),
-    Identity("I2", "continue iff z > 0 (ties stop) is a saddle point", check_i2, _relu),
-    Identity("I3", "gradient = nu+ - nu-", check_i3, _any),
-    Identity("I4", "f = sum x*grad + discounted bias rewards", check_i4, _relu),
-    Identity("I5", "bias gradient = signed continue occupation", check_i5, _any),
-    Identity("I6", "f = sum over paths; P*D = prod|W|, end sign = prod sign", check_i6, _any),
-    Identity("I7", "layer DP (W, |W| on active, |W|/gamma) = occupation", check_i7, _any),
-    Identity("I8", "LRP-0 with biases = Gradient x Input", check_i8, _relu),
-    Identity("I9", "max_p pc + eps H(p) = softplus_eps(c) at sigmoid(c/eps)", check_i9, _softplus),
-    Identity("I10", "entropic game value = softplus net, Gibbs policies", check_i10, _softplus),
-    Identity("I11", "f = GxI + bias + entropy shares; grad = nu+ - nu-", check_i11, _softplus),
-    Identity("I12", "eps -> 0: |f_eps - f_relu| <= amplified eps log 2", check_i12, _any),
-    Identity("I13", "Shapley box bounds = IBP; policy bounds sound", check_i13, _relu),
-]
-
-
-def check_identity(name: str, spec: MLPSpec, x: Any, target: int, **case_kwargs: Any) -> IdentityCheck:
-    """Run one identity by name on one case."""
-    ident = {i.name: i for i in IDENTITIES}[name]
-    if not ident.applies(spec):
-        raise ValueError(f"{name} does not apply to a {spec.activation} net")
-    return ident.check(Case(spec, np.asarray(x, dtype=np.float64), target, **case_kwargs))
-
-
-def assert_identity(name: str, spec: MLPSpec, x: Any, target: int, **case_kwargs: Any) -> IdentityCheck:
-    """Assert one identity three ways (exact, torch 1e-10, cvxpy 1e-6)."""
-    res = check_identity(name, spec, x, target, **case_kwargs)
-    assert res.exact, f"{name} fails in exact arithmetic on {spec}, x={list(x)}, target={target}: {res.detail}"
-    assert res.torch_err <= TOL_TORCH, f"{name}: torch error {res.torch_err:.3e} on {spec}"
-    assert res.cvxpy_err <= TOL_CVXPY, f"{name}: cvxpy error {res.cvxpy_err:.3e} on {spec}"
-    return res

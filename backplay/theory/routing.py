@@ -146,7 +146,8 @@ def freeze(spec: MLPSpec, x: Any) -> FrozenNet:
 def _exact_net(net: FrozenNet) -> FrozenNet:
     conv = np.vectorize(to_rational, otypes=[object])
     return FrozenNet([conv(w) for w in net.weights],
-                     [None if b is None else conv(b) for b in net.biases], [conv(y) for y in net.ys])
+                     [None if b is None else conv(b) for b in net.biases], [conv(y) for y in net.ys],
+                     net.kinds)
 
 
 def _same_net(a: FrozenNet, b: FrozenNet) -> bool:
@@ -349,6 +350,11 @@ class RoutingLaw(TrajectoryLaw):
 
     def _base_local(self, rule: Rule, l: int, i: int) -> LocalLaw:
         A = self.arith
+        if self.net.kinds[l - 1] == "maxpool":  # winner takes all, whatever the rule
+            (winner,) = [j for j, w in enumerate(self.net.weights[l - 1][i]) if w != 0]
+            one = A.num(1)
+            y = A.num(self.net.ys[l - 1][winner])
+            return LocalLaw(one, A.num(0), one, False, {1: {winner: one}, -1: {}}, y, A.num(0), y)
         lam = A.num(0)
         if isinstance(rule, Anchor):
             lam = A.num(to_rational(rule.lam_at(l, self.net.depth)))
@@ -589,8 +595,7 @@ def hellinger(law_a: TrajectoryLaw, law_b: TrajectoryLaw) -> Any:
     if law_a.arith.exact and law_b.arith.exact:
         A = _Arith("sympy")
     else:
-        A = _Arith("mpmath", max(law_a.arith.dps if not law_a.arith.exact else 0,
-                                 law_b.arith.dps if not law_b.arith.exact else 0))
+        A = _Arith("mpmath", max(law_a.arith.dps, law_b.arith.dps))
     bc = _bhattacharyya(law_a, law_b, A)
     val = 1 - bc
     if not A.exact and val < 0:
