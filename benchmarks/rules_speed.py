@@ -4,9 +4,11 @@ Two models, random init (seed 0), eval mode, float32 by default:
   * cnn: VGG-like, conv64-relu-conv64-relu-maxpool-conv128-relu-conv128-relu-maxpool-conv256-relu-
     maxpool-adaptiveavgpool(1)-flatten-linear256-relu-linear10; batch 16 at 3x64x64;
   * mlp: 784-512-512-10, batch 256.
-For every rule it times ``bp.explain(model, x, target, rule=rule)`` (median of ``--repeat`` runs after
-``--warmup`` runs) and divides by the time of the plain autograd gradient of the same batch
-(forward + ``torch.autograd.grad`` of the summed target logits), measured in the same run. zennit's
+For every rule it times ``bp.explain(model, x, target, rule=rule)`` and divides by the time of the
+plain autograd gradient of the same batch (forward + ``torch.autograd.grad`` of the summed target
+logits), measured in the same run: ``--warmup`` calls each, then ``--repeat`` interleaved rounds
+(one call of every method per round); "ms" is the median over the rounds, "x grad" the median over
+the rounds of the per-round ratio (robust to a drifting machine load). zennit's
 AlphaBeta(2, 1) (a LayerMapComposite: AlphaBeta on Conv2d/Linear, zennit's default Norm on the avg
 pool, Pass on ReLU, default stabiliser 1e-6; hooks registered once, outside the timed calls) is
 timed the same way when zennit is installed; "bp/zennit" is backplay's AlphaBeta time over it.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -148,7 +151,7 @@ def zennit_alphabeta(zennit, model, t, n_out: int = 10):
     attributor = ZGradient(model=model, composite=composite)
     attributor.__enter__()
 
-    def run(model_, x, t_):
+    def run(model_, x, t_):  # model_ is ignored: the hooked copy is run
         onehot = nn.functional.one_hot(t_, n_out)
         _, rel = attributor(x, lambda out: out * onehot.to(out.dtype))
         return rel
@@ -161,7 +164,9 @@ def method(name: str, zennit=None, model=None, t=None):
     if name == GRAD:
         return autograd_gradient, lambda: None
     if name == ZENNIT:
-        return zennit_alphabeta(zennit, model, t)
+        # on a copy: the composite's hooks stay registered across the interleaved rounds and must
+        # not touch the model the other methods run
+        return zennit_alphabeta(zennit, copy.deepcopy(model), t)
     rule = RULES[name]()
     return (lambda m, x, tt: bp.explain(m, x, tt, rule=rule)), lambda: None
 
@@ -172,19 +177,6 @@ def method(name: str, zennit=None, model=None, t=None):
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def median_time(fn, model, x, t, device: str, warmup: int, repeat: int) -> float:
-    for _ in range(warmup):
-        fn(model, x, t)
-    sync(device)
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(model, x, t)
-        sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _status_kib(field: str) -> int:
@@ -239,30 +231,71 @@ def peak_cpu(name: str, kind: str, args) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, os.path.abspath(__file__), "--child-model", kind, "--child-method", name,
            "--dtype", args.dtype, "--threads", str(args.threads)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"memory child exited {res.returncode}: {tail}")
     return float(json.loads(res.stdout.strip().splitlines()[-1])["peak"])
 
 
 def run_model(kind: str, args, zennit) -> list[dict]:
+    """Time every method in interleaved rounds (one call of each per round, after the warm-up), so
+    that a change of machine load hits all methods alike; a method's time is its median over the
+    rounds and its ratio the median over rounds of (its time / the gradient's time that round)."""
     dtype = getattr(torch, args.dtype)
     model, x, t = build(kind, args.device, dtype)
     names = [GRAD, *RULES] + ([ZENNIT] if zennit is not None and kind in args.zennit_models else [])
-    rows = []
+    rows = {n: {"model": kind, "method": n, "times": []} for n in names}
+    fns, closers = {}, []
     for name in names:
-        row = {"model": kind, "method": name}
         try:
             fn, close = method(name, zennit, model, t)
-            try:
-                row["time"] = median_time(fn, model, x, t, args.device, args.warmup, args.repeat)
-                if not args.no_memory:
-                    row["peak"] = (peak_cuda(fn, model, x, t, args.device) if args.device.startswith("cuda")
-                                   else peak_cpu(name, kind, args))
-            finally:
-                close()
+            closers.append(close)
+            for _ in range(args.warmup):
+                fn(model, x, t)
+            sync(args.device)
+            fns[name] = fn
         except Exception as e:  # noqa: BLE001 - a rule not implemented yet is reported, not fatal
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
-        rows.append(row)
-    return rows
+            rows[name]["error"] = _err(e)
+    try:
+        for _ in range(args.repeat):
+            for name, fn in list(fns.items()):
+                t0 = time.perf_counter()
+                try:
+                    fn(model, x, t)
+                    sync(args.device)
+                except Exception as e:  # noqa: BLE001
+                    rows[name]["error"] = _err(e)
+                    del fns[name]
+                    continue
+                rows[name]["times"].append(time.perf_counter() - t0)
+    finally:
+        for close in closers:
+            close()
+    g = rows[GRAD]["times"]
+    for name, r in rows.items():
+        if "error" in r:
+            continue
+        r["time"] = statistics.median(r["times"])
+        r["ratio"] = statistics.median(a / b for a, b in zip(r["times"], g))
+        if not args.no_memory:
+            try:
+                if args.device.startswith("cuda"):
+                    fn, close = method(name, zennit, model, t)
+                    try:
+                        r["peak"] = peak_cuda(fn, model, x, t, args.device)
+                    finally:
+                        close()
+                else:
+                    r["peak"] = peak_cpu(name, kind, args)
+            except Exception as e:  # noqa: BLE001
+                r["mem_error"] = _err(e)
+    return list(rows.values())
+
+
+def _err(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[-1][:70] if msg else ''}"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -277,12 +310,13 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{r['model']:<5} {r['method']:<24} {'n/a':>9}  {r['error']}")
             continue
-        tr = r["time"] / g["time"]
+        tr = r["ratio"]
         mem = r.get("peak")
         mr = mem / g["peak"] if mem is not None and g.get("peak") else None
         zr = ""
         if r["method"] == "AlphaBeta(2,1)" and r["model"] in zen:
-            zr = f"{r['time'] / zen[r['model']]['time']:.2f}"
+            zt = zen[r["model"]]["times"]
+            zr = f"{statistics.median(a / b for a, b in zip(r['times'], zt)):.2f}"
         flags = ""
         if r["method"] in ROUTING:
             ok_t = tr <= TIME_TARGET
@@ -291,6 +325,8 @@ def print_table(rows: list[dict]) -> None:
                     ("mem n/a" if mr is None else ("mem ok" if ok_m else f"mem > {MEM_TARGET}x"))
             if zr:
                 flags += ", " + ("faster than zennit" if float(zr) < 1 else "SLOWER than zennit")
+        if "mem_error" in r:
+            flags += f" [memory: {r['mem_error']}]"
         mem_s = f"{mem / 2**20:9.1f}" if mem is not None else f"{'-':>9}"
         mr_s = f"{mr:7.2f}" if mr is not None else f"{'-':>7}"
         print(f"{r['model']:<5} {r['method']:<24} {r['time'] * 1e3:9.2f} {tr:7.2f} {mem_s} {mr_s} "
@@ -320,7 +356,7 @@ def main() -> None:
     zennit = load_zennit()
     dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"device: {args.device} ({dev}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.dtype}; median of {args.repeat} after {args.warmup} warm-up; "
+          f"{args.dtype}; median of {args.repeat} interleaved rounds after {args.warmup} warm-up; "
           f"zennit {getattr(zennit, '__version__', 'installed') if zennit else 'not installed'}")
     print("peak memory: " + ("torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
                              else "VmHWM (reset) - VmRSS before the call, one fresh subprocess per method"))

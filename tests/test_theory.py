@@ -2,7 +2,6 @@
 entropic game, and tests that check the checker (broken games must fail the identity checks)."""
 
 import networkx as nx
-import numpy as np
 import pytest
 import sympy as sp
 from hypothesis import given, settings

@@ -13,54 +13,30 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
-import mpmath
 import networkx as nx
 import numpy as np
 import sympy as sp
 
 from ..nets import MLPSpec, check_input, check_target, to_rational
+from .arith import Arith
 from .graph import CEMETERY, SINK, continue_edges, extended_graph, layer_nodes
 
 Policy = list  # per layer l = 1..L an object array (n_l, 2): P(continue) at (l, i, +), (l, i, -)
 
 
-class Field:
-    """The arithmetic of one game: exact rationals, mpmath at ``dps`` digits, or symbolic sympy."""
+class Field(Arith):
+    """The arithmetic of one game: exact rationals (ReLU), mpmath at ``dps`` digits (softplus with a
+    numeric eps) or symbolic sympy (softplus with a Symbol eps)."""
 
     def __init__(self, eps: Any = None, dps: int = 50) -> None:
-        self.symbolic = eps is not None and bool(sp.sympify(eps).free_symbols)
-        self.ctx = None
-        if eps is not None and not self.symbolic:
-            self.ctx = mpmath.MPContext()
-            self.ctx.dps = dps
+        symbolic = eps is not None and bool(sp.sympify(eps).free_symbols)
+        super().__init__(dps if eps is not None and not symbolic else None)
+        self.symbolic = symbolic
         self.eps = None if eps is None else self.num(eps)
-
-    def num(self, v: Any) -> Any:
-        """Convert an exact value into this field."""
-        if self.ctx is None:
-            return v if isinstance(v, sp.Basic) else to_rational(v)
-        if isinstance(v, sp.Rational):
-            return self.ctx.mpf(int(v.p)) / int(v.q)
-        if isinstance(v, sp.Basic):
-            return self.ctx.mpf(sp.N(v, self.ctx.dps + 10))
-        return self.ctx.mpf(v)
-
-    def log(self, v: Any) -> Any:
-        return sp.log(v) if self.ctx is None else self.ctx.log(v)
-
-    def exp(self, v: Any) -> Any:
-        return sp.exp(v) if self.ctx is None else self.ctx.exp(v)
 
     def softplus(self, c: Any) -> Any:
         """softplus_eps(c) = eps*log(1 + exp(c/eps))  (I9)."""
         return self.eps * self.log(1 + self.exp(c / self.eps))
-
-    def sigmoid(self, t: Any) -> Any:
-        return 1 / (1 + self.exp(-t))
-
-    def entropy(self, p: Any) -> Any:
-        """Binary entropy H(p), 0 log 0 = 0."""
-        return sum((-q * self.log(q) for q in (p, 1 - p) if q != 0), self.num(0))
 
 
 class Occupation(NamedTuple):

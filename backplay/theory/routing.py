@@ -32,12 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import mpmath
 import numpy as np
 import sympy as sp
 
 from ..nets import FrozenNet, MLPSpec, check_input, check_target, to_rational
 from ..rules import RG, AlphaBeta, Anchor, GradientEquilibrium, RGEq, RiskAverse, Rule
+from .arith import Arith
 from .game import exact_forward
 
 CEMETERY = "cemetery"
@@ -54,43 +54,12 @@ _ROUTING_RULES = (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse)
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
-class _Arith:
-    """Exact sympy arithmetic (``mode`` "rational" / "sympy") or mpmath at ``dps`` digits."""
+class _Arith(Arith):
+    """:class:`Arith` labelled with the field a law reports: "rational", "sympy" or "mpmath"."""
 
     def __init__(self, mode: str, dps: int = 50) -> None:
+        super().__init__(dps if mode == "mpmath" else None)
         self.mode = mode
-        self.dps = dps
-        self.ctx = None
-        if mode == "mpmath":
-            self.ctx = mpmath.MPContext()
-            self.ctx.dps = dps
-
-    @property
-    def exact(self) -> bool:
-        return self.ctx is None
-
-    def num(self, v: Any) -> Any:
-        if self.ctx is None:
-            return v if isinstance(v, sp.Basic) else to_rational(v)
-        if isinstance(v, sp.Rational):
-            return self.ctx.mpf(int(v.p)) / int(v.q)
-        if isinstance(v, sp.Basic):
-            return self.ctx.mpf(str(sp.N(v, self.dps + 10)))
-        return self.ctx.mpf(v)
-
-    def exp(self, v: Any) -> Any:
-        return sp.exp(v) if self.ctx is None else self.ctx.exp(v)
-
-    def power(self, a: Any, e: Any) -> Any:
-        if e == 1:
-            return a
-        return a ** e if self.ctx is None else self.ctx.power(a, e)
-
-    def sqrt(self, v: Any) -> Any:
-        return sp.sqrt(v) if self.ctx is None else self.ctx.sqrt(v)
-
-    def sigmoid(self, t: Any) -> Any:
-        return 1 / (1 + self.exp(-t))
 
 
 def _params(rule: Rule) -> tuple[list, bool]:
@@ -595,7 +564,7 @@ def hellinger(law_a: TrajectoryLaw, law_b: TrajectoryLaw) -> Any:
     if law_a.arith.exact and law_b.arith.exact:
         A = _Arith("sympy")
     else:
-        A = _Arith("mpmath", max(law_a.arith.dps, law_b.arith.dps))
+        A = _Arith("mpmath", max(law_a.arith.dps or 0, law_b.arith.dps or 0))
     bc = _bhattacharyya(law_a, law_b, A)
     val = 1 - bc
     if not A.exact and val < 0:
