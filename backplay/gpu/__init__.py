@@ -12,6 +12,7 @@ from backplay.gpu.engine import ExplainReport, explain
 from backplay.gpu.modules import Add, Residual
 from backplay.gpu.occupation import Occupation, interval_bounds, occupation
 from backplay.gpu.unroll import unroll
+from backplay.gpu import vit  # noqa: E402  (bp.gpu.vit.vit_b_16(), bp.gpu.vit.load(path))
 
 __all__ = ["explain", "occupation", "interval_bounds", "unroll", "Add", "Residual", "Occupation",
-           "ExplainReport"]
+           "ExplainReport", "vit"]
