@@ -24,19 +24,27 @@ numerator of a zero denominator is zero here) makes zennit's rules exact. captum
 float64 (``z + 1e-300 == z`` for every |z| > ~1e-284) and still avoids 0/0 where an output is
 exactly 0 (a MaxPool window of zeros). With the stabilisers made exact, agreement is asserted to
 1e-9, normwise (max |a - b| <= 1e-9 max |b|; observed ~1e-15). With the *default* epsilons
-(zennit Epsilon(1e-6), captum's 1e-9) the difference is not a tolerance question but a different
-rule (LRP-eps), and the tests assert the elementwise bound that follows from it (``_eps_bound``):
-each neuron's factor c_i = |z_i| / (|z_i| + eps) lies in [1 - eps/|z_i|, 1], so the relevance of a
-path is the LRP-0 one times prod c, and |R_eps - R_0|_j <= E_j with E the path sum of
-|LRP-0 path contribution| * sum_path eps/|z_i| (one extra backward recursion).
+(zennit 1e-6, captum 1e-9) the difference is not a tolerance question but a different rule
+(LRP-eps), and the tests assert (on MLPs) the elementwise bound that follows from it
+(``_eps_bound``, ``_alphabeta_eps_bound``): each denominator D (z_i, or S+_i / S-_i for
+alpha-beta) is replaced by D + eps sign(D), i.e. each kernel entry is multiplied by
+c = |D| / (|D| + eps) in [1 - eps/|D|, 1]; a path's relevance is the exact one times prod c, and
+1 - prod c <= sum (1 - c), so |R_eps - R_0|_j <= E_j, E the path sum of |exact path contribution|
+times sum_path eps/|D| (one extra backward recursion), plus 1e-12 of the absolute path mass for
+round-off. The bound is attained to within a factor ~1-2 on these nets (diff/bound up to 0.99),
+so it is not loose; observed normwise gaps: captum default ~1e-7, zennit AlphaBeta default ~1e-4
+(an S- made of a few small contributions makes eps/|S-| large).
 
 Biases in alpha-beta. backplay (THEORY.md section 5) counts a bias b_i as a constant unit in the
 branch of its sign: S+_i includes max(b_i, 0), S-_i includes min(b_i, 0), and the share routed to
 the bias unit ends in the bias sink (report ``stopped``). zennit's AlphaBeta does the same: its
-positive term is (W+ x+ + b+) + W- x- (``ClampMod(min=0)`` clamps the bias too, the second term
-zeroes it) and its negative term is (W- x+ + b-) + W+ x- ; the relevance handed down is
-alpha x+ W+ g+ ... only, so the bias share is dropped (absorbed). So zennit and backplay meet
-exactly *with* biases, not only on bias-free nets; both are asserted.
+positive denominator is the output of (W+, b+) on x+ plus (W-, no bias) on x-, its negative one
+(W-, b-) on x+ plus (W+, no bias) on x- (``ClampMod`` clamps the bias with the weight, the second
+term zeroes it), and its reducer hands down only the x-shares (alpha x+ * dz+/dx+ ...), so the
+bias share is absorbed. So zennit and backplay meet exactly *with* biases, not only on bias-free
+nets (checked against an independent reference of the formula while writing these tests; both
+cases are asserted here). zennit's ``AlphaBeta`` also requires alpha - beta = 1 (backplay's
+``conservative=True``).
 
 Biases in LRP-0 / Epsilon. zennit's Epsilon and captum's EpsilonRule divide by the full
 pre-activation z (bias included) and hand down only the x_j W_ij share, the bias share is absorbed:
@@ -51,14 +59,19 @@ applies an Epsilon rule, which sends R_i * y_j / y_i to the argmax j, i.e. R_i a
 argmax routing (winner takes all). Ties: torch's max_pool backward picks one index; inputs are
 random floats, ties occur only among zeros, which carry no relevance.
 
-Avg pools. zennit applies ``Norm`` (LRP-0 proportional redistribution) to AvgPool/AdaptiveAvgPool
-in every built-in composite, also under AlphaBeta; captum an Epsilon rule (LRP-0). For the
-alpha-beta comparison the zennit composite puts ``_AvgPoolAlphaBeta`` (zennit's own BasicHook
-machinery: x+ and x- terms weighted alpha and beta) on the avg pools instead, so both sides apply
-the routing law to every linear map, pools included (an avg pool is a linear layer with weights
-1/k). On the nets here the pool inputs are ReLU outputs (>= 0): the - branch is empty, its q-share
-is stopped, and the layer multiplies relevance by alpha (zennit's Norm would multiply it by 1);
-AlphaBeta(1, 0) agrees with both.
+Avg pools (the one real difference). zennit applies ``Norm`` (LRP-0 proportional redistribution)
+to AvgPool/AdaptiveAvgPool in every built-in composite, also under AlphaBeta; captum an Epsilon
+rule (LRP-0). backplay reads an avg pool as a linear layer with weights 1/k and applies the rule to
+it like to any other layer. For the alpha-beta comparison the zennit composite puts
+``_avgpool_alphabeta`` (zennit's own BasicHook machinery: x+ and x- terms weighted alpha and beta)
+on the avg pools, and the two agree exactly. On the nets here the pool inputs are ReLU outputs
+(>= 0): backplay's - branch is empty, its q-share is stopped, and the pool multiplies relevance by
+alpha where zennit's Norm multiplies it by 1, so backplay = alpha x zennit-with-Norm exactly
+(asserted in ``test_alphabeta_avgpool_convention_vs_zennit_norm``); AlphaBeta(1, 0) agrees with
+both. For LRP-0 the conventions coincide.
+
+Flatten in captum. captum's LRP has no rule for nn.Flatten and refuses the model; the tests give it
+an ``EpsilonRule`` (x * R / x: a reshape, R = 0 where x = 0).
 
 Gradient / GradientXInput. zennit's ``Gradient`` attributor without composite and captum's
 ``Saliency(abs=False)`` / ``InputXGradient`` are plain autograd; backplay computes them by its own
@@ -68,6 +81,8 @@ backward sweep (same numbers to round-off).
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +90,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import backplay as bp
-from _torchvision_stub import torchvision_stub
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from _torchvision_stub import torchvision_stub
+except ImportError:  # --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _torchvision_stub import torchvision_stub
 
 DT = torch.float64
 TOL = 1e-9  # normwise relative agreement where the conventions meet exactly
