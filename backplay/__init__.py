@@ -4,9 +4,9 @@ Three parts hold each other equal: ``theory`` (exact objects), ``numerics`` (cvx
 ``gpu`` (batched torch). See THEORY.md for every identity (I1, I2, ...) the code names.
 """
 
-from . import gpu, numerics, rules, testing, theory
+from . import gpu, metrics, numerics, rules, testing, theory
 from .gpu import explain
 from .nets import MLPSpec
 
-__all__ = ["MLPSpec", "explain", "gpu", "numerics", "rules", "testing", "theory"]
+__all__ = ["MLPSpec", "explain", "gpu", "metrics", "numerics", "rules", "testing", "theory"]
 __version__ = "0.1.0"
