@@ -235,103 +235,224 @@ def _handover(base: "Rule", Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Ten
     return p, m, stop
 
 
+def _sdiv(num: Tensor, den: Tensor) -> Tensor:
+    """safe_divide without the extra buffers: num / den, 0 where den == 0."""
+    return torch.where(den == 0, 0.0, num / den)
+
+
+def _const_handover(base: "Rule") -> tuple[float, float, bool] | None:
+    """(p, m, stop everywhere) as numbers for the laws whose hand-over does not depend on the neuron."""
+    if isinstance(base, AlphaBeta):
+        a, b = float(base.alpha), float(base.beta)
+        return a / (a + b), a + b, False
+    if isinstance(base, RG) or (isinstance(base, RGEq) and float(base.nu) == 0):
+        if isinstance(base, RG):
+            p = 1.0 / (1.0 + math.exp(-1.0 / base.tau))
+        else:
+            p = 1.0 / (1.0 + math.exp(-float(base.kappa)))
+        # the same arithmetic as _handover, in the compute dtype's precision below
+        return p, None, None
+    return None
+
+
 class _Local:
     """The routing law at one layer of the explained pass (shared convention above), batched.
 
     Routing weights: + branch W+_ij u+_j + |W-_ij| u-_j (+ b_i if b_i > 0), - branch W+_ij u-_j +
     |W-_ij| u+_j (+ |b_i| if b_i < 0), u = |y|^(1/T) split by the sign of y; the anchor's uniform part
     uses the indicator weights 1{W > 0}, 1{W < 0} on 1{y > 0}, 1{y < 0}.
+
+    Layers whose input is nonnegative (after a ReLU or a pool) take the short path: y- = 0, so the
+    four branch products reduce to the two parts W+ y, W- y (one stacked product) and likewise the
+    adjoints. With route temperature 1 the routing masses are the branch sums themselves
+    (D+ = S+, D- = -S-). Hand-overs that do not depend on the neuron (AlphaBeta, RG, RGEq with
+    nu = 0) are kept as numbers.
     """
 
     def __init__(self, layer: "LayerTrace", base: "Rule", lam: float) -> None:
         M, y = layer.map, layer.input
         self.M, self.lam = M, float(lam)
-        b = M.bias_like(layer.z)
-        yp, yn = y.clamp_min(0), y.clamp_max(0)
-        Sp = M.apply(yp, "pos") + M.apply(yn, "neg")
-        Sn = M.apply(yn, "pos") + M.apply(yp, "neg")
-        if b is not None:
-            Sp, Sn = Sp + b.clamp_min(0), Sn + b.clamp_max(0)
+        self.nonneg = nonneg = not bool((y < 0).any())
+        b = M.bias
+        if b is not None and b.ndim == 1 and y.ndim > 2:  # pragma: no cover - defensive
+            b = b.view((-1,) + (1,) * (y.ndim - 2))
+        if nonneg:
+            yp, yn = y, None
+            Sp, Sn = M.pair(y)
+            if Sn is None:
+                Sn = torch.zeros_like(Sp)
+        else:
+            yp, yn = y.clamp_min(0), y.clamp_max(0)
+            Sp, Sn = M.cross(yp, yn)
+        if b is not None:  # fresh buffers (views of one product): the bias is added in place
+            Sp, Sn = Sp.add_(b.clamp_min(0)), Sn.add_(b.clamp_max(0))
         self.full_p, self.full_n = Sp > 0, Sn < 0
-        self.p, self.m, self.stop = _handover(base, Sp, Sn)
-        self.q = 1 - self.p
+        const = _const_handover(base)
+        if const is not None:
+            pv, mv, _ = const
+            p_t = torch.tensor(pv, dtype=Sp.dtype)
+            q_t = 1 - p_t
+            self.p, self.q = float(p_t), float(q_t)
+            if mv is None:  # RG / RGEq(nu = 0): m = 1/(p - q), stop where p == q
+                if self.p == self.q:
+                    self.stop, self.m = True, 0.0
+                else:
+                    self.stop, self.m = None, float(1 / (p_t - q_t))
+            else:
+                self.stop, self.m = None, float(torch.tensor(mv, dtype=Sp.dtype))
+        else:
+            self.p, self.m, self.stop = _handover(base, Sp, Sn)
+            self.q = 1 - self.p
         T = float(getattr(base, "route_temp", 1.0))
+        self.T1 = T == 1.0
+        self.bp = None if b is None else b.clamp_min(0)
+        self.bn = None if b is None else (-b).clamp_min(0)
         if T == 1.0:
-            self.up, self.un = yp, -yn
+            self.up, self.un = yp, (None if nonneg else -yn)
+            self.Dp, self.Dn = Sp, -Sn
         else:
             u = y.abs().pow(1.0 / T)
             zero = torch.zeros_like(u)
-            self.up, self.un = torch.where(y > 0, u, zero), torch.where(y < 0, u, zero)
-        self.bp = None if b is None else b.clamp_min(0)
-        self.bn = None if b is None else (-b).clamp_min(0)
-        self.Dp = self._w(self.up, self.un, self.bp)
-        self.Dn = self._w(self.un, self.up, self.bn)
+            self.up = torch.where(y > 0, u, zero)
+            self.un = None if nonneg else torch.where(y < 0, u, zero)
+            self.Dp, self.Dn = self._w2(self.up, self.un)
+        del Sp, Sn
         if self.lam:
-            self.ip, self.in_ = (y > 0).to(y.dtype), (y < 0).to(y.dtype)
+            self.ip = (y > 0).to(y.dtype)
+            self.in_ = None if nonneg else (y < 0).to(y.dtype)
             self.ibp = None if b is None else (b > 0).to(y.dtype)
             self.ibn = None if b is None else (b < 0).to(y.dtype)
-            self.Np = self._i(self.ip, self.in_, self.ibp)
-            self.Nn = self._i(self.in_, self.ip, self.ibn)
+            self.Np, self.Nn = self._i2(self.ip, self.in_)
 
-    def _w(self, a: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
-        out = self.M.apply(a, "pos") - self.M.apply(c, "neg")
-        return out if bias is None else out + bias
+    def _w2(self, a: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(W+ a - W- c + b+, W+ c - W- a + b-), c None meaning 0 (the two routing sums)."""
+        if c is None:
+            first, Na = self.M.pair(a)
+            second = None if Na is None else -Na
+        else:
+            first, second = self.M.cross(a, -c)
+            second = -second
+        if second is None:
+            second = torch.zeros_like(first)
+        if self.bp is not None:
+            first, second = first + self.bp, second + self.bn
+        return first, second
 
-    def _i(self, a: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
-        out = self.M.apply(a, "ipos") + self.M.apply(c, "ineg")
-        return out if bias is None else out + bias
+    def _i2(self, a: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(I+ a + I- c + 1{b>0}, I+ c + I- a + 1{b<0}) with the indicator weights."""
+        if c is None:
+            first, second = self.M.pair(a, ind=True)
+        else:
+            first, second = self.M.cross(a, c, ind=True)
+        if second is None:
+            second = torch.zeros_like(first)
+        if self.ibp is not None:
+            first, second = first + self.ibp, second + self.ibn
+        return first, second
 
     def branch_values(self, U: Tensor) -> tuple[Tensor, Tensor]:
         """V_b = sum_j pi(j|b) U_j + pi(bias|b) * 1; 1 on an empty branch (stopped, U = 1)."""
         lam = self.lam
-        Vp = safe_divide(self._w(self.up * U, self.un * U, self.bp), self.Dp)
-        Vn = safe_divide(self._w(self.un * U, self.up * U, self.bn), self.Dn)
+        wp, wn = self._w2(self.up * U, None if self.un is None else self.un * U)
+        Vp, Vn = _sdiv(wp, self.Dp), _sdiv(wn, self.Dn)
         if lam:
-            Ip = safe_divide(self._i(self.ip * U, self.in_ * U, self.ibp), self.Np)
-            In = safe_divide(self._i(self.in_ * U, self.ip * U, self.ibn), self.Nn)
+            ip_, in_ = self._i2(self.ip * U, None if self.in_ is None else self.in_ * U)
+            Ip, In = _sdiv(ip_, self.Np), _sdiv(in_, self.Nn)
             Vp, Vn = (1 - lam) * Vp + lam * Ip, (1 - lam) * Vn + lam * In
-        one = torch.ones_like(Vp)
-        return torch.where(self.full_p, Vp, one), torch.where(self.full_n, Vn, one)
+        return torch.where(self.full_p, Vp, 1.0), torch.where(self.full_n, Vn, 1.0)
 
     def expect(self, U: Tensor) -> Tensor:
         """U at this layer from U at the layer below (the extra sweep of RiskAverse)."""
         Vp, Vn = self.branch_values(U)
-        return torch.where(self.stop, torch.ones_like(Vp), self.p * Vp + self.q * Vn)
+        out = self.p * Vp + self.q * Vn
+        if self.stop is None:
+            return out
+        if self.stop is True:
+            return torch.ones_like(out)
+        return torch.where(self.stop, 1.0, out)
 
     def backward(self, R: Tensor, U: Tensor | None = None, U_self: Tensor | None = None
                  ) -> tuple[Tensor, Tensor]:
         """(relevance at the layer below, signed stopped mass per sample)."""
         M, lam = self.M, self.lam
-        zero = torch.zeros_like(R)
         if U is None:
             p, q, m, stop = self.p, self.q, self.m, self.stop
-            Vp = Vn = torch.ones_like(R)
+            Vp = Vn = None
             up, un = self.up, self.un
         else:  # Doob transform by U, multiplier reset to 1/(p_theta - q_theta)
             Vp, Vn = self.branch_values(U)
-            p, q = safe_divide(self.p * Vp, U_self), safe_divide(self.q * Vn, U_self)
-            stop = self.stop | (U_self == 0) | (p == q)
-            m = torch.where(stop, zero, 1 / torch.where(stop, torch.ones_like(p), p - q))
-            up, un = self.up * U, self.un * U
-        Rm = torch.where(stop, zero, m * R)
-        ap, an = Rm * p, Rm * q
-        cp = safe_divide(ap * (1 - lam), self.Dp * Vp)
-        cn = safe_divide(an * (1 - lam), self.Dn * Vn)
-        lower = up * (M.transpose(cp, "pos") + M.transpose(cn, "neg")) \
-            - un * (M.transpose(cp, "neg") + M.transpose(cn, "pos"))
-        stopped = torch.where(stop, R, zero) + torch.where(self.full_p, zero, ap) \
-            - torch.where(self.full_n, zero, an)
-        if self.bp is not None:
-            stopped = stopped + cp * self.bp - cn * self.bn
+            p, q = _sdiv(self.p * Vp, U_self), _sdiv(self.q * Vn, U_self)
+            stop = (U_self == 0) | (p == q)
+            if self.stop is True:
+                stop = torch.ones_like(stop)
+            elif self.stop is not None:
+                stop = stop | self.stop
+            m = torch.where(stop, 0.0, 1 / torch.where(stop, 1.0, p - q))
+            up = self.up * U
+            un = None if self.un is None else self.un * U
+        if stop is None and isinstance(p, float):  # constant hand-over: one product per branch
+            ap, an = R * (m * p), R * (m * q)
+        else:
+            if stop is True:
+                Rm = torch.zeros_like(R)
+            elif stop is None:
+                Rm = m * R
+            else:
+                Rm = torch.where(stop, 0.0, m * R)
+            ap, an = Rm * p, Rm * q
+            del Rm
+        if Vp is None and self.T1:  # D+ = S+ >= 0 and D- = -S- >= 0: zero exactly off the branch
+            cp = torch.where(self.full_p, (ap * (1 - lam) if lam else ap) / self.Dp, 0.0)
+            cn = torch.where(self.full_n, (an * (1 - lam) if lam else an) / self.Dn, 0.0)
+        elif lam:
+            cp = _sdiv(ap * (1 - lam), self.Dp if Vp is None else self.Dp * Vp)
+            cn = _sdiv(an * (1 - lam), self.Dn if Vn is None else self.Dn * Vn)
+        else:
+            cp = _sdiv(ap, self.Dp if Vp is None else self.Dp * Vp)
+            cn = _sdiv(an, self.Dn if Vn is None else self.Dn * Vn)
+        # the stopped mass first, so that the branch buffers are freed before the adjoints
+        if stop is True:
+            stopped = R.clone()
+        elif stop is None:
+            stopped = None
+        else:
+            stopped = torch.where(stop, R, 0.0)
+        s2 = torch.where(self.full_p, 0.0, ap) - torch.where(self.full_n, 0.0, an)
+        stopped = s2 if stopped is None else stopped + s2
+        del s2
+        stopped = stopped.flatten(1).sum(1)
+        if self.bp is not None:  # the bias sink: sum over the neurons of c * b, per sample
+            stopped = stopped + self._bias_sum(cp, self.bp) - self._bias_sum(cn, self.bn)
+        if not lam:
+            del ap, an
+        if un is None:
+            lower = M.pair_t(cp, cn).mul_(up)  # a fresh tensor: scaled in place
+        else:
+            t1, t2 = M.cross_t(cp, cn)
+            lower = up * t1 - un * t2
+            del t1, t2
+        del cp, cn
         if lam:
-            ip, in_ = (self.ip, self.in_) if U is None else (self.ip * U, self.in_ * U)
-            ci_p = safe_divide(ap * lam, self.Np * Vp)
-            ci_n = safe_divide(an * lam, self.Nn * Vn)
-            lower = lower + ip * (M.transpose(ci_p, "ipos") - M.transpose(ci_n, "ineg")) \
-                + in_ * (M.transpose(ci_p, "ineg") - M.transpose(ci_n, "ipos"))
+            ip = self.ip if U is None else self.ip * U
+            in_ = None if self.in_ is None else (self.in_ if U is None else self.in_ * U)
+            ci_p = _sdiv(ap * lam, self.Np if Vp is None else self.Np * Vp)
+            ci_n = _sdiv(an * lam, self.Nn if Vn is None else self.Nn * Vn)
+            if in_ is None:
+                lower = lower + ip * M.pair_t(ci_p, -ci_n, ind=True)
+            else:
+                t1, t2 = M.cross_t(ci_p, -ci_n, ind=True)
+                lower = lower + ip * t1 + in_ * t2
+                del t1, t2
             if self.ibp is not None:
-                stopped = stopped + ci_p * self.ibp - ci_n * self.ibn
-        return lower, stopped.flatten(1).sum(1)
+                stopped = stopped + self._bias_sum(ci_p, self.ibp) - self._bias_sum(ci_n, self.ibn)
+        return lower, stopped
+
+    @staticmethod
+    def _bias_sum(c: Tensor, b: Tensor) -> Tensor:
+        """sum over the neurons of c * b per sample, b broadcast over the spatial dimensions."""
+        if c.ndim > 2 and b.ndim == c.ndim - 1 and all(n == 1 for n in b.shape[1:]):
+            return c.flatten(2).sum(2) @ b.flatten()
+        return (c * b).flatten(1).sum(1)
 
 
 def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
@@ -399,8 +520,9 @@ class _RoutingLaw(LayerRule):
     def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
         if getattr(layer, "kind", None) == "maxpool":
             return layer.map.transpose(r)
-        U, U_self = ctx["U"].get(id(layer), (None, None))
+        U, U_self = ctx["U"].pop(id(layer), (None, None))
         lower, stopped = _local_of(layer, ctx).backward(r, U, U_self)
+        ctx["local"].pop(id(layer), None)  # each layer is swept once: free its buffers
         ctx["stopped"] = ctx["stopped"] + stopped
         return lower
 

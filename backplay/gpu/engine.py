@@ -140,7 +140,9 @@ def explain(
     xb = prep.x
     with torch.no_grad():
         try:
-            trace = prep.net.trace(xb)
+            from backplay.rules import _RoutingLaw  # the routing laws read only inputs and outputs
+
+            trace = prep.net.trace(xb, lean=isinstance(rule, _RoutingLaw))
         except RuntimeError as e:  # shapes that do not chain
             raise ValueError(f"the model cannot be applied to x of shape {prep.in_shape}: {e}") from e
         t = resolve_target(target, xb.shape[0], trace.output.shape[1], xb.device)

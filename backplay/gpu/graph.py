@@ -90,15 +90,78 @@ class LinearOp:
         self.in_shape = tuple(in_shape)
         return self
 
+    # the two parts of the map at once (the routing laws): ind=False W+ / W-, ind=True 1{W>0} / 1{W<0}
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(A+ y, A- y)`` without bias; the second is ``None`` where the part is identically 0."""
+        a, b = ("ipos", "ineg") if ind else ("pos", "neg")
+        return self.apply(y, a), self.apply(y, b)
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        """``A+^T g + A-^T h`` (``h`` None: 0)."""
+        a, b = ("ipos", "ineg") if ind else ("pos", "neg")
+        out = self.transpose(g, a)
+        return out if h is None else out + self.transpose(h, b)
+
+    def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
+        """``(A+ a + A- c, A+ c + A- a)`` (the branch sums of y = a + c split by sign)."""
+        Pa, Na = self.pair(a, ind)
+        Pc, Nc = self.pair(c, ind)
+        return (Pa if Nc is None else Pa + Nc), (Pc if Na is None else Pc + Na)
+
+    def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
+        """``(A+^T g + A-^T h, A-^T g + A+^T h)``."""
+        return self.pair_t(g, h, ind), self.pair_t(h, g, ind)
+
+
+class _Lazy(dict):
+    """A dict whose values are made on first access by ``make(key)``."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        v = self[key] = self._make(key)
+        return v
+
+
+_PART_FNS = {
+    "pos": lambda w: w.clamp_min(0), "neg": lambda w: w.clamp_max(0), "abs": lambda w: w.abs(),
+    "ipos": lambda w: (w > 0).to(w.dtype), "ineg": lambda w: (w < 0).to(w.dtype),
+}
+
+
+class _Parts(_Lazy):
+    def __init__(self, w: Tensor) -> None:
+        super().__init__(lambda name: _PART_FNS[name](w))
+        self["W"] = w
+
 
 class _WeightOp(LinearOp):
     weight: Tensor
 
     @cached_property
-    def parts(self) -> dict:
-        w = self.weight
-        return {"W": w, "pos": w.clamp_min(0), "neg": w.clamp_max(0), "abs": w.abs(),
-                "ipos": (w > 0).to(w.dtype), "ineg": (w < 0).to(w.dtype)}
+    def parts(self) -> "_Parts":
+        """The parts of the weight by name, each computed once, when first used."""
+        return _Parts(self.weight)
+
+    @cached_property
+    def stacked(self) -> "_Lazy":
+        """The two parts stacked along the output dimension (one matmul / convolution for both)."""
+        def make(ind: bool) -> Tensor:
+            a, b = ("ipos", "ineg") if ind else ("pos", "neg")
+            return torch.cat([self.parts[a], self.parts[b]], 0)
+        return _Lazy(make)
+
+    @cached_property
+    def crossed(self) -> "_Lazy":
+        """[[A+, A-], [A-, A+]]: rows = output parts, columns = the two input halves (also the
+        conv_transpose2d weight of cross_t)."""
+        def make(ind: bool) -> Tensor:
+            a, b = ("ipos", "ineg") if ind else ("pos", "neg")
+            pa, pb = self.parts[a], self.parts[b]
+            return torch.cat([torch.cat([pa, pb], 1), torch.cat([pb, pa], 1)], 0)
+        return _Lazy(make)
 
 
 class DenseOp(_WeightOp):
@@ -112,6 +175,26 @@ class DenseOp(_WeightOp):
 
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         return g @ self.parts[part]
+
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        n = self.weight.shape[0]
+        out = F.linear(y, self.stacked[ind])
+        return out[..., :n], out[..., n:]
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        a, b = ("ipos", "ineg") if ind else ("pos", "neg")
+        out = g @ self.parts[a]
+        return out if h is None else out.addmm_(h, self.parts[b])
+
+    def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
+        n = self.weight.shape[0]
+        out = F.linear(torch.cat([a, c], -1), self.crossed[ind])
+        return out[..., :n], out[..., n:]
+
+    def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
+        m = self.weight.shape[1]
+        out = torch.cat([g, h], -1) @ self.crossed[ind]
+        return out[..., :m], out[..., m:]
 
     def __repr__(self) -> str:
         return f"DenseOp({self.weight.shape[1]} -> {self.weight.shape[0]})"
@@ -127,6 +210,57 @@ class ConvOp(_WeightOp):
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
         return F.conv2d(y, self.parts[part], None, **self.kw)
+
+    def _tkw(self, g: Tensor) -> dict | None:
+        """conv_transpose2d arguments giving back in_shape, or None (string padding: use the vjp)."""
+        kw = self.kw
+        pad = kw["padding"]
+        if isinstance(pad, str) or len(self.in_shape) != 3:
+            return None
+        k = self.weight.shape[-2:]
+        op = []
+        for d in range(2):
+            base = (g.shape[-2 + d] - 1) * kw["stride"][d] - 2 * pad[d] + kw["dilation"][d] * (k[d] - 1) + 1
+            o = self.in_shape[1 + d] - base
+            if not 0 <= o < max(kw["stride"][d], kw["dilation"][d]):
+                return None
+            op.append(o)
+        return dict(stride=kw["stride"], padding=pad, output_padding=tuple(op), groups=kw["groups"],
+                    dilation=kw["dilation"])
+
+    def transpose(self, g: Tensor, part: str = "W") -> Tensor:
+        tkw = self._tkw(g)
+        if tkw is None:
+            return super().transpose(g, part)
+        return F.conv_transpose2d(g, self.parts[part], None, **tkw)
+
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        if self.kw["groups"] != 1:
+            return super().pair(y, ind)
+        n = self.weight.shape[0]
+        out = F.conv2d(y, self.stacked[ind], None, **self.kw)
+        return out[:, :n], out[:, n:]
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        tkw = self._tkw(g)
+        if h is None or tkw is None or self.kw["groups"] != 1:
+            return super().pair_t(g, h, ind)
+        return F.conv_transpose2d(torch.cat([g, h], 1), self.stacked[ind], None, **tkw)
+
+    def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
+        if self.kw["groups"] != 1:
+            return super().cross(a, c, ind)
+        n = self.weight.shape[0]
+        out = F.conv2d(torch.cat([a, c], 1), self.crossed[ind], None, **self.kw)
+        return out[:, :n], out[:, n:]
+
+    def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
+        tkw = self._tkw(g)
+        if tkw is None or self.kw["groups"] != 1:
+            return super().cross_t(g, h, ind)
+        m = self.weight.shape[1]
+        out = F.conv_transpose2d(torch.cat([g, h], 1), self.crossed[ind], None, **tkw)
+        return out[:, :m], out[:, m:]
 
     def __repr__(self) -> str:
         return f"ConvOp({tuple(self.weight.shape)}, {self.kw})"
@@ -148,6 +282,12 @@ class _PoolOp(LinearOp):
         if part == "ipos":
             return self.window_sum(y)
         return torch.zeros_like(self.pool(y))
+
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        return (self.window_sum(y) if ind else self.pool(y)), None
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        return self.transpose(g, "ipos" if ind else "pos")
 
 
 class AvgPoolOp(_PoolOp):
@@ -218,6 +358,12 @@ class AddOp(LinearOp):
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         if part in ("neg", "ineg"):
             g = torch.zeros_like(g)
+        return torch.stack([g, g], dim=1)
+
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        return y[:, 0] + y[:, 1], None
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
         return torch.stack([g, g], dim=1)
 
 
@@ -415,25 +561,28 @@ class GraphNetwork:
             it = it.body[0]
         return it.op
 
-    def trace(self, x: Tensor, gate: Any = None) -> Trace:
+    def trace(self, x: Tensor, gate: Any = None, lean: bool = False) -> Trace:
         """Forward pass of the batch ``x``; ``gate`` (optional) maps each activation gate to another
-        (e.g. ReLU -> softplus_eps for the SoftplusGame surrogate). No autograd graph is kept."""
+        (e.g. ReLU -> softplus_eps for the SoftplusGame surrogate). No autograd graph is kept.
+        ``lean``: record only the layers' inputs and outputs (``z`` and ``p`` are ``None``; the
+        routing laws need neither), which halves the memory the trace holds."""
         counter = [0]
         with torch.no_grad():
-            records, _ = self._run(self.items, x, gate, counter)
+            records, _ = self._run(self.items, x, gate, counter, lean)
         tr = Trace(x, records)
         tr.network = self
         tr.n_layers = counter[0]
         return tr
 
-    def _run(self, items: list, y: Tensor, gate: Any, counter: list) -> tuple[list, Tensor]:
+    def _run(self, items: list, y: Tensor, gate: Any, counter: list, lean: bool = False
+             ) -> tuple[list, Tensor]:
         records = []
         for it in items:
             g = it.gate
             if gate is not None and not isinstance(g, LinearGate):
                 g = gate(g)
             if it.kind == "residual":
-                body, yb = self._run(it.body, y, gate, counter)
+                body, yb = self._run(it.body, y, gate, counter, lean)
                 if yb.shape != y.shape:
                     raise ValueError(f"a Residual body maps shape {tuple(y.shape[1:])} to "
                                      f"{tuple(yb.shape[1:])}; the skip needs the same shape")
@@ -457,6 +606,8 @@ class GraphNetwork:
                 op.in_shape = tuple(y.shape[1:])
                 z = op.forward(y)
             y_next, p = g(z)
+            if lean:
+                z = p = None
             counter[0] += 1
             rec = LayerTrace(op, g, y, z, p, y_next)
             rec.index, rec.kind = counter[0], it.kind
