@@ -17,6 +17,8 @@ from backplay.gpu import explain, interval_bounds, occupation
 from backplay.nets import MLPSpec
 from backplay.rules import LRP0, Gradient, GradientXInput, Rule
 
+from _factories import relu_net
+
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -25,21 +27,6 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def relu_net(widths, seed, bias=True, output_relu=False, device="cpu", dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    mods = []
-    for l, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
-        lin = nn.Linear(a, b, bias=bias)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(b, a, generator=g))
-            if bias:
-                lin.bias.copy_(0.5 * torch.randn(b, generator=g))
-        mods.append(lin)
-        if l < len(widths) - 1 or output_relu:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods).to(dtype=dtype, device=device).eval()
-
-
 def softplus_spec(widths, seed, eps=0.5):
     # float32-representable entries, so that the spec and spec.to_torch(float64) hold the same
     # numbers whatever precision MLPSpec.to_torch copies the weights through

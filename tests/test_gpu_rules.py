@@ -19,23 +19,10 @@ from backplay.rules import (
     RG, AlphaBeta, Anchor, GradientEquilibrium, GradientXInput, RGEq, RiskAverse, SoftplusGame,
 )
 
+from _factories import relu_net  # noqa: E402
+
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-def relu_net(widths, seed, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    mods = []
-    for l, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
-        lin = nn.Linear(a, b, bias=bias)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(b, a, generator=g))
-            if bias:
-                lin.bias.copy_(0.5 * torch.randn(b, generator=g))
-        mods.append(lin)
-        if l < len(widths) - 1:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods).to(F64).eval()
 
 
 def _randomize(model, seed, bias_scale=0.3):

@@ -35,14 +35,20 @@ class Prepared:
     in_dtype: torch.dtype  # the caller's dtype (relevance is returned in it)
 
 
-def as_input(x: Any, name: str = "x") -> torch.Tensor:
-    """A floating tensor of rank 1 or 2 (not yet batched); clear errors otherwise."""
+def float_tensor(x: Any, name: str = "x") -> torch.Tensor:
+    """``x`` as a floating torch tensor (numpy arrays converted); clear errors otherwise."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+    return x
+
+
+def as_input(x: Any, name: str = "x") -> torch.Tensor:
+    """A floating tensor of rank 1 or 2 (not yet batched); clear errors otherwise."""
+    x = float_tensor(x, name)
     if x.ndim not in (1, 2):
         raise ValueError(
             f"{name} must have shape [B, n_0] (or [n_0] for one input), got shape {tuple(x.shape)}"

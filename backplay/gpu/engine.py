@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from backplay.gpu.checks import _to_module, resolve_target
+from backplay.gpu.checks import _to_module, float_tensor, resolve_target
 from backplay.gpu.graph import GraphNetwork, check_items_device, items_dtype, read_items, _build
 from backplay.rules import Gradient, Rule
 
@@ -68,12 +67,7 @@ def prepare_graph(model: Any, x: Any, name: str = "x") -> PreparedGraph:
     pool takes [B, C, H, W] or [C, H, W]; one starting with Flatten takes [B, ...] (a 1-d x is one
     sample).
     """
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+    x = float_tensor(x, name)
     module = _to_module(model, x)
     items = read_items(module)
     check_items_device(items, x.device)
