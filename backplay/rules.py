@@ -107,19 +107,30 @@ class LayerRule(Rule):
             r = self._item_backward(item, r, ctx)
         return r
 
-    def sweep(self, trace: "Trace", target: Tensor) -> Sweep:
+    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
+              release: bool = False) -> Sweep:
+        """The backward sweep. ``keep_layers=False``: ``Sweep.layers`` is left empty (the relevance
+        at the hidden layers is not kept). ``release=True``: each layer's record is dropped from
+        ``trace.layers`` once swept (frees its buffers early; the trace is unusable afterwards
+        except for ``trace.x``)."""
         ctx = self._context(trace, target)
         items = trace.layers
         L = len(items)
         r = self.start(trace, target)
-        rel: list = [None] * (L + 1)
-        rel[L] = self.view(trace.output, r)
+        rel: list = [None] * (L + 1) if keep_layers else []
+        if keep_layers:
+            rel[L] = self.view(trace.output, r)
         for k in range(L - 1, -1, -1):
-            r = self._item_backward(items[k], r, ctx)
-            if k > 0:
-                rel[k] = self.view(items[k].input, r)
+            item = items[k]
+            if release:
+                items[k] = None
+            r = self._item_backward(item, r, ctx)
+            if k > 0 and keep_layers:
+                rel[k] = self.view(item.input, r)
+            del item
         r = self.finish(trace, r)
-        rel[0] = r
+        if keep_layers:
+            rel[0] = r
         return Sweep(r, rel, ctx["stopped"])
 
     def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
@@ -309,7 +320,7 @@ class _Local:
         self.bn = None if b is None else (-b).clamp_min(0)
         if T == 1.0:
             self.up, self.un = yp, (None if nonneg else -yn)
-            self.Dp, self.Dn = Sp, -Sn
+            self.Dp, self.Dn = Sp, Sn.neg_()  # Sn is a fresh buffer, no longer read
         else:
             u = y.abs().pow(1.0 / T)
             zero = torch.zeros_like(u)
@@ -390,6 +401,13 @@ class _Local:
             m = torch.where(stop, 0.0, 1 / torch.where(stop, 1.0, p - q))
             up = self.up * U
             un = None if self.un is None else self.un * U
+        if stop is None and isinstance(p, float) and Vp is None and self.T1 and not lam:
+            return self._backward_const(R, R, m * p, m * q, None)
+        if Vp is None and self.T1 and not lam and stop is not True:
+            if stop is None:
+                return self._backward_const(R, m * R, p, q, None)
+            return self._backward_const(R, torch.where(stop, 0.0, m * R), p, q,
+                                        torch.where(stop, R, 0.0).flatten(1).sum(1))
         if stop is None and isinstance(p, float):  # constant hand-over: one product per branch
             ap, an = R * (m * p), R * (m * q)
         else:
@@ -445,6 +463,40 @@ class _Local:
                 del t1, t2
             if self.ibp is not None:
                 stopped = stopped + self._bias_sum(ci_p, self.ibp) - self._bias_sum(ci_n, self.ibn)
+        return lower, stopped
+
+    def _backward_const(self, R: Tensor, Rm: Tensor, p: Any, q: Any, stopped: Tensor | None
+                        ) -> tuple[Tensor, Tensor]:
+        """backward at route temperature 1, no anchor, no U: a+ = Rm p, a- = Rm q (Rm = m R, 0 where
+        stopped) are written into one buffer [c+, c-] (dim 1) that the adjoint reads at once;
+        ``stopped``: the mass already stopped at the neurons (or None)."""
+        M = self.M
+        n = R.shape[1]
+        buf = R.new_empty((R.shape[0], 2 * n) + tuple(R.shape[2:]))
+        cp, cn = buf[:, :n], buf[:, n:]
+        torch.mul(Rm, p, out=cp)
+        torch.mul(Rm, q, out=cn)
+        del Rm
+        self.p = self.q = None
+        # the stopped mass: the branch mass sent to an empty branch (D = 0), with its sign
+        s2 = torch.where(self.full_p, 0.0, cp).flatten(1).sum(1)
+        s2 = s2 - torch.where(self.full_n, 0.0, cn).flatten(1).sum(1)
+        stopped = s2 if stopped is None else stopped + s2
+        cp.div_(self.Dp).masked_fill_(self.full_p.logical_not(), 0.0)
+        cn.div_(self.Dn).masked_fill_(self.full_n.logical_not(), 0.0)
+        self.Dp = self.Dn = self.full_p = self.full_n = None
+        if self.bp is not None:  # the bias sink: sum over the neurons of c * b, per sample
+            stopped = stopped + self._bias_sum(cp, self.bp) - self._bias_sum(cn, self.bn)
+        up, un = self.up, self.un
+        if un is None:
+            lower = M.pair_t_buf(buf, n)
+            del buf, cp, cn
+            lower = lower.mul_(up)
+        else:
+            t1, t2 = M.cross_t_buf(buf, n)
+            del buf, cp, cn
+            lower = up * t1
+            lower.sub_(un * t2)
         return lower, stopped
 
     @staticmethod
@@ -665,7 +717,8 @@ class SoftplusGame(LayerRule):
     def __post_init__(self) -> None:
         _positive("eps", self.eps)
 
-    def sweep(self, trace: "Trace", target: Tensor) -> Sweep:
+    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
+              release: bool = False) -> Sweep:
         net = getattr(trace, "network", None)
         if net is None:
             raise TypeError("SoftplusGame needs a trace from backplay.gpu.explain (it re-runs the "
@@ -673,4 +726,4 @@ class SoftplusGame(LayerRule):
         from backplay.gpu.graph import softplus_surrogate
 
         surrogate = net.trace(trace.x, gate=softplus_surrogate(self.eps))
-        return GradientXInput().sweep(surrogate, target)
+        return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)

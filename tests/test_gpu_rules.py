@@ -22,6 +22,10 @@ from backplay.rules import (
 from _factories import relu_net  # noqa: E402
 
 F64 = torch.float64
+
+
+def SEEDED(seed: int = 11) -> torch.Generator:  # noqa: N802  every random input is reproducible
+    return torch.Generator().manual_seed(seed)
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -177,8 +181,8 @@ def test_alpha_beta_closed_form_per_layer(ab):
 def test_rg_t1_is_alpha_beta(tau):
     alpha, beta = 1 / (1 - math.exp(-1 / tau)), 1 / (math.exp(1 / tau) - 1)
     ab = AlphaBeta(alpha, beta, conservative=False)
-    for model, x in ((relu_net([4, 6, 5, 3], 1), torch.randn(3, 4, dtype=F64)),
-                     (cnn(2), torch.randn(3, 2, 8, 8, dtype=F64))):
+    for model, x in ((relu_net([4, 6, 5, 3], 1), torch.randn(3, 4, generator=SEEDED(), dtype=F64)),
+                     (cnn(2), torch.randn(3, 2, 8, 8, generator=SEEDED(), dtype=F64))):
         R1, r1 = explain(model, x, 2, rule=RG(tau=tau), return_report=True)
         R2, r2 = explain(model, x, 2, rule=ab, return_report=True)
         torch.testing.assert_close(R1, R2, **TOL)
@@ -210,8 +214,8 @@ def test_gradient_equilibrium_is_gxi_on_bias_free_relu():
 
 @pytest.mark.parametrize("base", [RG(), RGEq(0.4, 0.7, 1.3), AlphaBeta(2, 1), GradientEquilibrium()], ids=ids)
 def test_anchor_zero_and_risk_neutral_are_the_base(base):
-    for model, x in ((relu_net([4, 6, 5, 3], 1), torch.randn(3, 4, dtype=F64)),
-                     (cnn(2), torch.randn(3, 2, 8, 8, dtype=F64)), (res_net(3), torch.randn(3, 5, dtype=F64))):
+    for model, x in ((relu_net([4, 6, 5, 3], 1), torch.randn(3, 4, generator=SEEDED(), dtype=F64)),
+                     (cnn(2), torch.randn(3, 2, 8, 8, generator=SEEDED(), dtype=F64)), (res_net(3), torch.randn(3, 5, generator=SEEDED(), dtype=F64))):
         R0, r0 = explain(model, x, 0, rule=base, return_report=True)
         for rule in (Anchor(base, 0.0), RiskAverse(base, 0.0, 1.0), RiskAverse(Anchor(base, 0.0), 0.0, 2.0)):
             R, r = explain(model, x, 0, rule=rule, return_report=True)
@@ -220,7 +224,7 @@ def test_anchor_zero_and_risk_neutral_are_the_base(base):
 
 
 def test_anchor_per_layer_lam_and_risk_aversion_change_the_law():
-    model, x = relu_net([4, 6, 5, 3], 1), torch.randn(3, 4, dtype=F64)
+    model, x = relu_net([4, 6, 5, 3], 1), torch.randn(3, 4, generator=SEEDED(), dtype=F64)
     base = explain(model, x, 0, rule=RG())
     a = explain(model, x, 0, rule=Anchor(RG(), (0.0, 0.5, 0.0)))
     b = explain(model, x, 0, rule=RiskAverse(RG(), 2.0, 1.0))
@@ -244,7 +248,7 @@ def test_softplus_game():
     sur(xg)[:, 1].sum().backward()
     torch.testing.assert_close(explain(model, x, 1, rule=SoftplusGame(eps)), x * xg.grad, **TOL)
     c = cnn(3)
-    xc = torch.randn(2, 2, 8, 8, dtype=F64)
+    xc = torch.randn(2, 2, 8, 8, generator=SEEDED(), dtype=F64)
     torch.testing.assert_close(explain(c, xc, 0, rule=SoftplusGame(1e-8)),
                                explain(c, xc, 0, rule=GradientXInput()), rtol=1e-5, atol=1e-5)
 
@@ -261,7 +265,7 @@ def test_batchnorm_merge_equals_hand_folded():
         conv.weight.mul_(s.view(-1, 1, 1, 1))
         conv.bias.copy_((conv.bias - bn.running_mean) * s + bn.bias)
     folded = nn.Sequential(*[m for i, m in enumerate(folded) if i != 1]).eval()
-    x = torch.randn(3, 2, 8, 8, dtype=F64)
+    x = torch.randn(3, 2, 8, 8, generator=SEEDED(), dtype=F64)
     torch.testing.assert_close(folded(x), model(x), **TOL)
     for rule in (RG(), GradientEquilibrium(), GradientXInput(), Anchor(AlphaBeta(), 0.2)):
         torch.testing.assert_close(explain(model, x, 2, rule=rule), explain(folded, x, 2, rule=rule), **TOL)
@@ -270,7 +274,7 @@ def test_batchnorm_merge_equals_hand_folded():
 @pytest.mark.parametrize("rule", [RG(route_temp=0.7), RiskAverse(Anchor(RGEq(), 0.3), 0.5, 1.0),
                                   SoftplusGame(0.2), GradientEquilibrium()], ids=ids)
 def test_batch_equals_single_runs(rule):
-    for model, x in ((cnn(9), torch.randn(4, 2, 8, 8, dtype=F64)), (res_net(2), torch.randn(4, 5, dtype=F64))):
+    for model, x in ((cnn(9), torch.randn(4, 2, 8, 8, generator=SEEDED(), dtype=F64)), (res_net(2), torch.randn(4, 5, generator=SEEDED(), dtype=F64))):
         t = torch.tensor([2, 0, 1, 2])
         R, rep = explain(model, x, t, rule=rule, return_report=True)
         for i in range(4):
@@ -288,7 +292,7 @@ def snapshot(model):
 
 
 def test_model_unchanged():
-    for model, x in ((cnn(1), torch.randn(2, 2, 8, 8, dtype=F64)), (res_cnn(2), torch.randn(2, 2, 6, 6, dtype=F64))):
+    for model, x in ((cnn(1), torch.randn(2, 2, 8, 8, generator=SEEDED(), dtype=F64)), (res_cnn(2), torch.randn(2, 2, 6, 6, generator=SEEDED(), dtype=F64))):
         model.train()
         next(model.parameters()).requires_grad_(False)
         calls = []
@@ -313,7 +317,7 @@ def test_residual_add_module_and_report():
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     assert torch.equal(Add()(a, b), a + b)
     model = res_net(5)
-    x = torch.randn(3, 5, dtype=F64)
+    x = torch.randn(3, 5, generator=SEEDED(), dtype=F64)
     R, rep = check_i14(model, x, 2, RG())
     torch.testing.assert_close(rep.logit, model(x)[:, 2].detach(), **TOL)
     assert len(rep.layers) == 5  # Linear, add, add, Linear: input + 4 layers
@@ -363,10 +367,10 @@ def law_on_frozen(net, k, p, m):
 
 @pytest.mark.parametrize("which", ["mlp", "cnn", "cnn_avg", "adaptive"])
 def test_unroll_reproduces_the_model_and_the_layers(which):
-    model, x = {"mlp": (relu_net([4, 6, 5, 3], 1), torch.randn(4, dtype=F64)),
-                "cnn": (cnn(2), torch.randn(2, 8, 8, dtype=F64)),
-                "cnn_avg": (cnn(3, maxpool=False), torch.randn(2, 8, 8, dtype=F64)),
-                "adaptive": (cnn_adaptive(4), torch.randn(2, 7, 7, dtype=F64))}[which]
+    model, x = {"mlp": (relu_net([4, 6, 5, 3], 1), torch.randn(4, generator=SEEDED(), dtype=F64)),
+                "cnn": (cnn(2), torch.randn(2, 8, 8, generator=SEEDED(), dtype=F64)),
+                "cnn_avg": (cnn(3, maxpool=False), torch.randn(2, 8, 8, generator=SEEDED(), dtype=F64)),
+                "adaptive": (cnn_adaptive(4), torch.randn(2, 7, 7, generator=SEEDED(), dtype=F64))}[which]
     net = unroll(model, x)
     y = x.flatten().numpy()
     np.testing.assert_array_equal(net.ys[0], y)
@@ -397,7 +401,7 @@ def test_zero_inputs_and_empty_branches():
     for rule in CONSERVATIVE[:5]:
         check_i14(c, torch.zeros(1, 2, 8, 8, dtype=F64), 0, rule)
     # p = q: RGEq(0, 0) hands over with 1/2 each: every token is stopped
-    R, rep = check_i14(relu_net([3, 4, 2], 1), torch.randn(2, 3, dtype=F64), 0, RGEq(0.0, 0.0))
+    R, rep = check_i14(relu_net([3, 4, 2], 1), torch.randn(2, 3, generator=SEEDED(), dtype=F64), 0, RGEq(0.0, 0.0))
     assert torch.equal(R, torch.zeros_like(R))
     torch.testing.assert_close(rep.stopped, rep.logit, **TOL)
 

@@ -140,15 +140,19 @@ def explain(
         except RuntimeError as e:  # shapes that do not chain
             raise ValueError(f"the model cannot be applied to x of shape {prep.in_shape}: {e}") from e
         t = resolve_target(target, xb.shape[0], trace.output.shape[1], xb.device)
-        sweep = rule.sweep(trace, t) if hasattr(rule, "sweep") else None
+        logit = trace.logit(t) if return_report else None
+        if hasattr(rule, "sweep"):  # the trace is consumed layer by layer (its buffers freed early)
+            sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
+        else:
+            sweep = None
         relevance = sweep.relevance if sweep is not None else rule.relevance(trace, t)
+        del trace
         relevance = relevance.reshape(xb.shape)
         out = relevance.to(prep.in_dtype)
         if prep.squeeze:
             out = out.squeeze(0)
         if not return_report:
             return out
-        logit = trace.logit(t)
         total = relevance.flatten(1).sum(1)
         stopped = sweep.stopped if sweep is not None and sweep.stopped is not None else logit - total
         fields = [f.to(prep.in_dtype) for f in (logit, total, stopped)]

@@ -112,6 +112,13 @@ class LinearOp:
         """``(A+^T g + A-^T h, A-^T g + A+^T h)``."""
         return self.pair_t(g, h, ind), self.pair_t(h, g, ind)
 
+    # the same on one buffer holding [g, h] along dim 1 (g = buf[:, :n], h = buf[:, n:])
+    def pair_t_buf(self, buf: Tensor, n: int) -> Tensor:
+        return self.pair_t(buf[:, :n], buf[:, n:])
+
+    def cross_t_buf(self, buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        return self.cross_t(buf[:, :n], buf[:, n:])
+
 
 class _Lazy(dict):
     """A dict whose values are made on first access by ``make(key)``."""
@@ -196,6 +203,14 @@ class DenseOp(_WeightOp):
         out = torch.cat([g, h], -1) @ self.crossed[ind]
         return out[..., :m], out[..., m:]
 
+    def pair_t_buf(self, buf: Tensor, n: int) -> Tensor:
+        return buf @ self.stacked[False]
+
+    def cross_t_buf(self, buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        m = self.weight.shape[1]
+        out = buf @ self.crossed[False]
+        return out[..., :m], out[..., m:]
+
     def __repr__(self) -> str:
         return f"DenseOp({self.weight.shape[1]} -> {self.weight.shape[0]})"
 
@@ -260,6 +275,20 @@ class ConvOp(_WeightOp):
             return super().cross_t(g, h, ind)
         m = self.weight.shape[1]
         out = F.conv_transpose2d(torch.cat([g, h], 1), self.crossed[ind], None, **tkw)
+        return out[:, :m], out[:, m:]
+
+    def pair_t_buf(self, buf: Tensor, n: int) -> Tensor:
+        tkw = self._tkw(buf)
+        if tkw is None or self.kw["groups"] != 1:
+            return super().pair_t_buf(buf, n)
+        return F.conv_transpose2d(buf, self.stacked[False], None, **tkw)
+
+    def cross_t_buf(self, buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        tkw = self._tkw(buf)
+        if tkw is None or self.kw["groups"] != 1:
+            return super().cross_t_buf(buf, n)
+        m = self.weight.shape[1]
+        out = F.conv_transpose2d(buf, self.crossed[False], None, **tkw)
         return out[:, :m], out[:, m:]
 
     def __repr__(self) -> str:
@@ -605,7 +634,10 @@ class GraphNetwork:
                 op = it.op.bound(tuple(y.shape[1:])) if it.kind != "linear" else it.op
                 op.in_shape = tuple(y.shape[1:])
                 z = op.forward(y)
-            y_next, p = g(z)
+            if lean and type(g) is ReLUGate and it.kind in ("linear", "conv"):
+                y_next, p = torch.relu_(z), None  # z is a fresh buffer, not kept in a lean trace
+            else:
+                y_next, p = g(z)
             if lean:
                 z = p = None
             counter[0] += 1
