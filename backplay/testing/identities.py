@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
@@ -347,6 +347,7 @@ def check_i8(c: Case) -> IdentityCheck:
     return IdentityCheck("I8", ok, t_err, cv)
 
 
+@cache
 def _variational_symbolic() -> bool:
     """I9 symbolically: d/dp [p c + eps H(p)] = 0 at p* = sigmoid(c/eps), second derivative
     -eps/(p(1-p)) < 0, value at p* = softplus_eps(c)."""
@@ -362,16 +363,11 @@ def _variational_symbolic() -> bool:
     return d1 == 0 and d2 == 0 and val_ok
 
 
-_SYMBOLIC_I9: dict = {}
-
-
 def check_i9(c: Case) -> IdentityCheck:
     """I9: max_p {p c + eps H(p)} = softplus_eps(c) at p* = sigmoid(c/eps), strictly concave;
     at every pre-activation of the net."""
-    if "ok" not in _SYMBOLIC_I9:
-        _SYMBOLIC_I9["ok"] = _variational_symbolic()
     F = c.game.F
-    ok = _SYMBOLIC_I9["ok"]
+    ok = _variational_symbolic()
     t_err = cv = p_gap = 0.0
     eps_f = float(c.spec.eps)
     for z in c.zs:
