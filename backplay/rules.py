@@ -511,7 +511,8 @@ def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
     base, anchor, risk = _routing_parts(rule)
     depth = getattr(trace, "n_layers", len(trace.layers))
     ctx = {"stopped": torch.zeros_like(trace.output[:, 0]), "base": base, "anchor": anchor,
-           "depth": depth, "local": {}, "U": {}}
+           "depth": depth, "local": {}, "U": {},
+           "lrp0_form": isinstance(base, GradientEquilibrium) and anchor is None and risk is None}
     if risk is not None:
         x = trace.x
         theta, s2 = float(risk.theta), float(risk.sigma) ** 2
@@ -523,6 +524,21 @@ def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
             U = torch.where(nz, torch.exp(-theta * c), torch.zeros_like(x))  # x = 0 is never reached
         _u_sweep(trace.layers, U, ctx)
     return ctx
+
+
+def _equilibrium_backward(layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+    """The gradient equilibrium at one layer in its closed form (THEORY.md I17): with p = S+/(S+ + |S-|)
+    and m = (S+ + |S-|)/z both branches carry R_i / z_i per unit of |Z_ij|, so R^{l-1}_j =
+    y_j sum_i W_ij R_i / z_i (LRP-0; no mass is ever handed to an empty branch); the token stops where
+    z_i = 0 and the share R_i b_i / z_i ends in the bias sink. Two products instead of four."""
+    M, y = layer.map, layer.input
+    z = M.forward(y)
+    c = _sdiv(r, z)
+    stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)
+    if M.bias is not None:
+        stopped = stopped + _Local._bias_sum(c, M.bias.reshape((-1,) + (1,) * (c.ndim - 2)))
+    ctx["stopped"] = ctx["stopped"] + stopped
+    return M.transpose(c, "W").mul_(y)
 
 
 def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
@@ -572,6 +588,8 @@ class _RoutingLaw(LayerRule):
     def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
         if getattr(layer, "kind", None) == "maxpool":
             return layer.map.transpose(r)
+        if ctx.get("lrp0_form"):
+            return _equilibrium_backward(layer, r, ctx)
         U, U_self = ctx["U"].pop(id(layer), (None, None))
         lower, stopped = _local_of(layer, ctx).backward(r, U, U_self)
         ctx["local"].pop(id(layer), None)  # each layer is swept once: free its buffers
