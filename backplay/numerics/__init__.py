@@ -31,6 +31,7 @@ from .routing import (
     route_choice,
     routing_kernels,
 )
+from .validate import Finding, FoundLaw, RuleReport, validate_rule
 
 __all__ = [
     "DEFAULT_SOLVER_OPTIONS",
@@ -57,4 +58,9 @@ __all__ = [
     "law_occupation",
     "route_choice",
     "routing_kernels",
+    # rule validation (THEORY.md section 8)
+    "Finding",
+    "FoundLaw",
+    "RuleReport",
+    "validate_rule",
 ]
