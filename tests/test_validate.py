@@ -212,3 +212,65 @@ def test_bad_inputs():
         validate_rule(AlphaBeta(2, 1), spec, x, 5)
     with pytest.raises(TypeError, match="MLPSpec or an nn.Module"):
         validate_rule(AlphaBeta(2, 1), "net", x, 0)
+
+
+# -- the user-facing testing helpers (backplay.testing) ---------------------------------------------
+def _readme_example():
+    """The README example, run as written (the rule class and the test), from the module docstring."""
+    import backplay.testing.rule_checks as rc
+
+    src = rc.__doc__.split("::", 1)[1]
+    lines = [ln[4:] for ln in src.splitlines()]
+    ns: dict = {}
+    exec("\n".join(lines), ns)  # noqa: S102 - the documented example itself
+    return ns
+
+
+def test_readme_example_runs_and_passes():
+    ns = _readme_example()
+    ns["test_zplus"]()  # hypothesis runs the ci profile's examples
+
+
+def test_readme_example_fails_on_a_wrong_rule():
+    from hypothesis import given
+
+    from backplay.rules import AlphaBeta, LayerRule, safe_divide
+    from backplay.testing import assert_matches_law, rule_cases
+
+    ns = _readme_example()
+    ZPlus = ns["ZPlus"]
+
+    class ZPlusNoBias(ZPlus):  # forgets the positive bias in S+: not the z+ law
+        def backward(self, layer, upper):
+            M, y = layer.map, layer.input
+            yp, yn = y.clamp(min=0), y.clamp(max=0)
+            c = safe_divide(upper, M.apply(yp, "pos") + M.apply(yn, "neg"))
+            return yp * M.transpose(c, "pos") + yn * M.transpose(c, "neg")
+
+    @given(rule_cases(bias=True))
+    def test_wrong(case):
+        assert_matches_law(ZPlusNoBias(), *case, law_rule=AlphaBeta(1, 0))
+
+    with pytest.raises(AssertionError, match="differs from the law AlphaBeta"):
+        test_wrong()
+    assert issubclass(ZPlusNoBias, LayerRule)
+
+
+def test_assert_matches_law_without_a_named_law_and_on_cnns():
+    from hypothesis import given, settings
+
+    from backplay.testing import assert_matches_law, cnn_cases
+
+    @settings(max_examples=5)
+    @given(cnn_cases())
+    def check(case):
+        model, x, target = case
+        rep = assert_matches_law(AttributionEquilibriumLaw(2), model, x, target)
+        assert rep.is_law
+        law = assert_matches_law(AttributionEquilibriumLaw(2), model, x, target, law_rule=AttributionEquilibriumLaw(2))
+        assert law.rule.r == 2
+
+    check()
+    spec, x = _mlp()
+    with pytest.raises(AssertionError, match="not a Markov routing law"):
+        assert_matches_law(AttributionEquilibrium(2), spec, x, 0)
