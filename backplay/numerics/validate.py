@@ -32,7 +32,8 @@ report a stopped mass (the routing laws) give it per probe too. From these:
   mass to units with no contribution), each with its size.
 
 When a law is found, it is compared with the named rules of section 5 fitted to it (AlphaBeta from the
-mean hand-over and multiplier, RG(tau) with sigmoid(1/tau) = p, RGEq(kappa, nu) by least squares on
+mean hand-over and multiplier, RG(tau) with sigmoid(1/tau) = p, and RG(tau, T) with the route
+temperature T fitted by least squares on log pi = (1/T) log|y| + const, RGEq(kappa, nu) by least squares on
 logit p = kappa + nu log(S+/|S-|), GradientEquilibrium, AttributionEquilibriumLaw(r)), each built
 exactly by :func:`backplay.theory.routing_law` on the unrolled net; the nearest is the one with the
 smallest Hellinger distance (I21, mpmath at 30 digits), ties broken by the largest multiplier
@@ -240,6 +241,10 @@ class _Probe:
         self.prep = prepare_graph(model, x)
         self.x = self.prep.x  # [1, ...]
         self.kind = "layer_rule" if isinstance(rule, LayerRule) else _callable_kind(rule)
+        # rules that report a transformed view of the swept measure (GradientXInput: y times the
+        # gradient) are probed on the swept measure, the thing their layer maps move
+        self.transformed = self.kind == "layer_rule" and (
+            type(rule).view is not LayerRule.view or type(rule).finish is not LayerRule.finish)
         self._traces: dict = {}
 
     def trace(self, n: int) -> Any:
@@ -249,12 +254,19 @@ class _Probe:
 
     def sweep(self) -> tuple[list, float | None]:
         """(R^0..R^L flattened, numpy, NaN where not propagated; total stopped or None)."""
+        tr = self.trace(1)
         if self.kind == "layer_rule":
             t = torch.tensor([self.target])
-            sw = self.rule.sweep(self.trace(1), t, keep_layers=True)
+            if self.transformed:  # the swept measure itself, layer by layer (not the reported view)
+                r = self.rule.start(tr, t).reshape(1, -1)
+                rel = [r.reshape(-1).numpy().copy()]
+                for l in range(len(tr.layers), 0, -1):
+                    r, _ = self.apply(l, r)
+                    rel.insert(0, r.reshape(-1).numpy().copy())
+                return rel, None
+            sw = self.rule.sweep(tr, t, keep_layers=True)
             rel = [r.reshape(-1).detach().numpy().astype(np.float64) for r in sw.layers]
             return rel, None if sw.stopped is None else float(sw.stopped[0])
-        tr = self.trace(1)
         if self.kind == "relevances":
             rel = [np.asarray(torch.as_tensor(r, dtype=D).reshape(-1)) for r in
                    self.rule(self.model, self.x, self.target)]
@@ -453,6 +465,25 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
         inner = both & (p > 0) & (p < 1)
         lo_x += list(np.log(Sp[inner] / -Sn[inner]))
         lo_y += list(np.log(p[inner] / (1 - p[inner])))
+    # route temperature: log(pi(k | i, b) / |W_ik|) = (1/T) log|y_k| + c_(i,b), pooled within groups
+    gx, gy = [], []
+    for l in Ms:
+        if frozen.kinds[l - 1] == "maxpool":
+            continue
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        ly = np.log(np.abs(np.asarray(frozen.ys[l - 1], dtype=np.float64)) + (frozen.ys[l - 1] == 0))
+        for F in law.flow_plus[l - 1], law.flow_minus[l - 1]:
+            for i in range(F.shape[0]):
+                ks = np.nonzero(F[i] > 0)[0]
+                if len(ks) >= 2 and np.ptp(ly[ks]) > 0:
+                    v = np.log(F[i, ks] / np.abs(W[i, ks]))
+                    gx += list(ly[ks] - ly[ks].mean())
+                    gy += list(v - v.mean())
+    temp = 1.0
+    if gx and np.dot(gx, gx) > 0:
+        slope = float(np.dot(gx, gy) / np.dot(gx, gx))
+        if slope > 0 and abs(slope - 1) > 1e-6:
+            temp = round(1 / slope, 6)
     out: list = [GradientEquilibrium()]
     if ps:
         pbar, mbar = float(np.mean(ps)), float(np.mean(ms))
@@ -461,6 +492,8 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
             out.append(AlphaBeta(round(a, 6), round(b, 6), conservative=False))
         if 0.5 < pbar < 1:
             out.append(RG(tau=round(1 / math.log(pbar / (1 - pbar)), 6)))
+            if temp != 1.0:
+                out.append(RG(tau=round(1 / math.log(pbar / (1 - pbar)), 6), route_temp=temp))
             r = (2 * pbar - 1) / (1 - pbar)
             if r > 0:
                 out.append(AttributionEquilibriumLaw(round(r, 6)))
@@ -545,6 +578,10 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
     skipped = [f"layer {l} (the rule does not propagate it: relevance above its start)"
                for l in range(1, L + 1) if l not in layers]
     report = RuleReport(name, net_name, target, [], None, None, skipped=skipped)
+    if probe.transformed:
+        report.notes.append("the rule reports a transformed view of its swept measure (view / finish): "
+                            "the layer maps are probed on the swept measure, e.g. the gradient for "
+                            "GradientXInput")
 
     # conservation per layer (all kinds)
     cons = []
