@@ -250,11 +250,9 @@ def test_law_exact_hand_over(r):
     assert k.m * (k.p - k.q) == 1
 
 
-@given(case=nets_with_inputs(), r=st.sampled_from([1, 2, 1.5]))
+@given(case=nets_with_inputs(activation="relu"), r=st.sampled_from([1, 2, 1.5]))
 def test_law_torch_equals_exact_and_conservative(case, r):
     spec, x, target = case
-    if spec.activation != "relu":
-        return
     rule = AttributionEquilibriumLaw(r)
     model = spec.to_torch(dtype=D)
     xt = torch.tensor(x, dtype=D)

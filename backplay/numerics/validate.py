@@ -695,7 +695,7 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
             nocontrib += float(np.abs(E[(W != 0) & (Z == 0)]).sum())
             wrong += float(np.abs(E[Z != 0]).sum())
         for v, label in ((off, "mass off the edges"), (nocontrib, "mass to units with Z = W y = 0"),
-                         (wrong, "mass against the branch sign (or stopped mass not matched)")):
+                         (wrong, "mass against the branch sign")):
             if v > law_tol * scale:
                 violated.append(f"{label} ({v:.3g})")
         if not violated:
