@@ -206,6 +206,11 @@ class RuleReport:
             out.append("Markov routing law: yes" + ("" if n is None else
                        f"; nearest named rule {n['rule']} (Hellinger {n['hellinger']:.3g}, "
                        f"max |dp| {n['max_dp']:.3g}, max |dm| {n['max_dm']:.3g})"))
+            same = [c["rule"] for c in self.candidates[1:] if n is not None
+                    and abs(c["hellinger"] - n["hellinger"]) <= 1e-9 and c["max_dp"] <= n["max_dp"] + 1e-6
+                    and c["max_dm"] <= n["max_dm"] + 1e-6]
+            if same:
+                out.append("  the same law: " + ", ".join(same))
         else:
             out.append("Markov routing law: no; violated: " + (", ".join(self.violated) or "-"))
         if self.skipped:
