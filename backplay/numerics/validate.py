@@ -37,8 +37,19 @@ temperature T fitted by least squares on log pi = (1/T) log|y| + const, RGEq(kap
 logit p = kappa + nu log(S+/|S-|), GradientEquilibrium, AttributionEquilibriumLaw(r)), each built
 exactly by :func:`backplay.theory.routing_law` on the unrolled net; the nearest is the one with the
 smallest Hellinger distance (I21, mpmath at 30 digits), ties broken by the largest multiplier
-difference. Probing and the maps are float64: "exact" here means the named laws and the distance, not
-the rule's own numbers.
+difference. Probing and the maps are float64 (the rule's own numbers); the law program's residual is
+exact given the probed maps (its entries are entries of M: the minimiser keeps or drops each one, no
+arithmetic), the named laws are exact (:mod:`backplay.theory`, rationals or mpmath) and the distance is
+computed in mpmath at 30 digits. The fitted parameters are reported to 6 decimals.
+
+When the maps are not a law, ``violated`` lists every failing condition with its size: the functional
+ones (linearity, homogeneity, interacting sign classes, sign consistency, locality) and the parts of the
+program's residual (mass off the edges, to units with no contribution, against the branch sign). Each is
+necessary for a law, so each listed one is a reason on its own. Locality is vacuous on a dense layer
+(every lower unit is joined to every upper one): a rule's non-local parts show on convolutions.
+
+Cost: per layer one batched pass of n_l + 5 + n_{l-1} probes and an LP with one variable per branch
+edge: small nets (the unrolled graph of a CNN of a few thousand units is fine).
 
 Rules: any :class:`backplay.rules.LayerRule` (the routing laws with their stopped mass, Gradient-type
 rules, LRP-0, AttributionEquilibrium whose head is not propagated: those layers are listed as
