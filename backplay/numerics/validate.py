@@ -165,7 +165,8 @@ class FoundLaw:
 @dataclass
 class RuleReport:
     """The result of :func:`validate_rule`: ``findings`` (one per property), ``law`` (a
-    :class:`FoundLaw` or None), ``nearest`` (dict: rule, hellinger, max_dp, max_dm; None when no law),
+    :class:`FoundLaw`: the program's solution, for a rule that is not a law the law closest to its probed
+    maps in L1; None without layer maps), ``is_law``, ``nearest`` (dict: rule, hellinger, max_dp, max_dm; None when no law),
     ``candidates`` (every fitted named rule with its distance), ``violated`` (the conditions that stop
     the maps from being a law, empty when they are one), ``skipped`` layers and ``notes``."""
 
