@@ -1,12 +1,17 @@
-"""Command line: ``backplay verify`` checks every identity of THEORY.md three ways."""
+"""Command line: ``backplay verify`` checks every identity of THEORY.md three ways;
+``backplay verify --rule module:attr`` validates a user's rule (:func:`backplay.numerics.validate_rule`)
+on the built-in random nets or on the user's own model (``--model``)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from typing import Any, Sequence
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -65,6 +70,125 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def load_rule(ref: str) -> Any:
+    """``module:attr`` -> the rule: a Rule instance, a callable (validate_rule's black-box forms), or a
+    Rule class (instantiated with its defaults). ValueError / ImportError naming the problem."""
+    mod, sep, attr = ref.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(f"--rule must be module:attr (e.g. backplay.rules:AlphaBeta), got {ref!r}")
+    obj: Any = importlib.import_module(mod)
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {mod!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    from .rules import Rule
+
+    if isinstance(obj, type) and issubclass(obj, Rule):
+        obj = obj()
+    return obj
+
+
+def load_model(path: str) -> Any:
+    """A file written by ``torch.save`` holding an ``nn.Sequential`` or a :class:`backplay.MLPSpec`
+    (unpickled: load only files you trust)."""
+    import torch
+
+    from .nets import MLPSpec
+
+    obj = torch.load(path, weights_only=False)
+    if not isinstance(obj, (torch.nn.Module, MLPSpec)):
+        raise ValueError(f"{path} holds a {type(obj).__name__}; expected an nn.Sequential or an MLPSpec "
+                         "saved with torch.save")
+    return obj
+
+
+def _model_cases(model: Any, seed: int, cases: int, input_path: str | None, target: int | None) -> list:
+    """(model, x, target) triples: the inputs of ``input_path`` (torch.save of one sample or a batch), or
+    seeded random dyadic inputs for an MLP; the target defaults to the predicted class."""
+    import torch
+
+    from .nets import MLPSpec
+
+    if input_path is not None:
+        xs = torch.load(input_path, weights_only=False)
+        xs = torch.as_tensor(xs, dtype=torch.float64)
+        first = model.widths[0] if isinstance(model, MLPSpec) else None
+        if (first is not None and xs.ndim == 1) or xs.ndim == 3:
+            xs = xs[None]
+    else:
+        if isinstance(model, MLPSpec):
+            n = model.widths[0]
+        else:
+            first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
+            if not isinstance(first, torch.nn.Linear):
+                raise ValueError("--model with a convolutional first layer needs --input (a torch-saved tensor)")
+            n = first.in_features
+        rng = np.random.default_rng(seed)
+        xs = torch.tensor(rng.integers(-8, 9, size=(cases, n)) / 4, dtype=torch.float64)
+    out = []
+    for x in xs:
+        if target is None:
+            from .gpu.engine import prepare_graph
+
+            prep = prepare_graph(model if not isinstance(model, MLPSpec) else model.to_torch(torch.float64), x[None])
+            t = int(prep.net.trace(prep.x).output[0].argmax())
+        else:
+            t = target
+        out.append((model, x.numpy(), t))
+    return out
+
+
+def verify_rule(rule: Any, seed: int = 0, cases: int = 20, model: Any = None, input_path: str | None = None,
+                target: int | None = None, solver: str = "CLARABEL", progress: bool = True) -> dict:
+    """Run :func:`backplay.numerics.validate_rule` on ``cases`` seeded random nets (ReLU and softplus)
+    or on ``model``; per property the number of cases where it holds, and one row per case."""
+    from .numerics import validate_rule
+
+    todo = random_cases(seed, cases) if model is None else _model_cases(model, seed, cases, input_path, target)
+    rows, props = [], {}
+    for k, (net, x, t) in enumerate(tqdm(todo, desc="verify --rule", disable=not progress, file=sys.stderr)):
+        try:
+            rep = validate_rule(rule, net, x, t, solver=solver)
+        except (TypeError, ValueError) as exc:  # the rule does not apply to this net (e.g. no hidden layer)
+            rows.append({"case": k, "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
+        except Exception as exc:  # a crash: reported with its case, exit status 1
+            rows.append({"case": k, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        for f in rep.findings:
+            p = props.setdefault(f.name, {"holds": 0, "fails": 0, "n/a": 0, "worst": 0.0})
+            p["holds" if f.holds else ("n/a" if f.holds is None else "fails")] += 1
+            if f.holds is False and f.worst is not None:
+                p["worst"] = max(p["worst"], f.worst)
+        rows.append({"case": k, "net": rep.net, "target": t, "is_law": rep.is_law, "violated": rep.violated,
+                     "nearest": rep.nearest, "report": rep.to_dict()})
+    return {"rule": getattr(rule, "name", getattr(rule, "__name__", type(rule).__name__)), "seed": seed,
+            "cases": len(todo), "properties": props, "rows": rows}
+
+
+def _rule_table(res: dict) -> str:
+    head = ("property", "holds", "fails", "n/a", "worst violation")
+    body = [(name, str(p["holds"]), str(p["fails"]), str(p["n/a"]), f"{p['worst']:.3g}" if p["fails"] else "-")
+            for name, p in res["properties"].items()]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in body]
+    laws = [r for r in res["rows"] if r.get("is_law")]
+    nearest: dict = {}
+    for r in laws:
+        if r["nearest"]:
+            nearest[r["nearest"]["rule"]] = nearest.get(r["nearest"]["rule"], 0) + 1
+    lines.append(f"Markov routing law on {len(laws)} of {res['cases']} cases")
+    for name, n in sorted(nearest.items(), key=lambda kv: -kv[1])[:5]:
+        lines.append(f"  nearest named rule {name}: {n} cases")
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"  case {r['case']} ERROR {r['error']}")
+        elif "skipped" in r:
+            lines.append(f"  case {r['case']} skipped: {r['skipped']}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="backplay", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,10 +198,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--solver", default="CLARABEL", help="cvxpy solver (default CLARABEL)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.add_argument("--rule", metavar="MODULE:ATTR",
+                   help="validate this rule instead (a backplay Rule, a Rule class, or a callable, see "
+                        "backplay.numerics.validate_rule) on the random nets or on --model")
+    v.add_argument("--model", metavar="FILE", help="with --rule: a torch.save'd nn.Sequential or MLPSpec")
+    v.add_argument("--input", metavar="FILE", help="with --model: a torch.save'd input (one sample or a "
+                   "batch); default: --cases random dyadic inputs (MLPs)")
+    v.add_argument("--target", type=int, help="with --model: the explained output (default: the argmax)")
     args = parser.parse_args(argv)
     if args.cases < 1:
         parser.error("--cases must be >= 1")
+    if args.rule is None and (args.model or args.input or args.target is not None):
+        parser.error("--model, --input and --target need --rule")
     t0 = time.perf_counter()
+    if args.rule is not None:
+        try:
+            rule = load_rule(args.rule)
+            model = load_model(args.model) if args.model else None
+            res = verify_rule(rule, args.seed, args.cases, model, args.input, args.target, args.solver,
+                              progress=not args.no_progress)
+        except (ValueError, ImportError, OSError) as exc:
+            print(f"backplay verify --rule: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(res, indent=2, default=float))
+        else:
+            where = args.model or f"{res['cases']} random nets (seed {args.seed})"
+            print(f"backplay verify --rule {args.rule}: {res['rule']} on {where}")
+            print(_rule_table(res))
+            print(f"({time.perf_counter() - t0:.1f} s)")
+        return 1 if any("error" in r for r in res["rows"]) else 0
     rows = verify(args.seed, args.cases, args.solver, progress=not args.no_progress)
     ok = all(r["passed"] for r in rows)
     if args.json:

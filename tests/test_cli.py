@@ -31,3 +31,54 @@ def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
     monkeypatch.setattr(cli, "IDENTITIES", rows)
     assert cli.main(["verify", "--cases", "2", "--no-progress"]) == 1
     assert "I3 FAILED" in capsys.readouterr().out
+
+
+# -- verify --rule (validate_rule from the shell) ---------------------------------------------------
+def test_verify_rule_json_alpha_beta(capsys):
+    assert cli.main(["verify", "--rule", "backplay.rules:AlphaBeta", "--cases", "4", "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cases"] == 4 and out["rule"].startswith("AlphaBeta(alpha=2.0, beta=1.0")
+    assert out["properties"]["Markov routing law"]["holds"] == 4
+    assert all(r["is_law"] for r in out["rows"])
+
+
+def test_verify_rule_table_attribution_equilibrium(capsys):
+    assert cli.main(["verify", "--rule", "backplay.rules:AttributionEquilibrium", "--cases", "6",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "conservation (I14)" in out and "Markov routing law on 0 of 6 cases" in out
+    assert "skipped: ValueError: AttributionEquilibrium needs a hidden layer" in out
+
+
+def test_verify_rule_on_a_saved_model(tmp_path, capsys):
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(torch.tensor([[1.0, -0.5, 2.0], [0.25, 0.5, -1.0]], dtype=torch.float64), tmp_path / "x.pt")
+    assert cli.main(["verify", "--rule", "backplay.rules:GradientEquilibrium", "--model", str(tmp_path / "m.pt"),
+                     "--input", str(tmp_path / "x.pt"), "--target", "1", "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cases"] == 2 and all(r["is_law"] and r["target"] == 1 for r in out["rows"])
+    # random inputs for an MLP, target = argmax
+    assert cli.main(["verify", "--rule", "backplay.rules:LRP0", "--model", str(tmp_path / "m.pt"),
+                     "--cases", "2", "--no-progress"]) == 0
+    assert "Markov routing law on 2 of 2 cases" in capsys.readouterr().out
+
+
+def test_verify_rule_bad_arguments(tmp_path, capsys):
+    assert cli.main(["verify", "--rule", "backplay.rules", "--no-progress"]) == 2
+    assert "module:attr" in capsys.readouterr().err
+    assert cli.main(["verify", "--rule", "backplay.rules:Nope", "--no-progress"]) == 2
+    assert "no attribute 'Nope'" in capsys.readouterr().err
+    import torch
+
+    torch.save({"not": "a model"}, tmp_path / "bad.pt")
+    assert cli.main(["verify", "--rule", "backplay.rules:RG", "--model", str(tmp_path / "bad.pt"), "--no-progress"]) == 2
+    assert "expected an nn.Sequential or an MLPSpec" in capsys.readouterr().err
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--model", "m.pt"])

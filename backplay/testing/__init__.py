@@ -4,6 +4,7 @@ from .identities import Case, IdentityCheck, err
 from .registry import IDENTITIES, Identity, assert_identity, check_identity
 from .routing_identities import ROUTING_RULES, torch_matches_law
 from .random_nets import random_case, random_cases
+from .rule_checks import assert_matches_law, cnn_cases, rule_cases
 from .strategies import (
     dyadics,
     exact_preactivations,
@@ -18,4 +19,5 @@ __all__ = [
     "IDENTITIES", "ROUTING_RULES", "Case", "Identity", "IdentityCheck", "assert_identity", "check_identity", "dyadics", "err",
     "exact_preactivations", "inputs_for", "nets_with_inputs", "random_case", "random_cases",
     "relu_nets", "softplus_nets", "tie_at", "torch_matches_law",
+    "assert_matches_law", "cnn_cases", "rule_cases",
 ]

@@ -36,7 +36,7 @@ import numpy as np
 import sympy as sp
 
 from ..nets import FrozenNet, MLPSpec, check_input, check_target, to_rational
-from ..rules import RG, AlphaBeta, Anchor, GradientEquilibrium, RGEq, RiskAverse, Rule
+from ..rules import RG, AlphaBeta, Anchor, AttributionEquilibriumLaw, GradientEquilibrium, RGEq, RiskAverse, Rule
 from .arith import Arith
 from .game import exact_forward
 
@@ -73,6 +73,8 @@ def _params(rule: Rule) -> tuple[list, bool]:
     if isinstance(rule, Anchor):
         ps, tr = _params(rule.rule)
         return ps + list(rule.lam if isinstance(rule.lam, tuple) else (rule.lam,)), tr
+    if isinstance(rule, AttributionEquilibriumLaw):
+        return [rule.r], False
     if isinstance(rule, AlphaBeta):
         return [rule.alpha, rule.beta], False
     if isinstance(rule, GradientEquilibrium):
@@ -348,6 +350,9 @@ class RoutingLaw(TrajectoryLaw):
             routing[b] = {u: (1 - lam) * v / tot + lam / n for u, v in ws.items()}
         z = s_plus + s_minus
         both_empty = not routing[1] and not routing[-1]
+        if isinstance(rule, AttributionEquilibriumLaw):  # AE's hand-over, m = 1/(p - q) (section 8)
+            r = A.num(to_rational(rule.r))
+            return LocalLaw((r + 1) / (r + 2), 1 / (r + 2), (r + 2) / r, False, routing, s_plus, s_minus, z)
         if isinstance(rule, AlphaBeta):
             a, be = A.num(rule.alpha), A.num(rule.beta)
             return LocalLaw(a / (a + be), be / (a + be), a + be, False, routing, s_plus, s_minus, z)

@@ -1,0 +1,727 @@
+"""``validate_rule``: check a backward attribution rule against the routing game (THEORY.md sections 5, 8).
+
+Unlike the rest of :mod:`backplay.numerics` (an oracle independent of ``backplay.gpu`` and
+``backplay.theory``), this is a tool: it runs the rule with the torch engine, probes its layer maps,
+solves cvxpy feasibility programs and compares the law it finds with the exact named laws of
+:mod:`backplay.theory` (imported when called).
+
+What the probing extracts. Fix the explained forward pass of one input x. At layer l the rule maps the
+relevance of y^l (the upper relevance R, n_l numbers) to the relevance of y^{l-1}: F_l(R). The probe
+feeds F_l a batch of upper relevances at once (the forward pass repeated): the unit vectors e_i (their
+images are the columns of the extracted matrix M_l, the linear map the rule would be if it were
+linear), the actual relevance R^l of the sweep, 3 R^l, -R^l, the sign parts R^l+ and R^l-, and for every
+lower unit k the restriction of R^l to the upper units joined to k by an edge (W^l_ik != 0). Rules that
+report a stopped mass (the routing laws) give it per probe too. From these:
+
+* conservation (I14): per layer, sum R^l = sum R^{l-1} + stopped (the defect and the layer), and per
+  neuron, 1 = column sum of M_l + stopped(e_i) (the worst |R_i| times the defect and the neuron);
+* linearity in R: F_l(R^l) = M_l R^l (a rule that renormalises per layer fails) and F_l(3R) = 3 F_l(R);
+* cancellation of the sign classes: F_l(R+) + F_l(R-) = F_l(R) (a rule that moves + and - mass
+  separately and lets them annihilate, or renormalises each class, fails);
+* sign consistency of the two branches: F_l(-R) = -F_l(R) (the - copy follows the law of the + copy);
+* locality: F_l(R)_k depends only on the upper units joined to k by an edge of the extended graph,
+  F_l(R restricted to them)_k = F_l(R)_k (a non-local shift or a global renormalisation fails);
+* Markov routing law: an LP (cvxpy) in the flows of a law of the section 5 family, per layer:
+  nonnegative flows on the + branch edges (Z_ik = W_ik y_k > 0, sign kept) and on the - branch edges
+  (Z_ik < 0, sign flipped) and nonnegative stopped masses (cemetery or bias sink) per neuron, minimising
+  the L1 distance of the signed flows to M_l (and of the stopped masses to the reported ones). The law
+  is the solution: a_i = m_i p_i (the + branch flow and its stops), c_i = m_i q_i, so m_i = a_i + c_i,
+  p_i = a_i / m_i, routing pi(k | i, b) = flow / a_i or c_i. The maps are the occupation of that law
+  when the program's residual is 0 (to tolerance) and the rule is linear; otherwise the report lists
+  the violated conditions (nonlinear, sign-inconsistent, off-edge mass, mass against the branch sign,
+  mass to units with no contribution), each with its size.
+
+When a law is found, it is compared with the named rules of section 5 fitted to it (AlphaBeta from the
+mean hand-over and multiplier, RG(tau) with sigmoid(1/tau) = p, and RG(tau, T) with the route
+temperature T fitted by least squares on log pi = (1/T) log|y| + const, RGEq(kappa, nu) by least squares on
+logit p = kappa + nu log(S+/|S-|), GradientEquilibrium, AttributionEquilibriumLaw(r)), each built
+exactly by :func:`backplay.theory.routing_law` on the unrolled net; the nearest is the one with the
+smallest Hellinger distance (I21, mpmath at 30 digits), ties broken by the largest multiplier
+difference. Probing and the maps are float64 (the rule's own numbers); the law program's residual is
+exact given the probed maps (its entries are entries of M: the minimiser keeps or drops each one, no
+arithmetic), the named laws are exact (:mod:`backplay.theory`, rationals or mpmath) and the distance is
+computed in mpmath at 30 digits. The fitted parameters are reported to 6 decimals.
+
+When the maps are not a law, ``violated`` lists every failing condition with its size: the functional
+ones (linearity, homogeneity, interacting sign classes, sign consistency, locality) and the parts of the
+program's residual (mass off the edges, to units with no contribution, against the branch sign). Each is
+necessary for a law, so each listed one is a reason on its own. Locality is vacuous on a dense layer
+(every lower unit is joined to every upper one): a rule's non-local parts show on convolutions.
+
+Cost: per layer one batched pass of n_l + 5 + n_{l-1} probes and an LP with one variable per branch
+edge: small nets (the unrolled graph of a CNN of a few thousand units is fine).
+
+Rules: any :class:`backplay.rules.LayerRule` (the routing laws with their stopped mass, Gradient-type
+rules, LRP-0, AttributionEquilibrium whose head is not propagated: those layers are listed as
+skipped). A black box is a callable in one of two forms:
+
+* ``fn(model, x, target, layer, upper) -> lower`` (five parameters): the layer map; ``layer`` is the
+  torch index l (1..L), ``upper`` a float64 tensor [B, n_l] (a batch of upper relevances), the result
+  [B, n_{l-1}]; ``x`` the input with a batch dimension of 1. The sweep starts at R^L = f_target(x)
+  e_target. It may return ``(lower, stopped)`` with the signed stopped mass per probe ([B]); without
+  it, conservation is the per-layer defect (a stopped mass or a leak) and the hand-over of neurons
+  that stop (an empty branch, a bias) is not identified, so the named-rule distances are upper bounds.
+* ``fn(model, x, target) -> [R^0, ..., R^L]`` (three parameters): per-layer relevances only. Checked:
+  conservation per layer and support locality (R^{l-1}_k != 0 only where k is joined to a unit with
+  R^l_i != 0); linearity, cancellation, sign consistency and the Markov law cannot be checked (they
+  need the layer map) and are reported as such.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sps
+import torch
+
+from ..nets import MLPSpec
+from ..rules import (RG, AlphaBeta, AttributionEquilibriumLaw, GradientEquilibrium, LayerRule, RGEq,
+                     Rule)
+from .game_programs import _solve
+
+__all__ = ["Finding", "FoundLaw", "RuleReport", "validate_rule"]
+
+D = torch.float64
+
+
+@dataclass
+class Finding:
+    """One property: ``holds`` (None: not checkable with this kind of rule), the ``worst`` violation
+    (absolute, in relevance units), ``where`` it occurs (a dict: layer = torch index of the lower
+    layer, neuron = flat index, and for CNN layers its (channel, row, col)), and a ``detail`` line."""
+
+    name: str
+    holds: bool | None
+    worst: float | None
+    where: dict | None
+    detail: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"property": self.name, "holds": self.holds, "worst": self.worst, "where": self.where,
+                "detail": self.detail, **self.extra}
+
+
+@dataclass
+class FoundLaw:
+    """The Markov routing law found by the feasibility program, per layer l = 1..L (index l-1; None
+    for a layer not examined). Per neuron i of layer l: ``sigma`` the sign of the multiplier,
+    ``flow_plus`` / ``flow_minus`` (n_l, n_{l-1}) the flows |m| p pi(k | i, +) and |m| q pi(k | i, -)
+    on the branch edges, ``stop_plus`` / ``stop_minus`` (n_l) the stopped masses (times |m|) in the +
+    branch (sign kept) and the - branch (sign flipped): cemetery for an empty branch, bias sink for the
+    branch of the bias. ``ambiguous``: neurons whose stopped mass could come from either branch (a
+    bias in one, the other empty): the maps do not identify their hand-over (the comparison with a
+    named rule uses the split closest to it). ``residual``: the program's L1 residual, all layers.
+
+    Derived: :meth:`handover` (p, q, m) and :meth:`routing` (pi(. | i, +), pi(. | i, -))."""
+
+    sigma: list
+    flow_plus: list
+    flow_minus: list
+    stop_plus: list
+    stop_minus: list
+    ambiguous: list
+    residual: float
+
+    def handover(self, l: int, stop_plus: np.ndarray | None = None, stop_minus: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, q, m) at layer l, NaN where nothing moves (optionally with other stop splits)."""
+        sp_ = self.stop_plus[l - 1] if stop_plus is None else stop_plus
+        sm_ = self.stop_minus[l - 1] if stop_minus is None else stop_minus
+        a, c = self.flow_plus[l - 1].sum(1) + sp_, self.flow_minus[l - 1].sum(1) + sm_
+        m = a + c
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (np.where(m > 0, a / m, np.nan), np.where(m > 0, c / m, np.nan),
+                    np.where(m > 0, self.sigma[l - 1] * m, np.nan))
+
+    def routing(self, l: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pi(k | i, +), pi(k | i, -)) at layer l, rows i (the stops take the rest of each row)."""
+        out = []
+        for F, st in ((self.flow_plus[l - 1], self.stop_plus[l - 1]), (self.flow_minus[l - 1], self.stop_minus[l - 1])):
+            tot = F.sum(1) + st
+            out.append(np.where(tot[:, None] > 0, F / np.where(tot > 0, tot, 1)[:, None], 0.0))
+        return out[0], out[1]
+
+    def to_dict(self) -> dict:
+        def lst(v: np.ndarray) -> list:
+            return np.where(np.isfinite(v), v, None).tolist()
+
+        layers = []
+        for l in range(1, len(self.sigma) + 1):
+            if self.sigma[l - 1] is None:
+                layers.append(None)
+                continue
+            p, q, m = self.handover(l)
+            layers.append({"p": lst(p), "q": lst(q), "m": lst(m), "ambiguous": np.nonzero(self.ambiguous[l - 1])[0].tolist()})
+        return {"layers": layers, "residual": self.residual}
+
+
+@dataclass
+class RuleReport:
+    """The result of :func:`validate_rule`: ``findings`` (one per property), ``law`` (a
+    :class:`FoundLaw`: the program's solution, for a rule that is not a law the law closest to its probed
+    maps in L1; None without layer maps), ``is_law``, ``nearest`` (dict: rule, hellinger, max_dp, max_dm; None when no law),
+    ``candidates`` (every fitted named rule with its distance), ``violated`` (the conditions that stop
+    the maps from being a law, empty when they are one), ``skipped`` layers and ``notes``."""
+
+    rule: str
+    net: str
+    target: int
+    findings: list
+    law: FoundLaw | None
+    nearest: dict | None
+    candidates: list = field(default_factory=list)
+    violated: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def finding(self, name: str) -> Finding:
+        """The finding called ``name`` (KeyError otherwise)."""
+        for f in self.findings:
+            if f.name == name:
+                return f
+        raise KeyError(f"no finding {name!r}; have {[f.name for f in self.findings]}")
+
+    @property
+    def is_law(self) -> bool:
+        return self.law is not None and not self.violated
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "net": self.net, "target": self.target,
+                "findings": [f.to_dict() for f in self.findings], "is_law": self.is_law,
+                "violated": self.violated, "law": None if self.law is None else self.law.to_dict(),
+                "nearest": self.nearest, "candidates": self.candidates, "skipped": self.skipped,
+                "notes": self.notes}
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **{"indent": 2, **kw})
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        rows = []
+        for f in self.findings:
+            status = "n/a" if f.holds is None else ("yes" if f.holds else "NO")
+            worst = "-" if f.worst is None else f"{f.worst:.3g}"
+            where = "-" if not f.where else ", ".join(f"{k} {v}" for k, v in f.where.items())
+            rows.append((f.name, status, worst, where, f.detail))
+        return rows
+
+    def _summary(self) -> list[str]:
+        out = []
+        if self.is_law:
+            n = self.nearest
+            out.append("Markov routing law: yes" + ("" if n is None else
+                       f"; nearest named rule {n['rule']} (Hellinger {n['hellinger']:.3g}, "
+                       f"max |dp| {n['max_dp']:.3g}, max |dm| {n['max_dm']:.3g})"))
+            same = [c["rule"] for c in self.candidates[1:] if n is not None
+                    and abs(c["hellinger"] - n["hellinger"]) <= 1e-9 and c["max_dp"] <= n["max_dp"] + 1e-6
+                    and c["max_dm"] <= n["max_dm"] + 1e-6]
+            if same:
+                out.append("  the same law: " + ", ".join(same))
+        else:
+            out.append("Markov routing law: no; violated: " + (", ".join(self.violated) or "-"))
+        if self.skipped:
+            out.append("skipped layers: " + "; ".join(self.skipped))
+        out += self.notes
+        return out
+
+    def __str__(self) -> str:
+        head = ("property", "holds", "worst", "where", "detail")
+        rows = self._rows()
+        widths = [max(len(r[c]) for r in [head] + rows) for c in range(4)]
+        fmt = "  ".join("{:<%d}" % w for w in widths) + "  {}"
+        lines = [f"validate_rule: {self.rule} on {self.net}, target {self.target}",
+                 fmt.format(*head), fmt.format(*("-" * w for w in widths), "-" * 6)]
+        lines += [fmt.format(*r) for r in rows]
+        return "\n".join(lines + self._summary())
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**validate_rule**: `{self.rule}` on {self.net}, target {self.target}", "",
+                 "| property | holds | worst | where | detail |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in self._rows()]
+        return "\n".join(lines + [""] + [f"- {s}" for s in self._summary()])
+
+
+# -- the probe ---------------------------------------------------------------------------------------
+class _Probe:
+    """The rule's layer maps on the explained pass, batched (see the module docstring)."""
+
+    def __init__(self, rule: Any, model: Any, x: torch.Tensor, target: int) -> None:
+        from ..gpu.engine import prepare_graph
+
+        self.rule, self.model, self.target = rule, model, target
+        self.prep = prepare_graph(model, x)
+        self.x = self.prep.x  # [1, ...]
+        self.kind = "layer_rule" if isinstance(rule, LayerRule) else _callable_kind(rule)
+        # rules that report a transformed view of the swept measure (GradientXInput: y times the
+        # gradient) are probed on the swept measure, the thing their layer maps move
+        self.transformed = self.kind == "layer_rule" and (
+            type(rule).view is not LayerRule.view or type(rule).finish is not LayerRule.finish)
+        self._traces: dict = {}
+
+    def trace(self, n: int) -> Any:
+        if n not in self._traces:
+            self._traces[n] = self.prep.net.trace(self.x.expand((n,) + tuple(self.x.shape[1:])).clone())
+        return self._traces[n]
+
+    def sweep(self) -> tuple[list, float | None]:
+        """(R^0..R^L flattened, numpy, NaN where not propagated; total stopped or None)."""
+        tr = self.trace(1)
+        if self.kind == "layer_rule":
+            t = torch.tensor([self.target])
+            if self.transformed:  # the swept measure itself, layer by layer (not the reported view)
+                r = self.rule.start(tr, t).reshape(1, -1)
+                rel = [r.reshape(-1).numpy().copy()]
+                for l in range(len(tr.layers), 0, -1):
+                    r, _ = self.apply(l, r)
+                    rel.insert(0, r.reshape(-1).numpy().copy())
+                return rel, None
+            sw = self.rule.sweep(tr, t, keep_layers=True)
+            rel = [r.reshape(-1).detach().numpy().astype(np.float64) for r in sw.layers]
+            return rel, None if sw.stopped is None else float(sw.stopped[0])
+        if self.kind == "relevances":
+            rel = [np.asarray(torch.as_tensor(r, dtype=D).reshape(-1)) for r in
+                   self.rule(self.model, self.x, self.target)]
+            if len(rel) != len(tr.layers) + 1:
+                raise ValueError(f"the rule returned {len(rel)} layers, the net has {len(tr.layers) + 1}")
+            return rel, None
+        r = torch.zeros_like(tr.output)
+        r[0, self.target] = tr.output[0, self.target]
+        rel = [r.reshape(-1).numpy().copy()]
+        for l in range(len(tr.layers), 0, -1):
+            r, _ = self.apply(l, r.reshape(1, -1))
+            rel.insert(0, r.reshape(-1).numpy().copy())
+        return rel, None
+
+    def apply(self, l: int, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """F_l on a batch U [N, n_l]: (lower [N, n_{l-1}], stopped [N] or None)."""
+        N = U.shape[0]
+        if self.kind == "layer_map":
+            out = self.rule(self.model, self.x, self.target, l, U)
+            st = None
+            if isinstance(out, tuple):
+                out, st = out
+                st = torch.as_tensor(st, dtype=D).reshape(N)
+            return torch.as_tensor(out, dtype=D).reshape(N, -1), st
+        tr = self.trace(N)
+        layer = tr.layers[l - 1]
+        rule = self.rule
+        ctx = rule._context(tr, torch.full((N,), self.target, dtype=torch.long))
+        low = rule._layer_backward(layer, U.reshape(layer.y.shape).clone(), ctx)
+        st = ctx.get("stopped")
+        return low.reshape(N, -1), (None if st is None else st.reshape(N))
+
+
+def _callable_kind(rule: Any) -> str:
+    if isinstance(rule, Rule):
+        raise TypeError(f"{type(rule).__name__} is not a LayerRule: validate_rule needs its layer maps "
+                        "(wrap it as a callable, see the docstring)")
+    if not callable(rule):
+        raise TypeError(f"rule must be a backplay LayerRule or a callable, got {type(rule).__name__}")
+    n = len([p for p in inspect.signature(rule).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+    if n == 5:
+        return "layer_map"
+    if n == 3:
+        return "relevances"
+    raise TypeError("a callable rule takes (model, x, target, layer, upper) -> lower or "
+                    f"(model, x, target) -> [R^0, ..., R^L]; got {n} parameters")
+
+
+def _where(l: int, k: int, shape: tuple) -> dict:
+    out: dict = {"layer": int(l), "neuron": int(k)}
+    if len(shape) > 1:
+        out["index"] = tuple(int(v) for v in np.unravel_index(int(k), shape))
+    return out
+
+
+def _worst(diffs: list) -> tuple[float, dict | None]:
+    """diffs: (layer, vector, shape) -> (max |v|, where)."""
+    best, where = 0.0, None
+    for l, v, shape in diffs:
+        if v.size == 0:
+            continue
+        k = int(np.argmax(np.abs(v)))
+        if where is None or abs(v[k]) > best:
+            best, where = float(abs(v[k])), _where(l, k, shape)
+    return best, where
+
+
+# -- the law program ---------------------------------------------------------------------------------
+def _law_program(Ms: dict, stops: dict, frozen: Any, solver: str) -> tuple[FoundLaw, dict, float]:
+    """Per layer l in Ms: the LP of the module docstring (cvxpy). Returns the law, the per-layer
+    residual matrices E_l (n_{l-1}, n_l) and the total L1 residual.
+
+    The program is separable: each entry of M is matched by the flow on its edge (or not at all), and
+    the stopped masses only have to add up to the reported ones. So the solver's flows are polished to
+    the exact minimiser (the projection of M on the branch signs) once the program has certified the
+    residual, and the stops are split in closed form (the natural stops of each neuron first)."""
+    L = frozen.depth
+    law = FoundLaw(*([None] * L for _ in range(6)), residual=0.0)
+    residuals: dict = {}
+    total = 0.0
+    for l in range(1, L + 1):
+        if l not in Ms:
+            continue
+        M = Ms[l]  # (n_{l-1}, n_l): column i = F_l(e_i)
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        y = np.asarray(frozen.ys[l - 1], dtype=np.float64)
+        Z = W * y[None, :]  # (n_l, n_{l-1})
+        if frozen.kinds[l - 1] == "maxpool":  # relevance goes to the winner whatever the law (and y)
+            Z = W.copy()
+        n_up, n_low = W.shape
+        ep, em = np.argwhere(Z > 0), np.argwhere(Z < 0)  # branch edges (i, k)
+        # the orientation of each neuron: the sign of its multiplier (negative where p < q, e.g. the
+        # gradient equilibrium at z_i < 0), read off the column
+        plus_mass = np.where((Z > 0).T, M, 0.0).sum(0)
+        minus_mass = np.where((Z < 0).T, M, 0.0).sum(0)
+        sigma = np.where(plus_mass - minus_mass < 0, -1.0, 1.0)
+        cols = []
+        for e, sgn in ((ep, 1.0), (em, -1.0)):
+            cols.append(sps.csr_matrix((sgn * sigma[e[:, 0]], (e[:, 1] * n_up + e[:, 0], np.arange(len(e)))),
+                                       shape=(n_low * n_up, len(e))))
+        A = sps.hstack(cols).tocsr()
+        f = cp.Variable(A.shape[1], nonneg=True)
+        problem = cp.Problem(cp.Minimize(cp.norm1(M.ravel() - A @ f)))
+        _solve(problem, solver, None, f"law program, layer {l}")
+        # polish: the exact minimiser on the same support
+        SM = sigma[None, :] * M  # oriented columns
+        Fp = np.where((Z > 0) & (SM.T > 0), SM.T, 0.0)
+        Fm = np.where((Z < 0) & (SM.T < 0), -SM.T, 0.0)
+        E = M - (sigma[:, None] * (Fp - Fm)).T
+        lp_res = float(problem.value)
+        if abs(lp_res - np.abs(E).sum()) > 1e-6 * max(1.0, float(np.abs(M).sum())):
+            raise RuntimeError(f"law program, layer {l}: solver residual {lp_res} differs from the exact "
+                               f"minimiser's {np.abs(E).sum()}")
+        residuals[l] = E
+        total += float(np.abs(E).sum())
+        b = np.zeros(n_up) if frozen.biases[l - 1] is None else np.asarray(frozen.biases[l - 1], dtype=np.float64)
+        nat_p = ~(Z > 0).any(1) | (b > 0)
+        nat_m = ~(Z < 0).any(1) | (b < 0)
+        s_or = np.zeros(n_up) if stops.get(l) is None else sigma * stops[l]  # oriented stopped mass
+        st_p = np.where(s_or > 0, s_or, 0.0)
+        st_m = np.where(s_or < 0, -s_or, 0.0)
+        # a stop of the wrong side for a neuron with only the other natural side: the whole token
+        # stopped (p = q); kept on the side of its sign
+        law.sigma[l - 1], law.flow_plus[l - 1], law.flow_minus[l - 1] = sigma, Fp, Fm
+        law.stop_plus[l - 1], law.stop_minus[l - 1] = st_p, st_m
+        law.ambiguous[l - 1] = nat_p & nat_m & (s_or != 0)
+    law.residual = total
+    return law, residuals, total
+
+
+# -- named rules ---------------------------------------------------------------------------------------
+def _split_for(law: FoundLaw, l: int, p_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stops of layer l with the ambiguous neurons split so that p is closest to ``p_target``: with
+    F+, F- the branch flows and s = stop+ - stop- fixed, stop- = t solves (1-p)(F+ + s + t) = p(F- + t)."""
+    sp_, sm_ = law.stop_plus[l - 1].copy(), law.stop_minus[l - 1].copy()
+    Fp, Fm = law.flow_plus[l - 1].sum(1), law.flow_minus[l - 1].sum(1)
+    for i in np.nonzero(law.ambiguous[l - 1])[0]:
+        p = p_target[i]
+        s = sp_[i] - sm_[i]
+        if not np.isfinite(p) or p == 0.5:
+            continue
+        t = (p * Fm[i] - (1 - p) * (Fp[i] + s)) / (1 - 2 * p)
+        t = max(t, 0.0, -s)
+        sp_[i], sm_[i] = s + t, t
+    return sp_, sm_
+
+
+def _trajectory(law: FoundLaw, frozen_exact: Any, target: int, splits: dict) -> Any:
+    """The found law as a :class:`backplay.theory.routing.TrajectoryLaw` (mpmath), for I21;
+    ``splits[l]`` the stops of layer l (see :func:`_split_for`)."""
+    from ..theory.routing import BIAS_SINK, CEMETERY, Move, TrajectoryLaw, _Arith
+
+    class Found(TrajectoryLaw):
+        def __init__(self) -> None:
+            self.net, self.target, self.arith = frozen_exact, target, _Arith("mpmath", 30)
+
+        def moves(self, state: tuple) -> list:
+            l, i, s = state
+            A = self.arith
+            if law.sigma[l - 1] is None:
+                return [Move(CEMETERY, A.num(1), A.num(0), s)]
+            sp_, sm_ = splits[l]
+            Fp, Fm = law.flow_plus[l - 1][i], law.flow_minus[l - 1][i]
+            m = Fp.sum() + Fm.sum() + sp_[i] + sm_[i]
+            if m == 0:
+                return [Move(CEMETERY, A.num(1), A.num(0), s)]
+            mult = A.num(law.sigma[l - 1][i] * m)
+            b = frozen_exact.biases[l - 1]
+            out = []
+            for sgn, F, st in ((1, Fp, sp_[i]), (-1, Fm, sm_[i])):
+                for k in np.nonzero(F)[0]:
+                    out.append(Move((l - 1, int(k), s * sgn), A.num(F[k] / m), mult, s * sgn))
+                if st > 0:
+                    sink = b is not None and b[i] != 0 and (b[i] > 0) == (sgn > 0)
+                    out.append(Move(BIAS_SINK if sink else CEMETERY, A.num(st / m), mult, s * sgn))
+            return out
+
+    return Found()
+
+
+def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
+    """Named rules of section 5 fitted to the found law (identified neurons with both branches)."""
+    ps, ms, lo_x, lo_y = [], [], [], []
+    for l in Ms:
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        Z = W * np.asarray(frozen.ys[l - 1], dtype=np.float64)[None, :]
+        b = frozen.biases[l - 1]
+        if b is not None:
+            Z = np.concatenate([Z, np.asarray(b, dtype=np.float64)[:, None]], 1)
+        Sp, Sn = np.clip(Z, 0, None).sum(1), np.clip(Z, None, 0).sum(1)
+        p, _, m = law.handover(l)
+        both = (Sp > 0) & (Sn < 0) & np.isfinite(p) & ~law.ambiguous[l - 1] & (np.abs(Ms[l]).sum(0) > 0)
+        ps += list(p[both])
+        ms += list(m[both])
+        inner = both & (p > 0) & (p < 1)
+        lo_x += list(np.log(Sp[inner] / -Sn[inner]))
+        lo_y += list(np.log(p[inner] / (1 - p[inner])))
+    # route temperature: log(pi(k | i, b) / |W_ik|) = (1/T) log|y_k| + c_(i,b), pooled within groups
+    gx, gy = [], []
+    for l in Ms:
+        if frozen.kinds[l - 1] == "maxpool":
+            continue
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        ly = np.log(np.abs(np.asarray(frozen.ys[l - 1], dtype=np.float64)) + (frozen.ys[l - 1] == 0))
+        for F in law.flow_plus[l - 1], law.flow_minus[l - 1]:
+            for i in range(F.shape[0]):
+                ks = np.nonzero(F[i] > 0)[0]
+                if len(ks) >= 2 and np.ptp(ly[ks]) > 0:
+                    v = np.log(F[i, ks] / np.abs(W[i, ks]))
+                    gx += list(ly[ks] - ly[ks].mean())
+                    gy += list(v - v.mean())
+    temp = 1.0
+    if gx and np.dot(gx, gx) > 0:
+        slope = float(np.dot(gx, gy) / np.dot(gx, gx))
+        if slope > 0 and abs(slope - 1) > 1e-6:
+            temp = round(1 / slope, 6)
+    out: list = [GradientEquilibrium()]
+    if ps:
+        pbar, mbar = float(np.mean(ps)), float(np.mean(ms))
+        a, b = mbar * pbar, mbar * (1 - pbar)
+        if a >= 0 and b >= 0 and a + b > 0:
+            out.append(AlphaBeta(round(a, 6), round(b, 6), conservative=False))
+        if 0.5 < pbar < 1:
+            out.append(RG(tau=round(1 / math.log(pbar / (1 - pbar)), 6)))
+            if temp != 1.0:
+                out.append(RG(tau=round(1 / math.log(pbar / (1 - pbar)), 6), route_temp=temp))
+            r = (2 * pbar - 1) / (1 - pbar)
+            if r > 0:
+                out.append(AttributionEquilibriumLaw(round(r, 6)))
+    if len(lo_x) >= 2 and np.ptp(lo_x) > 0:
+        nu, kappa = np.polyfit(lo_x, lo_y, 1)
+        if nu >= 0:
+            out.append(RGEq(kappa=round(float(kappa), 6), nu=round(float(nu), 6)))
+    return out
+
+
+def _compare(law: FoundLaw, frozen: Any, target: int, Ms: dict) -> tuple[dict | None, list]:
+    """Every fitted named rule with its Hellinger distance (I21) to the found law and the largest
+    hand-over and multiplier differences at the neurons the probes reach; the nearest first."""
+    from ..theory.routing import _exact_net, hellinger, routing_law
+
+    exact = _exact_net(frozen)
+    rows = []
+    for cand in _candidates(law, frozen, Ms):
+        named = routing_law(frozen, target=target, rule=cand, field="mpmath", dps=30)
+        splits, dp, dm = {}, 0.0, 0.0
+        for l in range(1, frozen.depth + 1):
+            if law.sigma[l - 1] is None:
+                continue
+            ks = [named.kernel(l, i) for i in range(frozen.widths[l])]
+            p_named = np.array([np.nan if k.stopped else float(k.p) for k in ks])
+            splits[l] = _split_for(law, l, p_named)
+            p, _, m = law.handover(l, *splits[l])
+            for i, k in enumerate(ks):
+                if k.stopped or not np.isfinite(p[i]) or not np.abs(Ms[l][:, i]).sum() > 0:
+                    continue
+                dp = max(dp, abs(float(k.p) - p[i]))
+                dm = max(dm, abs(float(k.m) - m[i]))
+        found = _trajectory(law, exact, target, splits)
+        rows.append({"rule": cand.name, "hellinger": float(hellinger(found, named)), "max_dp": dp, "max_dm": dm})
+    rows.sort(key=lambda r: (round(r["hellinger"], 6), r["max_dm"] + r["max_dp"]))
+    return (rows[0] if rows else None), rows
+
+
+# -- the entry point -----------------------------------------------------------------------------------
+def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float = 1e-9,
+                  law_tol: float = 1e-6, solver: str = "CLARABEL", compare: bool = True) -> RuleReport:
+    """Validate ``rule`` on one explained forward pass (THEORY.md section 8, "Rule validation").
+
+    Args:
+        rule: a :class:`backplay.rules.LayerRule` or a callable (two forms, module docstring).
+        spec_or_model: an :class:`backplay.MLPSpec` or an ``nn.Sequential`` that
+            :func:`backplay.gpu.unroll` can read (no Residual blocks); run in float64, never modified.
+        x: ONE input (the shape of a single sample).
+        target: the explained output.
+        tol: relative tolerance (times max(1, |scale|)) of the float64 checks.
+        law_tol: relative tolerance of the law program's residual (the solver's accuracy).
+        solver: the cvxpy solver of the law program.
+        compare: fit the named rules and compute the Hellinger distances when a law is found.
+
+    Returns:
+        A :class:`RuleReport` (print it, or ``to_dict()`` / ``to_json()``).
+    """
+    from ..gpu.unroll import unroll
+
+    if isinstance(spec_or_model, MLPSpec):
+        model = spec_or_model.to_torch(dtype=D)
+        net_name = f"MLP {list(spec_or_model.widths)}"
+    elif isinstance(spec_or_model, torch.nn.Module):
+        model = spec_or_model
+        net_name = type(model).__name__
+    else:
+        raise TypeError(f"spec_or_model must be an MLPSpec or an nn.Module, got {type(spec_or_model).__name__}")
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x).to(D)
+    if not isinstance(target, (int, np.integer)) or isinstance(target, bool):
+        raise TypeError(f"target must be an int, got {type(target).__name__}")
+    frozen = unroll(model, xt)
+    if not 0 <= int(target) < frozen.widths[-1]:
+        raise ValueError(f"target {target} out of range for {frozen.widths[-1]} outputs")
+    target = int(target)
+    probe = _Probe(rule, model, xt[None], target)
+    name = rule.name if isinstance(rule, Rule) else getattr(rule, "__name__", type(rule).__name__)
+    rel, stopped_total = probe.sweep()
+    L = frozen.depth
+    shapes = [tuple(probe.trace(1).x.shape[1:])] + [tuple(it.y.shape[1:]) for it in probe.trace(1).layers]
+    edges = [None] + [np.asarray(frozen.weights[l - 1]) != 0 for l in range(1, L + 1)]  # (n_l, n_{l-1})
+    layers = [l for l in range(1, L + 1) if np.all(np.isfinite(rel[l]))]
+    skipped = [f"layer {l} (the rule does not propagate it: relevance above its start)"
+               for l in range(1, L + 1) if l not in layers]
+    report = RuleReport(name, net_name, target, [], None, None, skipped=skipped)
+    if probe.transformed:
+        report.notes.append("the rule reports a transformed view of its swept measure (view / finish): "
+                            "the layer maps are probed on the swept measure, e.g. the gradient for "
+                            "GradientXInput")
+
+    # conservation per layer (all kinds)
+    cons = []
+    Ms: dict = {}
+    stops: dict = {}
+    checks: dict = {k: [] for k in ("lin", "hom", "add", "sign", "loc", "loc_unit", "neuron", "annihilated")}
+    for l in layers:
+        R = rel[l]
+        scale = max(1.0, float(np.abs(R).max()))
+        if probe.kind == "relevances":
+            low = rel[l - 1]
+            support = edges[l][R != 0].any(0) if R.any() else np.zeros(len(low), dtype=bool)
+            checks["loc"].append((l - 1, np.where(support, 0.0, low), shapes[l - 1]))
+            cons.append((l, float(R.sum() - low.sum()), None))
+            continue
+        n_up = len(R)
+        Rt = torch.tensor(R, dtype=D)
+        restrict = torch.tensor(edges[l].T, dtype=D) * Rt[None, :]  # (n_low, n_up): R on k's neighbours
+        U = torch.cat([torch.eye(n_up, dtype=D), Rt[None], 3 * Rt[None], -Rt[None], Rt.clamp_min(0)[None],
+                       Rt.clamp_max(0)[None], restrict])
+        low, st = probe.apply(l, U)
+        low = low.detach().numpy()
+        st = None if st is None else st.detach().numpy()
+        M, F = low[:n_up].T, low[n_up]
+        F3, Fneg, Fp, Fn, Floc = low[n_up + 1], low[n_up + 2], low[n_up + 3], low[n_up + 4], low[n_up + 5:]
+        Ms[l], stops[l] = M, (None if st is None else st[:n_up])
+        s_R = 0.0 if st is None else float(st[n_up])
+        cons.append((l, float(R.sum() - F.sum() - s_R), None if st is None else s_R))
+        col = 1 - M.sum(0) - (0 if st is None else st[:n_up])
+        checks["neuron"].append((l, R * col, shapes[l]))
+        checks["lin"].append((l - 1, (F - M @ R) / scale, shapes[l - 1]))
+        checks["hom"].append((l - 1, (F3 - 3 * F) / scale, shapes[l - 1]))
+        checks["add"].append((l - 1, (Fp + Fn - F) / scale, shapes[l - 1]))
+        checks["annihilated"].append((l - 1, (np.abs(Fp) + np.abs(Fn) - np.abs(Fp + Fn)) / 2, shapes[l - 1]))
+        checks["sign"].append((l - 1, (Fneg + F) / scale, shapes[l - 1]))
+        checks["loc"].append((l - 1, (np.diagonal(Floc) - F) / scale, shapes[l - 1]))
+        checks["loc_unit"].append((l - 1, np.where(edges[l].T, 0.0, M).max(1, initial=0.0)
+                                   - np.where(edges[l].T, 0.0, M).min(1, initial=0.0), shapes[l - 1]))
+        if not np.all(np.isfinite(low)):
+            report.notes.append(f"layer {l}: the layer map returned non-finite values")
+
+    # conservation
+    w = max(cons, key=lambda c: abs(c[1])) if cons else None
+    top = rel[max(layers)] if layers else rel[L]
+    ok_c = w is not None and abs(w[1]) <= tol * max(1.0, float(np.abs(top).sum()))
+    detail = "sum R^l = sum R^(l-1) + stopped per layer"
+    if w is not None:
+        detail += (f"; worst at layer {w[0]}: in {rel[w[0]].sum():.6g}, out {rel[w[0] - 1].sum():.6g}, "
+                   + (f"stopped {w[2]:.6g}" if w[2] is not None else "stopped mass not reported by the rule"))
+        if stopped_total is not None:
+            detail += f"; total stopped {stopped_total:.6g}"
+        nv, nw = _worst(checks["neuron"])
+        if checks["neuron"]:
+            detail += f"; per neuron: worst |R_i (1 - column sum - stopped)| {nv:.3g}" + \
+                (f" at layer {nw['layer']} neuron {nw['neuron']}" if nw else "")
+    report.findings.append(Finding("conservation (I14)", ok_c, None if w is None else abs(w[1]),
+                                   None if w is None else {"layer": w[0]}, detail))
+
+    def add(key: str, title: str, what: str) -> Finding:
+        if probe.kind == "relevances" and key != "loc":
+            f = Finding(title, None, None, None, "not checkable from per-layer relevances (needs the layer map)")
+        else:
+            v, where = _worst(checks[key])
+            f = Finding(title, v <= tol, v, where if v > tol else None, what)
+        report.findings.append(f)
+        return f
+
+    lin = add("lin", "linearity in R", "F(R) = M R, M the map probed with unit vectors (relative to max |R|)")
+    hom = add("hom", "homogeneity", "F(3R) = 3 F(R): no per-layer renormalisation")
+    canc = add("add", "cancellation of + and - mass", "F(R+) + F(R-) = F(R): the two sign classes move "
+               "independently (a law keeps both copies of a unit; their cancellation in the signed "
+               "relevance then loses nothing)")
+    if probe.kind != "relevances":
+        av, aw = _worst(checks["annihilated"])
+        tot = sum(float(v.sum()) for _, v, _ in checks["annihilated"])
+        canc.extra = {"annihilated_total": tot, "annihilated_worst": av, "annihilated_where": aw}
+        canc.detail += f"; opposite-sign mass landing on one unit: {tot:.3g} in all, worst {av:.3g}" + \
+            (f" at layer {aw['layer']} neuron {aw['neuron']}" if aw and av > 0 else "")
+    sign = add("sign", "sign consistency", "F(-R) = -F(R): the - branch mirrors the + branch")
+    if probe.kind == "relevances":
+        loc = add("loc", "locality", "support: R^(l-1)_k != 0 only where k is joined to a unit with R^l != 0")
+    else:
+        loc = add("loc", "locality", "F(R)_k depends only on the upper units joined to k by an edge")
+        uv, uw = _worst(checks["loc_unit"])
+        loc.detail += f"; unit probes: largest off-edge mass per unit of relevance {uv:.3g}"
+        if uv > tol:
+            loc.holds, loc.worst, loc.where = False, max(loc.worst or 0.0, uv), loc.where or uw
+
+    if probe.kind == "relevances" or not Ms:
+        report.findings.append(Finding("Markov routing law", None, None, None,
+                                       "not checkable without the layer maps" if not Ms else "-"))
+        report.violated = ["layer maps unavailable"]
+        return report
+    law, residuals, total = _law_program(Ms, stops, frozen, solver)
+    scale = max(1.0, max(float(np.abs(M).max()) for M in Ms.values()))
+    resid = [(l - 1, np.abs(E).max(1), shapes[l - 1]) for l, E in residuals.items()]
+    rv, rw = _worst(resid)
+    violated = []
+    for f, label in ((lin, "linearity"), (hom, "homogeneity"), (canc, "sign classes interact"),
+                     (sign, "sign consistency"), (loc, "locality")):
+        if f.holds is False:
+            violated.append(f"{label} ({f.worst:.3g})")
+    if rv > law_tol * scale:
+        off = wrong = nocontrib = 0.0
+        for l, E in residuals.items():
+            W = np.asarray(frozen.weights[l - 1], dtype=np.float64).T  # (n_low, n_up)
+            Z = W * np.asarray(frozen.ys[l - 1], dtype=np.float64)[:, None]
+            if frozen.kinds[l - 1] == "maxpool":
+                Z = W
+            off += float(np.abs(E[W == 0]).sum())
+            nocontrib += float(np.abs(E[(W != 0) & (Z == 0)]).sum())
+            wrong += float(np.abs(E[Z != 0]).sum())
+        for v, label in ((off, "mass off the edges"), (nocontrib, "mass to units with Z = W y = 0"),
+                         (wrong, "mass against the branch sign")):
+            if v > law_tol * scale:
+                violated.append(f"{label} ({v:.3g})")
+        if not violated:
+            violated.append(f"law program residual ({total:.3g})")
+    report.violated = violated
+    report.law = law
+    report.findings.append(Finding(
+        "Markov routing law", not violated, rv, rw if rv > law_tol * scale else None,
+        f"LP residual (L1, all layers) {total:.3g}: signed flows on the branch edges reproduce the probed maps"))
+    if not violated and compare:
+        report.nearest, report.candidates = _compare(law, frozen, target, Ms)
+    return report
