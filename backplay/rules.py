@@ -32,6 +32,7 @@ Tensor = torch.Tensor
 __all__ = [
     "Rule", "LayerRule", "Gradient", "GradientXInput", "LRP0", "AlphaBeta", "RG", "RGEq",
     "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide", "Sweep",
+    "ViTRule", "CPLRP", "AttnLRP", "Rollout", "TransformerAttribution",
 ]
 
 
@@ -727,3 +728,7 @@ class SoftplusGame(LayerRule):
 
         surrogate = net.trace(trace.x, gate=softplus_surrogate(self.eps))
         return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)
+
+
+# The ViT-only rules (THEORY.md section 7), re-exported; imported last because vit_rules imports Rule.
+from backplay.gpu.vit_rules import AttnLRP, CPLRP, Rollout, TransformerAttribution, ViTRule  # noqa: E402,F401
