@@ -443,6 +443,9 @@ def test_patch_rules_spread_evenly(rule):
     R = rule.vit_relevance(m, x, t)
     p = m.config.patch_size
     P = patch_relevance(R, p)
+    scores = rule.patch_scores(m, x, t)
+    assert scores.shape == (2, 2, 2)
+    torch.testing.assert_close(P, scores, rtol=1e-14, atol=0)
     back = P.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None] / (3 * p * p)
     torch.testing.assert_close(R, back.expand_as(R), rtol=1e-15, atol=0)
 

@@ -17,7 +17,7 @@ the identity rule through a frozen gate or standard deviation), so the result is
 LRP recursion, batched (``tests/test_vit_rules.py`` checks it against the explicit recursion).
 
 The attention-rollout rules (:class:`Rollout`, :class:`TransformerAttribution`) produce a value per
-patch ([B, grid, grid]); :meth:`vit_relevance` spreads each patch value evenly over its
+patch (``patch_scores`` -> [B, grid, grid]); their :meth:`vit_relevance` spreads each patch value evenly over its
 ``C * patch_size**2`` pixels, so that :func:`patch_relevance` (sum pooling) gives it back exactly.
 """
 
@@ -98,9 +98,15 @@ def patch_relevance(R_pixels: Tensor, patch_size: int) -> Tensor:
     return r.sum(dim=(1, 3, 5))
 
 
+def _grid(model: "ViT", patch: Tensor) -> Tensor:
+    """Patch-token values [B, n_patches] -> [B, grid, grid]."""
+    g = model.config.grid
+    return patch.reshape(-1, g, g)
+
+
 def _spread(model: "ViT", patch: Tensor) -> Tensor:
-    """Patch values [B, n_patches] (row-major grid) -> pixels [B, C, H, W], each patch value split
-    evenly over its C * patch_size**2 pixels (the inverse of :func:`patch_relevance`)."""
+    """Patch values [B, grid, grid] -> pixels [B, C, H, W], each patch value split evenly over its
+    C * patch_size**2 pixels (the inverse of :func:`patch_relevance`)."""
     cfg = model.config
     p, g = cfg.patch_size, cfg.grid
     per_pixel = patch.reshape(-1, 1, g, 1, g, 1) / (cfg.in_channels * p * p)
@@ -266,35 +272,49 @@ class AttnLRP(ViTRule):
 
 
 @dataclass(frozen=True)
-class Rollout(ViTRule):
+class _PatchRule(ViTRule):
+    """A rule with one value per patch: :meth:`patch_scores` -> [B, grid, grid];
+    :meth:`vit_relevance` spreads each value evenly over the patch's C * patch_size**2 pixels (so
+    ``patch_relevance(vit_relevance(...), patch_size) == patch_scores(...)``)."""
+
+    def patch_scores(self, model: "ViT", x: Tensor, target: Tensor) -> Tensor:
+        """One value per patch, [B, grid, grid] (row-major like the patch tokens)."""
+        raise NotImplementedError
+
+    def vit_relevance(self, model: "ViT", x: Tensor, target: Tensor) -> Tensor:
+        return _spread(model, self.patch_scores(model, x, target))
+
+
+@dataclass(frozen=True)
+class Rollout(_PatchRule):
     """Attention rollout (Abnar and Zuidema 2020): per block the head-mean attention A_b,
     ``A_hat_b = (0.5 A_b + 0.5 I)`` row-normalised, ``Rollout = A_hat_L ... A_hat_1``; the value of
     patch i is ``Rollout[cls, 1 + i]`` (the cls row over the patch tokens; it sums to
-    1 - Rollout[cls, cls]). Target-independent: ``target`` is checked but not used. Returned as
-    pixels: each patch value spread evenly over its C * patch_size**2 pixels."""
+    1 - Rollout[cls, cls]). Target-independent: ``target`` is checked but not used. As pixels
+    (:meth:`vit_relevance`) each patch value is spread evenly over its C * patch_size**2 pixels."""
 
-    def vit_relevance(self, model: "ViT", x: Tensor, target: Tensor) -> Tensor:
+    def patch_scores(self, model: "ViT", x: Tensor, target: Tensor) -> Tensor:
         _check_call(model, x, target)
         with torch.no_grad():
             _, attns = _forward(model, x, "plain")
             T = attns[0].shape[-1]
-            roll = torch.eye(T, dtype=x.dtype, device=x.device).expand(x.shape[0], T, T)
             eye = torch.eye(T, dtype=x.dtype, device=x.device)
+            roll = eye.expand(x.shape[0], T, T)
             for A in attns:
                 a_hat = 0.5 * A.mean(dim=1) + 0.5 * eye
                 a_hat = a_hat / a_hat.sum(dim=-1, keepdim=True)
                 roll = a_hat @ roll
-            return _spread(model, roll[:, 0, 1:])
+            return _grid(model, roll[:, 0, 1:])
 
 
 @dataclass(frozen=True)
-class TransformerAttribution(ViTRule):
+class TransformerAttribution(_PatchRule):
     """Gradient-weighted relevance rollout of Chefer et al. 2021 ("Transformer Interpretability
     Beyond Attention Visualization"): per block
     ``Abar_b = mean_heads[(dlogit_t/dA_b * R_{A_b})^+]`` with the plain gradient of the target
     logit w.r.t. the attention weights A_b (nothing frozen), then ``R = I``,
-    ``R = R + Abar_b @ R`` for b = 1..L; the value of patch i is ``R[cls, 1 + i]``, spread evenly
-    over its C * patch_size**2 pixels.
+    ``R = R + Abar_b @ R`` for b = 1..L; the value of patch i is ``R[cls, 1 + i]``; as pixels
+    (:meth:`vit_relevance`) spread evenly over its C * patch_size**2 pixels.
 
     ``relevance`` picks R_A:
 
@@ -314,7 +334,7 @@ class TransformerAttribution(ViTRule):
             raise ValueError(f"relevance must be 'attnlrp' or 'attention', got {self.relevance!r}")
         _check_eps(self.eps, strict=True)
 
-    def vit_relevance(self, model: "ViT", x: Tensor, target: Tensor) -> Tensor:
+    def patch_scores(self, model: "ViT", x: Tensor, target: Tensor) -> Tensor:
         _check_call(model, x, target)
         with torch.enable_grad():
             logits, attns = _forward(model, x.detach().requires_grad_(True), "plain")
@@ -327,4 +347,4 @@ class TransformerAttribution(ViTRule):
         R = torch.eye(T, dtype=x.dtype, device=x.device).expand(x.shape[0], T, T)
         for g, r in zip(grads, R_A):
             R = R + (g * r).clamp(min=0).mean(dim=1) @ R
-        return _spread(model, R[:, 0, 1:])
+        return _grid(model, R[:, 0, 1:])
