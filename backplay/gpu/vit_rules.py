@@ -257,8 +257,12 @@ class AttnLRP(ViTRule):
 
     Residual adds split by LRP-0 (x * g); the cls token and position embedding absorb their shares.
     Conservation: every step above except the softmax and the biases is exactly conservative, so
-    ``logit - sum R_pixels`` = (bias shares) + (softmax terms) + O(eps). Unlike LXT's reference
-    code, the bilinear matmuls are not epsilon-stabilised.
+    ``logit - sum R_pixels`` = (bias shares) + (softmax terms) + O(eps).
+
+    Relation to the authors' code (LXT 2.1): ``lxt/efficient`` computes the same modified gradient
+    (std detached, GELU by its identity rule, query and key gradients divided by 4 and value by 2,
+    which is the uniform rule at both matmuls) with LRP-0 linear layers, i.e. this rule as
+    eps -> 0; ``lxt/explicit`` also epsilon-stabilises the matmuls, which this rule does not.
     """
 
     eps: float = 1e-6
