@@ -33,6 +33,7 @@ __all__ = [
     "Rule", "LayerRule", "Gradient", "GradientXInput", "LRP0", "AlphaBeta", "RG", "RGEq",
     "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide", "Sweep",
     "AttributionEquilibrium", "AttributionEquilibriumLaw",
+    "ViTRule", "CPLRP", "AttnLRP", "Rollout", "TransformerAttribution",
 ]
 
 
@@ -930,3 +931,7 @@ class AttributionEquilibriumLaw(AlphaBeta):
     @property
     def name(self) -> str:
         return f"AttributionEquilibriumLaw(r={self.r!r})"
+
+
+# The ViT-only rules (THEORY.md section 7), re-exported; imported last because vit_rules imports Rule.
+from backplay.gpu.vit_rules import AttnLRP, CPLRP, Rollout, TransformerAttribution, ViTRule  # noqa: E402,F401
