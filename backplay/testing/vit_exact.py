@@ -3,9 +3,13 @@ one image (:func:`backplay.gpu.vit_explain.unroll_vit`, a layered FrozenNet whos
 copy rows) with every rule computed on it independently of the torch code path:
 
 * the routing laws (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor incl. the token anchor,
-  RiskAverse) by :func:`backplay.theory.routing_law` (exact rationals, or mpmath at 50 digits);
+  RiskAverse) by :func:`backplay.theory.routing_law` (its automatic field: exact rationals, or
+  mpmath at 50 digits for the Gibbs forms);
 * Gradient, GradientXInput, LRP-0 and SoftplusGame (GxI of the surrogate's graph) by their layer
   recursions in exact rationals on the same net (frozen gates from the unrolled pass).
+
+``field="mpmath"`` computes everything in mpmath at 50 digits instead (rationals grow quickly with
+the depth: use it beyond one block).
 """
 
 from __future__ import annotations
@@ -17,34 +21,34 @@ import sympy as sp
 import torch
 
 from ..gpu.vit_explain import unroll_vit
-from ..nets import to_rational
 from ..rules import LRP0, Gradient, GradientXInput, Rule, SoftplusGame
+from ..theory.arith import Arith
 from ..theory.routing import routing_law
 from .identities import err
 
 __all__ = ["vit_exact", "vit_torch_error"]
 
-_conv = np.vectorize(to_rational, otypes=[object])
 
-
-def _recursions(u: Any, target: int, rule: Rule) -> tuple[list, Any]:
-    """[R^0, ..., R^L] (FrozenNet layers) of Gradient / GxI / LRP-0 in exact rationals, and the
+def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
+    """[R^0, ..., R^L] (FrozenNet layers) of Gradient / GxI / LRP-0 in the arithmetic ``A``, and the
     logit y^L_target."""
     net = u.net
+    _conv = np.vectorize(A.num, otypes=[object])
     Ws = [_conv(w) for w in net.weights]
     bs = [None if b is None else _conv(b) for b in net.biases]
     ys = [_conv(y) for y in net.ys]
     L = net.depth
-    top = np.array([sp.Integer(0)] * net.widths[-1], dtype=object)
+    zero = A.num(0)
+    top = np.array([zero] * net.widths[-1], dtype=object)
     if isinstance(rule, LRP0):
         top[target] = ys[-1][target]
         rel = [top]
         for l in range(L, 0, -1):
             z = Ws[l - 1].dot(ys[l - 1]) + (0 if bs[l - 1] is None else bs[l - 1])
-            s = np.array([r / zi if zi != 0 else sp.Integer(0) for r, zi in zip(rel[0], z)], dtype=object)
+            s = np.array([r / zi if zi != 0 else zero for r, zi in zip(rel[0], z)], dtype=object)
             rel.insert(0, ys[l - 1] * Ws[l - 1].T.dot(s))
         return rel, ys[-1][target]
-    top[target] = sp.Integer(1)
+    top[target] = A.num(1)
     grads = [top]
     for l in range(L, 0, -1):
         grads.insert(0, Ws[l - 1].T.dot(_conv(u.gates[l - 1]) * grads[0]))
@@ -53,30 +57,36 @@ def _recursions(u: Any, target: int, rule: Rule) -> tuple[list, Any]:
     return [y * g for y, g in zip(ys, grads)], ys[-1][target]
 
 
-def vit_exact(model: Any, x: torch.Tensor, target: int, rule: Rule) -> tuple[list, Any, Any]:
-    """(relevance at every report layer of ``explain`` (flat arrays, exact), stopped mass, logit) of
+def vit_exact(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
+              ) -> tuple[list, Any, Any]:
+    """(relevance at every report layer of ``explain`` (flat arrays), stopped mass, logit) of
     ``rule`` on the frozen graph of ``model`` at ONE image ``x``. For the routing laws the stopped
-    mass is the law's (cemetery and bias sink); for the other rules logit - sum R^0."""
+    mass is the law's (cemetery and bias sink); for the other rules logit - sum R^0. ``field``:
+    None (exact rationals where the rule allows) or "mpmath" (50 digits)."""
+    if field not in (None, "mpmath"):
+        raise ValueError(f"field must be None or 'mpmath', got {field!r}")
+    A = Arith(50 if field == "mpmath" else None)
     eps = rule.eps if isinstance(rule, SoftplusGame) else 1.0
     u = unroll_vit(model, x, eps=eps)
     if isinstance(rule, (Gradient, LRP0, SoftplusGame)):
-        rel, logit = _recursions(u, target, GradientXInput() if isinstance(rule, SoftplusGame) else rule)
+        rel, logit = _recursions(u, target, GradientXInput() if isinstance(rule, SoftplusGame) else rule, A)
         stopped = logit - sum(rel[0])
     else:
-        law = routing_law(u.net, target=target, rule=rule)
+        law = routing_law(u.net, target=target, rule=rule, field=field)
         rel, stopped, logit = law.relevance(), law.stopped()["total"], law.w0
     if isinstance(rule, SoftplusGame):  # the logit is the model's, not the surrogate's
-        logit = to_rational(float(unroll_vit(model, x).net.ys[-1][target]))
+        logit = A.num(float(unroll_vit(model, x).net.ys[-1][target]))
         stopped = logit - sum(rel[0])
     return [rel[b] for b in u.boundaries], stopped, logit
 
 
-def vit_torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule) -> float:
+def vit_torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
+                    ) -> float:
     """Worst relative error (:func:`backplay.testing.err`) of ``explain``'s per-layer relevance,
     stopped mass and logit against :func:`vit_exact` at ONE image ``x`` (float64 model)."""
     from ..gpu.engine import explain
 
-    layers, stopped, logit = vit_exact(model, x, target, rule)
+    layers, stopped, logit = vit_exact(model, x, target, rule, field)
     _, rep = explain(model, x[None], target, rule=rule, return_report=True)
     if len(rep.layers) != len(layers):
         return float("inf")
