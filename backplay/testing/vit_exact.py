@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import sympy as sp
 import torch
 
 from ..gpu.vit_explain import unroll_vit
