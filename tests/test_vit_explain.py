@@ -251,6 +251,23 @@ class _CentreRule(ViTRule):
         return R
 
 
+class _GradRule(ViTRule):
+    """A stand-in ViT rule that differentiates (as attention-gradient rules do)."""
+
+    def vit_relevance(self, model, x, target):
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xg)[torch.arange(x.shape[0]), target].sum(), xg)
+        return g
+
+
+def test_vit_rules_may_use_autograd():
+    model = _tiny()
+    x = _image(model, batch=2)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
+    assert torch.allclose(bp.explain(model, x, 1, rule=_GradRule()), g, atol=1e-14, rtol=0)
+
+
 def test_vit_rules_are_dispatched_with_a_report():
     model = _tiny()
     x = _image(model, batch=2)

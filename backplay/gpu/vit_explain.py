@@ -394,21 +394,28 @@ def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: b
     graph = ViTGraph(model, xb.dtype)
     n_out = model.config.num_classes
     layers = None
+    if is_vit_rule:  # outside no_grad: a ViT rule may differentiate (attention gradients)
+        t = resolve_target(target, xb.shape[0], n_out, xb.device)
+        relevance = rule.vit_relevance(model, xb, t)
+        if not isinstance(relevance, torch.Tensor) or relevance.numel() != xb.numel():
+            raise ValueError(f"{type(rule).__name__}.vit_relevance must return a tensor of shape "
+                             f"{tuple(xb.shape)}")
+        relevance = relevance.detach().to(xb.dtype).reshape(xb.shape)
     with torch.no_grad():
         if is_vit_rule:
-            t = resolve_target(target, xb.shape[0], n_out, xb.device)
-            relevance = rule.vit_relevance(model, xb, t).detach().to(xb.dtype).reshape(xb.shape)
             logit = graph.trace(xb, lean=True).logit(t) if return_report else None
             stopped = None
+        elif isinstance(rule, SoftplusGame):  # GxI of the surrogate (GELU gates at temperature eps)
+            t = resolve_target(target, xb.shape[0], n_out, xb.device)
+            logit = graph.trace(xb, lean=True).logit(t) if return_report else None
+            trace = graph.trace(xb, eps=rule.eps)
+            sweep = GradientXInput().sweep(trace, t, keep_layers=return_report, release=True)
         else:
             trace = graph.trace(xb, lean=isinstance(rule, _RoutingLaw))
             t = resolve_target(target, xb.shape[0], n_out, xb.device)
             logit = trace.logit(t) if return_report else None
-            if isinstance(rule, SoftplusGame):
-                trace = graph.trace(xb, eps=rule.eps)
-                sweep = GradientXInput().sweep(trace, t, keep_layers=return_report, release=True)
-            else:
-                sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
+            sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
+        if not is_vit_rule:
             del trace
             relevance = sweep.relevance.reshape(xb.shape)
             stopped = sweep.stopped
