@@ -126,32 +126,34 @@ _SIGN_PARTS = {
 
 class LayerNormOp(LinearOp):
     """LayerNorm with the standard deviation frozen (per sample and token): z = W_t y + beta with
-    W_t = diag(gamma / std_t) (I - 11^T / n), i.e. diagonal entries d = gamma (1 - 1/n) / std_t and
-    off-diagonal entries o_i = -gamma_i / (n std_t) in row i. A part f (W+, |W|, 1{W > 0}, ...) is
-    applied entrywise, so f(W) y = f(d) y + f(o) (sum(y) - y), in O(n) per token."""
+    W_t = diag(gamma / std_t) (I - 11^T / n) = C / std_t, i.e. C has diagonal entries
+    c_i = gamma_i (1 - 1/n) and off-diagonal entries o_i = -gamma_i / n in row i. A part f (W+, |W|,
+    1{W > 0}, ...) is applied entrywise; as std_t > 0, f(W_t) = f(C) / std_t for W, W+, W-, |W| and
+    f(W_t) = f(C) for the indicators, so f(W_t) y = (f(c) y + f(o) (sum(y) - y)) [/ std_t]: O(n) per
+    token, and the op holds only gamma and 1/std ([B, T, 1])."""
 
     def __init__(self, gamma: Tensor | None, beta: Tensor | None, std: Tensor, n: int) -> None:
         g = torch.ones(n, dtype=std.dtype, device=std.device) if gamma is None else gamma
         self.n = n
-        self.d = g * ((1.0 - 1.0 / n) / std)  # [B, T, n]
-        self.o = g * (-1.0 / (n * std))
+        self.c, self.o = g * (1.0 - 1.0 / n), g * (-1.0 / n)  # [n]
+        self.inv = 1.0 / std  # [B, T, 1]
         self.bias = None if beta is None else beta.view(1, n)
-        self._parts: dict = {}
 
-    def _part(self, part: str) -> tuple[Tensor, Tensor]:
-        if part not in self._parts:
-            f = _SIGN_PARTS[part]
-            self._parts[part] = (f(self.d), f(self.o))
-        return self._parts[part]
+    def _part(self, part: str) -> tuple[Tensor, Tensor, bool]:
+        f = _SIGN_PARTS[part]
+        return f(self.c), f(self.o), part not in ("ipos", "ineg")
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
-        fd, fo = self._part(part)
-        return fd * y + fo * (y.sum(-1, keepdim=True) - y)
+        fc, fo, scaled = self._part(part)
+        out = fc * y + fo * (y.sum(-1, keepdim=True) - y)
+        return out.mul_(self.inv) if scaled else out
 
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
-        fd, fo = self._part(part)
+        fc, fo, scaled = self._part(part)
+        if scaled:
+            g = g * self.inv
         og = fo * g
-        return fd * g + og.sum(-1, keepdim=True) - og
+        return (fc * g).add_(og.sum(-1, keepdim=True)).sub_(og)
 
     def __repr__(self) -> str:
         return f"LayerNormOp(n={self.n})"
@@ -283,17 +285,25 @@ class ViTGraph:
         return LayerNormOp(self._w(norm.weight), self._w(norm.bias), _layer_norm_std(h, norm.eps),
                            h.shape[-1])
 
-    def trace(self, x: Tensor, eps: float = 1.0, lean: bool = False) -> Trace:
+    def trace(self, x: Tensor, eps: float = 1.0, lean: bool = False, keep_z: bool = True) -> Trace:
         """Forward pass of the batch ``x`` [B, C, H, W] (compute dtype). ``eps``: the GELU gates'
         temperature (1: the model). ``lean``: keep only the layers' inputs and outputs (``z`` and
-        ``p`` None), all the routing laws need."""
+        ``p`` None), all the routing laws need; ``keep_z=False``: no ``z`` at the GELU layers (only
+        LRP-0 reads it). At the layers without activation ``p`` is the number 1.0 and ``z`` is ``y``.
+        The add node's stacked input holds the skip and the body output; the block input and the
+        body's last output are views of it (no second copy)."""
         m, cfg = self.model, self.config
         counter = [0]
         linear = LinearGate()
 
         def record(op: Any, gate: Gate, y: Tensor, kind: str, **attrs: Any) -> LayerTrace:
             z = op.forward(y)
-            y_next, p = gate(z)
+            if type(gate) is LinearGate:
+                y_next, p = z, 1.0
+            else:
+                y_next, p = gate(z)
+                if not keep_z:
+                    z = None
             counter[0] += 1
             rec = LayerTrace(op, gate, y, None if lean else z, None if lean else p, y_next)
             rec.index, rec.kind = counter[0], kind
@@ -301,10 +311,23 @@ class ViTGraph:
                 setattr(rec, k, v)
             return rec
 
-        def residual(h: Tensor, body: list) -> ResidualTrace:
+        def residual(h: Tensor, body: list, prev: Any) -> ResidualTrace:
             stacked = torch.stack([h, body[-1].y], dim=1)
+            skip = stacked[:, 0]  # h and the body output become views of the stacked input
+            body[0].input = skip
+            body[-1].y = stacked[:, 1]
+            if body[-1].z is not None:
+                body[-1].z = body[-1].y
+            if isinstance(prev, ResidualTrace):
+                prev.add.y = skip
+                if prev.add.z is not None:
+                    prev.add.z = skip
+            else:
+                prev.y = skip
+                if prev.z is not None:
+                    prev.z = skip
             add = record(AddOp(tuple(stacked.shape[1:])), linear, stacked, "add")
-            return ResidualTrace(h, body, add)
+            return ResidualTrace(skip, body, add)
 
         with torch.no_grad():
             emb = EmbedOp(self._w(m.patch_embed.weight), self._w(m.patch_embed.bias),
@@ -322,12 +345,12 @@ class ViTGraph:
                 del q, k
                 mix = record(AttentionMixOp(A), linear, v.y, "attention", block=b)
                 proj = record(self._dense(a.proj), linear, mix.y, "linear")
-                records.append(residual(h, [n1, v, mix, proj]))
+                records.append(residual(h, [n1, v, mix, proj], records[-1]))
                 h = records[-1].y
                 n2 = record(self._norm(blk.norm2, h), linear, h, "norm")
                 fc1 = record(self._dense(blk.mlp.fc1), gelu, n2.y, "linear")
                 fc2 = record(self._dense(blk.mlp.fc2), linear, fc1.y, "linear")
-                records.append(residual(h, [n2, fc1, fc2]))
+                records.append(residual(h, [n2, fc1, fc2], records[-1]))
                 h = records[-1].y
             records.append(record(self._norm(m.norm, h), linear, h, "norm"))
             head = HeadOp(self._w(m.head.weight), self._w(m.head.bias)).bound(tuple(h.shape[1:]))
@@ -408,10 +431,10 @@ def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: b
         elif isinstance(rule, SoftplusGame):  # GxI of the surrogate (GELU gates at temperature eps)
             t = resolve_target(target, xb.shape[0], n_out, xb.device)
             logit = graph.trace(xb, lean=True).logit(t) if return_report else None
-            trace = graph.trace(xb, eps=rule.eps)
+            trace = graph.trace(xb, eps=rule.eps, keep_z=False)
             sweep = GradientXInput().sweep(trace, t, keep_layers=return_report, release=True)
         else:
-            trace = graph.trace(xb, lean=isinstance(rule, _RoutingLaw))
+            trace = graph.trace(xb, lean=isinstance(rule, _RoutingLaw), keep_z=isinstance(rule, LRP0))
             t = resolve_target(target, xb.shape[0], n_out, xb.device)
             logit = trace.logit(t) if return_report else None
             sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
@@ -500,7 +523,8 @@ def unroll_vit(model: ViT, x: Tensor, eps: float = 1.0) -> UnrolledViT:
     boundaries = [0]
 
     def gate_of(rec: LayerTrace) -> np.ndarray:
-        return rec.p[0].reshape(-1).numpy()
+        n = rec.y[0].numel()
+        return np.ones(n) if not isinstance(rec.p, torch.Tensor) else rec.p[0].reshape(-1).numpy()
 
     def push(W, b, y, kind="affine", anchor=None, gate=None):
         gates.append(np.ones(W.shape[0]) if gate is None else gate)
