@@ -366,3 +366,22 @@ def test_float32_model_runs_in_float32():
     x = _image(model, batch=1).float()
     R, rep = bp.explain(model, x, 0, rule=AlphaBeta(2, 1), return_report=True)
     assert R.dtype == torch.float32 and rep.logit.dtype == torch.float32
+
+
+def test_frozen_net_copy_rows_and_anchors_are_validated():
+    from backplay.nets import FrozenNet
+    from backplay.theory import routing_law
+
+    W = np.array([[1.0, 0.0], [0.5, -1.0]])
+    ys = [np.array([1.0, 2.0]), np.array([1.0, -1.5])]
+    net = FrozenNet([W], None, ys, kinds=[("copy", "affine")], anchors=[(0, -1)])
+    assert net.selects(1, 0) and not net.selects(1, 1) and net.has_selections
+    with pytest.raises(ValueError, match="copy row 1 of layer 1"):
+        FrozenNet([W], None, ys, kinds=[("copy", "copy")])
+    with pytest.raises(ValueError, match="anchors"):
+        FrozenNet([W], None, ys, anchors=[(0, 5)])
+    with pytest.raises(ValueError, match="attention anchors"):
+        routing_law(FrozenNet([W], None, ys), target=0, rule=Anchor(RG(), 0.5, anchor="token"))
+    # a copy row passes the relevance unchanged whatever the rule (the anchor does not act on it)
+    law = routing_law(net, target=0, rule=Anchor(AlphaBeta(2, 1), 0.5, anchor="token"))
+    assert law.relevance()[0][0] == 1 and law.relevance()[0][1] == 0
