@@ -363,16 +363,24 @@ class FrozenNet:
     exact (sympy) values.
 
     ``kinds[l-1]`` is ``"affine"`` (the rule applies) or ``"maxpool"`` (a frozen 0/1 selection of
-    the argmax: relevance passes to the winner unchanged, whatever the rule).
+    the argmax: relevance passes to the winner unchanged, whatever the rule), or a tuple with one
+    kind per row of layer l: ``"affine"`` or ``"copy"`` (a row with a single weight 1 that passes
+    relevance unchanged to its unit whatever the rule, as a max-pool row does: it carries a residual
+    skip through the layers of a block, so a network with skip edges is a layered FrozenNet).
+
+    ``anchors[l-1]`` (optional, default None everywhere): for the token-mixing (attention) layers of
+    a ViT, one lower unit per row (the query's own token, -1 for none): the anchor of
+    ``Anchor(..., anchor="token")``, which acts only at the layers that have anchors.
     """
 
     weights: tuple
     biases: tuple
     ys: tuple
     kinds: tuple
+    anchors: tuple
 
     def __init__(self, weights: Sequence[Any], biases: Sequence[Any] | None, ys: Sequence[Any],
-                 kinds: Sequence[str] | None = None) -> None:
+                 kinds: Sequence[Any] | None = None, anchors: Sequence[Any] | None = None) -> None:
         ws = [_as_array(w, f"W^{l}") for l, w in enumerate(weights, start=1)]
         bs = [None if b is None else _as_array(b, f"b^{l}").reshape(-1)
               for l, b in enumerate(biases if biases is not None else [None] * len(ws), start=1)]
@@ -391,9 +399,31 @@ class FrozenNet:
         for l, y in enumerate(yv):
             _check_finite(y, f"y^{l}")
         kinds = tuple(kinds) if kinds is not None else ("affine",) * len(ws)
-        if len(kinds) != len(ws) or not set(kinds) <= {"affine", "maxpool"}:
+        if len(kinds) != len(ws):
             raise ValueError(f"kinds must give 'affine' or 'maxpool' for each of the {len(ws)} layers")
+        kinds = tuple(k if isinstance(k, str) else tuple(k) for k in kinds)
+        for l, (k, w) in enumerate(zip(kinds, ws), start=1):
+            if isinstance(k, str):
+                if k not in ("affine", "maxpool"):
+                    raise ValueError(f"kinds[{l - 1}] must be 'affine', 'maxpool' or one kind per row, got {k!r}")
+                continue
+            if len(k) != w.shape[0] or not set(k) <= {"affine", "copy"}:
+                raise ValueError(f"kinds[{l - 1}] per row must give 'affine' or 'copy' for each of the "
+                                 f"{w.shape[0]} rows of layer {l}")
+            for i in (i for i, ki in enumerate(k) if ki == "copy"):
+                nz = [v for v in w[i] if v != 0]
+                if nz != [1] or (bs[l - 1] is not None and bs[l - 1][i] != 0):
+                    raise ValueError(f"copy row {i} of layer {l} must have a single weight 1 and no bias")
+        anchors = tuple(anchors) if anchors is not None else (None,) * len(ws)
+        if len(anchors) != len(ws):
+            raise ValueError(f"anchors must give None or one unit per row for each of the {len(ws)} layers")
+        anchors = tuple(None if a is None else tuple(int(v) for v in a) for a in anchors)
+        for l, (a, w) in enumerate(zip(anchors, ws), start=1):
+            if a is not None and (len(a) != w.shape[0] or any(not -1 <= v < w.shape[1] for v in a)):
+                raise ValueError(f"anchors[{l - 1}] must give a lower unit (or -1) for each of the "
+                                 f"{w.shape[0]} rows of layer {l}")
         object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "anchors", anchors)
         object.__setattr__(self, "weights", tuple(ws))
         object.__setattr__(self, "biases", tuple(bs))
         object.__setattr__(self, "ys", tuple(yv))
@@ -405,3 +435,13 @@ class FrozenNet:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(y.shape[0] for y in self.ys)
+
+    def selects(self, l: int, i: int) -> bool:
+        """Whether row i of layer l passes relevance unchanged to one unit (a max-pool or copy row)."""
+        k = self.kinds[l - 1]
+        return k == "maxpool" if isinstance(k, str) else k[i] == "copy"
+
+    @property
+    def has_selections(self) -> bool:
+        """Whether some row is a max-pool or copy row."""
+        return any(k == "maxpool" if isinstance(k, str) else "copy" in k for k in self.kinds)

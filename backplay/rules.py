@@ -282,7 +282,7 @@ class _Local:
     nu = 0) are kept as numbers.
     """
 
-    def __init__(self, layer: "LayerTrace", base: "Rule", lam: float) -> None:
+    def __init__(self, layer: "LayerTrace", base: "Rule", lam: float, own: bool = False) -> None:
         M, y = layer.map, layer.input
         self.M, self.lam = M, float(lam)
         self.nonneg = nonneg = not bool((y < 0).any())
@@ -336,6 +336,12 @@ class _Local:
             self.ibp = None if b is None else (b > 0).to(y.dtype)
             self.ibn = None if b is None else (b < 0).to(y.dtype)
             self.Np, self.Nn = self._i2(self.ip, self.in_)
+            # the token anchor (ViT attention, THEORY.md section 7): the anchor is the own unit
+            # (M.own_gather / M.own_scatter) where its contribution lies in the branch, else uniform
+            self.own = None
+            if own:
+                c = M.own_contribution(y)
+                self.own = (c > 0, c < 0)
 
     def _w2(self, a: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
         """(W+ a - W- c + b+, W+ c - W- a + b-), c None meaning 0 (the two routing sums)."""
@@ -371,6 +377,9 @@ class _Local:
         if lam:
             ip_, in_ = self._i2(self.ip * U, None if self.in_ is None else self.in_ * U)
             Ip, In = _sdiv(ip_, self.Np), _sdiv(in_, self.Nn)
+            if self.own is not None:
+                Uo = self.M.own_gather(U)
+                Ip, In = torch.where(self.own[0], Uo, Ip), torch.where(self.own[1], Uo, In)
             Vp, Vn = (1 - lam) * Vp + lam * Ip, (1 - lam) * Vn + lam * In
         return torch.where(self.full_p, Vp, 1.0), torch.where(self.full_n, Vn, 1.0)
 
@@ -455,8 +464,15 @@ class _Local:
         if lam:
             ip = self.ip if U is None else self.ip * U
             in_ = None if self.in_ is None else (self.in_ if U is None else self.in_ * U)
-            ci_p = _sdiv(ap * lam, self.Np if Vp is None else self.Np * Vp)
-            ci_n = _sdiv(an * lam, self.Nn if Vn is None else self.Nn * Vn)
+            lp, ln = ap * lam, an * lam
+            if self.own is not None:  # the own unit takes the anchor share where it is in the branch
+                op, on = self.own
+                oc = torch.where(op, lp if Vp is None else _sdiv(lp, Vp), 0.0)
+                oc = oc - torch.where(on, ln if Vn is None else _sdiv(ln, Vn), 0.0)
+                lower = lower + M.own_scatter(oc if U is None else oc * M.own_gather(U))
+                lp, ln = torch.where(op, 0.0, lp), torch.where(on, 0.0, ln)
+            ci_p = _sdiv(lp, self.Np if Vp is None else self.Np * Vp)
+            ci_n = _sdiv(ln, self.Nn if Vn is None else self.Nn * Vn)
             if in_ is None:
                 lower = lower + ip * M.pair_t(ci_p, -ci_n, ind=True)
             else:
@@ -513,7 +529,7 @@ def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
     base, anchor, risk = _routing_parts(rule)
     depth = getattr(trace, "n_layers", len(trace.layers))
     ctx = {"stopped": torch.zeros_like(trace.output[:, 0]), "base": base, "anchor": anchor,
-           "depth": depth, "local": {}, "U": {},
+           "depth": depth, "blocks": getattr(trace, "n_blocks", 0), "local": {}, "U": {},
            "lrp0_form": isinstance(base, GradientEquilibrium) and anchor is None and risk is None}
     if risk is not None:
         x = trace.x
@@ -534,11 +550,14 @@ def _equilibrium_backward(layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
     y_j sum_i W_ij R_i / z_i (LRP-0; no mass is ever handed to an empty branch); the token stops where
     z_i = 0 and the share R_i b_i / z_i ends in the bias sink. Two products instead of four."""
     M, y = layer.map, layer.input
-    z = M.forward(y)
+    z = M.apply(y)
+    b = M.bias_like(z)
+    if b is not None:
+        z = z + b
     c = _sdiv(r, z)
     stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)
-    if M.bias is not None:
-        stopped = stopped + _Local._bias_sum(c, M.bias.reshape((-1,) + (1,) * (c.ndim - 2)))
+    if b is not None:
+        stopped = stopped + (c * b).flatten(1).sum(1)
     ctx["stopped"] = ctx["stopped"] + stopped
     return M.transpose(c, "W").mul_(y)
 
@@ -547,8 +566,15 @@ def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
     loc = ctx["local"].get(id(layer))
     if loc is None:
         anchor = ctx["anchor"]
-        lam = 0.0 if anchor is None else anchor.lam_at(getattr(layer, "index", 1), ctx["depth"])
-        loc = _Local(layer, ctx["base"], lam)
+        own = anchor is not None and anchor.anchor == "token"
+        if anchor is None:
+            lam = 0.0
+        elif own:  # the token anchor acts at the attention (token-mixing) layers only, lam per block
+            block = getattr(layer, "block", None)
+            lam = 0.0 if block is None else anchor.lam_at(block + 1, ctx["blocks"])
+        else:
+            lam = anchor.lam_at(getattr(layer, "index", 1), ctx["depth"])
+        loc = _Local(layer, ctx["base"], lam, own=own)
         ctx["local"][id(layer)] = loc
     return loc
 
@@ -679,9 +705,15 @@ class GradientEquilibrium(_RoutingLaw):
 
 @dataclass(frozen=True)
 class Anchor(_RoutingLaw):
-    """Extended action set (THEORY.md section 5): routing pi_lam = (1 - lam) pi + lam u, u uniform on
-    the branch support (bias unit included); ``lam`` a number or one per layer (torch order,
-    layer 1 first). lam = 0 is the base law."""
+    """Extended action set (THEORY.md section 5): routing pi_lam = (1 - lam) pi + lam u; lam = 0 is
+    the base law.
+
+    ``anchor="uniform"`` (default): u uniform on the branch support (bias unit included), at every
+    layer; ``lam`` a number or one per layer (torch order, layer 1 first).
+    ``anchor="token"`` (ViTs only, THEORY.md section 7): the anchor acts at the token-mixing edges of
+    attention only; at the attention neuron (query q, feature d) u is the query's own token (q, d)
+    when its contribution A_qq v_qd lies in the branch, else uniform on the branch; ``lam`` a number
+    or one per block. Every other layer (LayerNorm, Linear, GELU, add nodes) keeps the base law."""
 
     rule: Rule = RG()
     lam: float | tuple = 0.1
@@ -695,15 +727,16 @@ class Anchor(_RoutingLaw):
             _finite("lam", v)
             if not 0 <= v <= 1:
                 raise ValueError(f"lam must lie in [0, 1], got {v}")
-        if self.anchor != "uniform":
-            raise ValueError(f"unknown anchor {self.anchor!r} (MLPs and CNNs: 'uniform')")
+        if self.anchor not in ("uniform", "token"):
+            raise ValueError(f"unknown anchor {self.anchor!r} ('uniform', or 'token' for ViTs)")
 
     def lam_at(self, layer: int, depth: int) -> float:
-        """lam of torch layer ``layer`` (1..depth)."""
+        """lam of torch layer ``layer`` (1..depth); for the token anchor of block ``layer``."""
         if not isinstance(self.lam, tuple):
             return self.lam
         if len(self.lam) != depth:
-            raise ValueError(f"lam has {len(self.lam)} entries, the net has {depth} layers")
+            unit = "blocks" if self.anchor == "token" else "layers"
+            raise ValueError(f"lam has {len(self.lam)} entries, the net has {depth} {unit}")
         return self.lam[layer - 1]
 
 

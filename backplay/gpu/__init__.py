@@ -1,7 +1,8 @@
 """backplay.gpu: the fast batched torch path (any device).
 
 ``explain`` runs a rule (:mod:`backplay.rules`) on a model for a batch (MLPs, CNNs with BatchNorm and
-pools, residual blocks built with :class:`Residual` / :class:`Add`); ``unroll`` writes the explained
+pools, residual blocks built with :class:`Residual` / :class:`Add`, and :class:`backplay.gpu.vit.ViT`
+on its frozen extended graph, :mod:`backplay.gpu.vit_explain`); ``unroll`` writes the explained
 pass of one input as a :class:`backplay.nets.FrozenNet`; ``occupation`` returns the occupation
 measures of the GV game / entropic game (THEORY.md sections 2-3); ``interval_bounds`` is IBP, the
 game's monotone bound on a box (I13). ``occupation`` and ``interval_bounds`` take ``nn.Sequential`` of

@@ -16,7 +16,7 @@ import torch
 
 from backplay.gpu.checks import _to_module, float_tensor, resolve_target
 from backplay.gpu.graph import GraphNetwork, check_items_device, items_dtype, read_items, _build
-from backplay.rules import Gradient, Rule
+from backplay.rules import Gradient, Rule, _RoutingLaw
 
 Tensor = torch.Tensor
 
@@ -113,7 +113,8 @@ def explain(
     """Relevance of every input feature for ``target`` under ``rule``.
 
     Args:
-        model: an ``nn.Sequential`` (nested allowed) of Linear, Conv2d, BatchNorm1d/2d (directly after
+        model: a :class:`backplay.gpu.vit.ViT` (run on its frozen graph, or by a ViT rule: see
+            :func:`backplay.gpu.vit_explain.explain_vit`), an ``nn.Sequential`` (nested allowed) of Linear, Conv2d, BatchNorm1d/2d (directly after
             Linear/Conv2d; eval-mode statistics, merged on copies), AvgPool2d, AdaptiveAvgPool2d,
             MaxPool2d, Flatten, ReLU, Softplus, Identity, Dropout (the identity) and
             :class:`backplay.gpu.Residual` blocks; or a :class:`backplay.MLPSpec` (converted with
@@ -128,14 +129,25 @@ def explain(
         ``(R, report)``. The computation runs in the promotion of x's and the model's dtypes, in one
         batched forward pass and one backward sweep.
     """
+    from backplay.gpu.vit import ViT
+    from backplay.gpu.vit_rules import ViTRule
+    from backplay.rules import _routing_parts
+
+    if isinstance(model, ViT):  # the frozen ViT graph (THEORY.md section 7)
+        from backplay.gpu.vit_explain import explain_vit
+
+        return explain_vit(model, x, target, rule, return_report)
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a backplay.rules.Rule, got {type(rule).__name__}")
+    if isinstance(rule, ViTRule):
+        raise TypeError(f"{type(rule).__name__} is a ViT rule: it needs a backplay.gpu.vit.ViT model")
+    anchor = _routing_parts(rule)[1] if isinstance(rule, _RoutingLaw) else None
+    if anchor is not None and anchor.anchor == "token":
+        raise ValueError("Anchor(anchor='token') acts at attention layers: it needs a backplay.gpu.vit.ViT")
     prep = prepare_graph(model, x)
     xb = prep.x
     with torch.no_grad():
-        try:
-            from backplay.rules import _RoutingLaw  # the routing laws read only inputs and outputs
-
+        try:  # the routing laws read only inputs and outputs
             trace = prep.net.trace(xb, lean=isinstance(rule, _RoutingLaw))
         except RuntimeError as e:  # shapes that do not chain
             raise ValueError(f"the model cannot be applied to x of shape {prep.in_shape}: {e}") from e

@@ -155,18 +155,22 @@ class _WeightOp(LinearOp):
     @cached_property
     def stacked(self) -> "_Lazy":
         """The two parts stacked along the output dimension (one matmul / convolution for both)."""
+        parts = self.parts  # not self: no reference cycle, the op is freed as soon as it is dropped
+
         def make(ind: bool) -> Tensor:
             a, b = ("ipos", "ineg") if ind else ("pos", "neg")
-            return torch.cat([self.parts[a], self.parts[b]], 0)
+            return torch.cat([parts[a], parts[b]], 0)
         return _Lazy(make)
 
     @cached_property
     def crossed(self) -> "_Lazy":
         """[[A+, A-], [A-, A+]]: rows = output parts, columns = the two input halves (also the
         conv_transpose2d weight of cross_t)."""
+        parts = self.parts  # not self (no reference cycle)
+
         def make(ind: bool) -> Tensor:
             a, b = ("ipos", "ineg") if ind else ("pos", "neg")
-            pa, pb = self.parts[a], self.parts[b]
+            pa, pb = parts[a], parts[b]
             return torch.cat([torch.cat([pa, pb], 1), torch.cat([pb, pa], 1)], 0)
         return _Lazy(make)
 

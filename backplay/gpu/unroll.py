@@ -20,9 +20,16 @@ def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
     AvgPool2d / AdaptiveAvgPool2d their averaging matrix, MaxPool2d the frozen 0/1 selection of the
     argmax at this input (``kinds`` "maxpool": relevance goes to the winner whatever the rule); ReLU / Softplus are folded into the recorded values ``ys`` (y^0 = x
     flattened, ..., y^L); Flatten adds nothing. Residual blocks are not unrollable (ValueError).
+    A :class:`backplay.gpu.vit.ViT` is unrolled by :func:`backplay.gpu.vit_explain.unroll_vit`
+    (its residual skips carried by copy rows).
     """
     from backplay.gpu.engine import prepare_graph
+    from backplay.gpu.vit import ViT
 
+    if isinstance(model, ViT):
+        from backplay.gpu.vit_explain import unroll_vit
+
+        return unroll_vit(model, x).net
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
     prep = prepare_graph(model, x.detach().to(torch.float64))

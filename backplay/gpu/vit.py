@@ -472,3 +472,13 @@ def load_state_dict_any(state_dict: Any, config: ViTConfig | dict[str, Any] | No
 
     return vit_checkpoints.load_state_dict_any(state_dict, config=config,
                                                num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """``patch_relevance`` and ``unroll_vit`` live in :mod:`backplay.gpu.vit_explain` (imported
+    lazily: that module imports this one)."""
+    if name in ("patch_relevance", "unroll_vit"):
+        from . import vit_explain
+
+        return getattr(vit_explain, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

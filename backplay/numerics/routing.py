@@ -85,8 +85,8 @@ def _frozen(net: MLPSpec | FrozenNet, x: Any) -> tuple[list, list, list]:
         ys = [x] + [y for _, y in spec.forward(x)]
         return list(spec.weights), [spec.bias(l) for l in range(1, spec.depth + 1)], ys
     if isinstance(net, FrozenNet):
-        if "maxpool" in net.kinds:
-            raise ValueError("routing_kernels does not model max-pool (winner-takes-all) layers; "
+        if net.has_selections:
+            raise ValueError("routing_kernels does not model max-pool (winner-takes-all) or copy rows; "
                              "use a FrozenNet of affine layers")
         ws = [np.asarray(w, dtype=np.float64) for w in net.weights]
         bs = [np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64)

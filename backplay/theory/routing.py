@@ -118,7 +118,7 @@ def _exact_net(net: FrozenNet) -> FrozenNet:
     conv = np.vectorize(to_rational, otypes=[object])
     return FrozenNet([conv(w) for w in net.weights],
                      [None if b is None else conv(b) for b in net.biases], [conv(y) for y in net.ys],
-                     net.kinds)
+                     net.kinds, net.anchors)
 
 
 def _same_net(a: FrozenNet, b: FrozenNet) -> bool:
@@ -321,14 +321,21 @@ class RoutingLaw(TrajectoryLaw):
 
     def _base_local(self, rule: Rule, l: int, i: int) -> LocalLaw:
         A = self.arith
-        if self.net.kinds[l - 1] == "maxpool":  # winner takes all, whatever the rule
+        if self.net.selects(l, i):  # max-pool / copy row: winner takes all, whatever the rule
             (winner,) = [j for j, w in enumerate(self.net.weights[l - 1][i]) if w != 0]
             one = A.num(1)
             y = A.num(self.net.ys[l - 1][winner])
             return LocalLaw(one, A.num(0), one, False, {1: {winner: one}, -1: {}}, y, A.num(0), y)
-        lam = A.num(0)
+        lam, own = A.num(0), None
         if isinstance(rule, Anchor):
-            lam = A.num(to_rational(rule.lam_at(l, self.net.depth)))
+            if rule.anchor == "token":  # attention layers only (FrozenNet.anchors), lam per block
+                anchors = self.net.anchors
+                if anchors[l - 1] is not None:
+                    block = sum(a is not None for a in anchors[:l])
+                    lam = A.num(to_rational(rule.lam_at(block, sum(a is not None for a in anchors))))
+                    own = anchors[l - 1][i] if anchors[l - 1][i] >= 0 else None
+            else:
+                lam = A.num(to_rational(rule.lam_at(l, self.net.depth)))
             rule = rule.rule
         inv_t = 1 / A.num(to_rational(getattr(rule, "route_temp", 1)))
         branches: dict = {1: {}, -1: {}}
@@ -347,7 +354,10 @@ class RoutingLaw(TrajectoryLaw):
         for b, ws in branches.items():
             tot = sum(ws.values(), A.num(0))
             n = len(ws)
-            routing[b] = {u: (1 - lam) * v / tot + lam / n for u, v in ws.items()}
+            if own is not None and own in ws:  # the token anchor: the own unit, if in the branch
+                routing[b] = {u: (1 - lam) * v / tot + (lam if u == own else 0) for u, v in ws.items()}
+            else:
+                routing[b] = {u: (1 - lam) * v / tot + lam / n for u, v in ws.items()}
         z = s_plus + s_minus
         both_empty = not routing[1] and not routing[-1]
         if isinstance(rule, AttributionEquilibriumLaw):  # AE's hand-over, m = 1/(p - q) (section 8)
@@ -510,6 +520,10 @@ def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: 
         raise ValueError(f"target {target} out of range for {frozen.widths[-1]} outputs")
     if dps < 15:
         raise ValueError(f"dps must be >= 15, got {dps}")
+    anchor = rule.rule if isinstance(rule, RiskAverse) else rule
+    if isinstance(anchor, Anchor) and anchor.anchor == "token" and all(a is None for a in frozen.anchors):
+        raise ValueError("Anchor(anchor='token') needs a FrozenNet with attention anchors "
+                         "(backplay.gpu.unroll of a ViT)")
     return RoutingLaw(frozen, int(target), rule, _Arith(_field_of(rule, field), dps))
 
 

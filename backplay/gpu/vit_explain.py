@@ -1,0 +1,560 @@
+"""``explain`` on a Vision Transformer: the frozen extended graph (THEORY.md section 7).
+
+The explained forward pass of a :class:`backplay.gpu.vit.ViT` is read as frozen layer maps and gates
+(:mod:`backplay.gpu.graph` objects), so every layer rule of :mod:`backplay.rules` (Gradient,
+GradientXInput, LRP0, AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse, SoftplusGame)
+runs on it unchanged, in one batched forward pass and one backward sweep:
+
+* patch embedding (Conv2d) with the cls token and the position embedding: :class:`EmbedOp`, the conv
+  weights; cls token + position embedding are bias (constant unit) contributions;
+* every Linear (v, proj, fc1, fc2): its weights (:class:`TokenDenseOp`, per token);
+* LayerNorm: the standard deviation std_t is frozen (the identity rule), the centring and gamma stay
+  linear: per sample and token the dense map diag(gamma / std_t) (I - 11^T / n), beta a bias
+  (:class:`LayerNormOp`);
+* GELU: the gate Phi(z) is frozen (gelu(z) = z Phi(z)), the neuron's own gate: :class:`GELUGate`
+  (the gradient passes it times Phi(z); the routing laws and LRP-0 pass relevance through it as
+  through a ReLU or softplus gate);
+* attention out_q = sum_t A_qt v_t (per head): a token-mixing linear map with the frozen,
+  non-negative weights A (:class:`AttentionMixOp`); q and k receive no relevance;
+* each residual add: an add node with two contributions (:class:`backplay.gpu.graph.AddOp`), the
+  block body a :class:`backplay.gpu.graph.ResidualTrace`;
+* the final LayerNorm on every token, then the head on the cls token (:class:`HeadOp`).
+
+Layers, torch order (``ExplainReport.layers``): [0] the image, [1] the token stream after the
+embedding, then the stream after each residual add (two per block: attention, MLP), then the final
+LayerNorm's output (tokens), then the logits. Body layers count in the numbering of ``Anchor(lam=
+tuple)`` (embed, then per block norm1, v, mix, proj, add, norm2, fc1, fc2, add, then norm, head).
+
+Conventions of this module (documented choices):
+
+* ``SoftplusGame(eps)`` on a ViT: the GELU gates Phi(z) are the Gibbs gates. The surrogate ViT has
+  the same weights with each GELU z Phi(z) replaced by z Phi(z / eps) (its gate at temperature eps);
+  the rule is Gradient x Input on the surrogate's frozen graph (LayerNorm std and attention are those
+  of the surrogate pass). eps = 1 is the model itself (Gradient x Input of the frozen graph);
+  eps -> 0 gives the ViT with ReLU MLPs.
+* ``Anchor(rule, lam, anchor="token")``: at the attention (token-mixing) edges of block b the
+  routing is (1 - lam_b) pi + lam_b u with u the query's own token (same head and feature) when its
+  contribution A_qq v_qd lies in the branch, else uniform on the branch; every other layer keeps the
+  base law. ``anchor="uniform"`` mixes the uniform anchor in at every layer.
+* The frozen-graph gradient (``Gradient``) is the gradient of the detached model
+  (``forward_explain(freeze=True)``), so ``GradientXInput`` = Input x Gradient of the detached model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backplay.gpu.checks import float_tensor, resolve_target
+from backplay.gpu.graph import AddOp, DenseOp, LinearOp, ResidualTrace, _WeightOp
+from backplay.gpu.layers import Gate, LayerTrace, LinearGate, Trace
+from backplay.gpu.vit import ViT
+from backplay.rules import (
+    RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput, LRP0, RGEq, RiskAverse, Rule,
+    SoftplusGame, _RoutingLaw,
+)
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "EmbedOp", "TokenDenseOp", "LayerNormOp", "AttentionMixOp", "HeadOp", "GELUGate", "ViTGraph",
+    "GRAPH_RULES", "UnrolledViT", "explain_vit", "patch_relevance", "unroll_vit",
+]
+
+#: The rules that run on the frozen ViT graph (the ViT-only rules subclass ViTRule instead).
+GRAPH_RULES = (Gradient, GradientXInput, LRP0, AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor,
+               RiskAverse, SoftplusGame)
+
+
+# --------------------------------------------------------------------------------------------
+# the frozen layer maps
+# --------------------------------------------------------------------------------------------
+class TokenDenseOp(DenseOp):
+    """``nn.Linear`` applied to every token: y [B, T, n_in] -> z [B, T, n_out] (bias kept as [1, n])."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__(weight, None if bias is None else bias.view(1, -1))
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        a, b = ("ipos", "ineg") if ind else ("pos", "neg")
+        out = g @ self.parts[a]
+        return out if h is None else out + h @ self.parts[b]
+
+    # [g, h] stacked along dim 1 (tokens): the generic split, not DenseOp's feature-dim buffer
+    pair_t_buf = LinearOp.pair_t_buf
+    cross_t_buf = LinearOp.cross_t_buf
+
+
+class EmbedOp(_WeightOp):
+    """Patch embedding with the cls token: image [B, C, H, W] -> tokens [B, 1 + N, dim].
+
+    z_0 = cls + pos_0 (a bias only: no weight reaches the cls row), z_t = conv(x)_t + b + pos_t."""
+
+    def __init__(self, weight: Tensor, conv_bias: Tensor | None, cls: Tensor, pos: Tensor,
+                 patch: int) -> None:
+        self.weight, self.patch = weight, patch
+        d = weight.shape[0]
+        n = pos.shape[1] - 1
+        patch_bias = torch.zeros(n, d, dtype=weight.dtype, device=weight.device)
+        if conv_bias is not None:
+            patch_bias = patch_bias + conv_bias.view(1, d)
+        self.bias = torch.cat([cls.reshape(1, d), patch_bias], 0) + pos.reshape(n + 1, d)
+
+    def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        z = F.conv2d(y, self.parts[part], None, stride=self.patch).flatten(2).transpose(1, 2)
+        return torch.cat([z.new_zeros(z.shape[0], 1, z.shape[2]), z], 1)
+
+    def transpose(self, g: Tensor, part: str = "W") -> Tensor:
+        B, T, d = g.shape
+        side = int(round((T - 1) ** 0.5))
+        gp = g[:, 1:].transpose(1, 2).reshape(B, d, side, side)
+        return F.conv_transpose2d(gp, self.parts[part], None, stride=self.patch)
+
+    def __repr__(self) -> str:
+        return f"EmbedOp({tuple(self.weight.shape)})"
+
+
+_SIGN_PARTS = {
+    "W": lambda w: w, "pos": lambda w: w.clamp_min(0), "neg": lambda w: w.clamp_max(0),
+    "abs": lambda w: w.abs(), "ipos": lambda w: (w > 0).to(w.dtype), "ineg": lambda w: (w < 0).to(w.dtype),
+}
+
+
+class LayerNormOp(LinearOp):
+    """LayerNorm with the standard deviation frozen (per sample and token): z = W_t y + beta with
+    W_t = diag(gamma / std_t) (I - 11^T / n) = C / std_t, i.e. C has diagonal entries
+    c_i = gamma_i (1 - 1/n) and off-diagonal entries o_i = -gamma_i / n in row i. A part f (W+, |W|,
+    1{W > 0}, ...) is applied entrywise; as std_t > 0, f(W_t) = f(C) / std_t for W, W+, W-, |W| and
+    f(W_t) = f(C) for the indicators, so f(W_t) y = (f(c) y + f(o) (sum(y) - y)) [/ std_t]: O(n) per
+    token, and the op holds only gamma and 1/std ([B, T, 1])."""
+
+    def __init__(self, gamma: Tensor | None, beta: Tensor | None, std: Tensor, n: int) -> None:
+        g = torch.ones(n, dtype=std.dtype, device=std.device) if gamma is None else gamma
+        self.n = n
+        self.c, self.o = g * (1.0 - 1.0 / n), g * (-1.0 / n)  # [n]
+        self.inv = 1.0 / std  # [B, T, 1]
+        self.bias = None if beta is None else beta.view(1, n)
+
+    def _part(self, part: str) -> tuple[Tensor, Tensor, bool]:
+        f = _SIGN_PARTS[part]
+        return f(self.c), f(self.o), part not in ("ipos", "ineg")
+
+    def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        fc, fo, scaled = self._part(part)
+        out = fc * y + fo * (y.sum(-1, keepdim=True) - y)
+        return out.mul_(self.inv) if scaled else out
+
+    def transpose(self, g: Tensor, part: str = "W") -> Tensor:
+        fc, fo, scaled = self._part(part)
+        if scaled:
+            g = g * self.inv
+        og = fo * g
+        return (fc * g).add_(og.sum(-1, keepdim=True)).sub_(og)
+
+    def __repr__(self) -> str:
+        return f"LayerNormOp(n={self.n})"
+
+
+class AttentionMixOp(LinearOp):
+    """out_q = sum_t A_qt v_t per head, A [B, H, T, T] frozen (softmax: non-negative), no bias.
+    W = W+ = |W| = A, W- = 0 (as a pool). ``own_*``: the query's own token (the token anchor)."""
+
+    def __init__(self, attn: Tensor) -> None:
+        self.A = attn
+        self.heads = attn.shape[1]
+        self._ind: Tensor | None = None
+
+    def _matrix(self, part: str) -> Tensor | None:
+        if part in ("neg", "ineg"):
+            return None
+        if part == "ipos":
+            if self._ind is None:
+                self._ind = (self.A > 0).to(self.A.dtype)
+            return self._ind
+        return self.A
+
+    def _split(self, y: Tensor) -> Tensor:
+        B, T, d = y.shape
+        return y.reshape(B, T, self.heads, d // self.heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge(t: Tensor) -> Tensor:
+        B, H, T, hd = t.shape
+        return t.transpose(1, 2).reshape(B, T, H * hd)
+
+    def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        M = self._matrix(part)
+        if M is None:
+            return torch.zeros_like(y)
+        return self._merge(M @ self._split(y))
+
+    def transpose(self, g: Tensor, part: str = "W") -> Tensor:
+        M = self._matrix(part)
+        if M is None:
+            return torch.zeros_like(g)
+        return self._merge(M.transpose(-2, -1) @ self._split(g))
+
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        return self.apply(y, "ipos" if ind else "pos"), None
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        return self.transpose(g, "ipos" if ind else "pos")
+
+    def own_contribution(self, y: Tensor) -> Tensor:
+        """A_qq v_qd: the contribution of the query's own token to output (q, d)."""
+        diag = self.A.diagonal(dim1=-2, dim2=-1)  # [B, H, T]
+        return self._merge(diag.unsqueeze(-1) * self._split(y))
+
+    @staticmethod
+    def own_gather(u: Tensor) -> Tensor:
+        """The lower layer's values at each output's own unit (the same position)."""
+        return u
+
+    @staticmethod
+    def own_scatter(c: Tensor) -> Tensor:
+        """Transpose of :meth:`own_gather`."""
+        return c
+
+    def __repr__(self) -> str:
+        return f"AttentionMixOp(heads={self.heads})"
+
+
+class HeadOp(_WeightOp):
+    """The classifier on the cls token: tokens [B, T, dim] -> logits W y_0 + b (other tokens: weight 0)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight = weight
+        self.bias = None if bias is None else bias.view(1, -1)
+
+    def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        return F.linear(y[:, 0], self.parts[part])
+
+    def transpose(self, g: Tensor, part: str = "W") -> Tensor:
+        out = g.new_zeros((g.shape[0],) + tuple(self.in_shape))
+        out[:, 0] = g @ self.parts[part]
+        return out
+
+    def __repr__(self) -> str:
+        return f"HeadOp({self.weight.shape[1]} -> {self.weight.shape[0]})"
+
+
+class GELUGate(Gate):
+    """GELU read as a frozen gate: y = z Phi(z / eps), continue with p = Phi(z / eps) (eps = 1: the
+    exact erf GELU of the model; other eps: the SoftplusGame surrogate, see the module docstring)."""
+
+    def __init__(self, eps: float = 1.0) -> None:
+        self.eps = float(eps)
+
+    def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        u = z if self.eps == 1.0 else z / self.eps
+        p = 0.5 * (1.0 + torch.erf(u * (1.0 / 2.0 ** 0.5)))
+        return z * p, p
+
+    def __repr__(self) -> str:
+        return f"GELUGate(eps={self.eps})"
+
+
+# --------------------------------------------------------------------------------------------
+# the read model and its forward trace
+# --------------------------------------------------------------------------------------------
+def _layer_norm_std(h: Tensor, eps: float) -> Tensor:
+    """sqrt(var + eps) over the last dimension (biased variance), as nn.LayerNorm and forward_explain."""
+    xc = h - h.mean(dim=-1, keepdim=True)
+    return torch.sqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)
+
+
+class ViTGraph:
+    """A :class:`ViT` read as detached weights in ``dtype`` (the model is never run nor modified);
+    :meth:`trace` runs the explained forward pass of a batch as layer records."""
+
+    def __init__(self, model: ViT, dtype: torch.dtype) -> None:
+        self.model, self.dtype = model, dtype
+        self.config = model.config
+
+    def _w(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(self.dtype)
+
+    def _dense(self, lin: Any) -> TokenDenseOp:
+        return TokenDenseOp(self._w(lin.weight), self._w(lin.bias))
+
+    def _norm(self, norm: Any, h: Tensor) -> LayerNormOp:
+        return LayerNormOp(self._w(norm.weight), self._w(norm.bias), _layer_norm_std(h, norm.eps),
+                           h.shape[-1])
+
+    def trace(self, x: Tensor, eps: float = 1.0, lean: bool = False, keep_z: bool = True) -> Trace:
+        """Forward pass of the batch ``x`` [B, C, H, W] (compute dtype). ``eps``: the GELU gates'
+        temperature (1: the model). ``lean``: keep only the layers' inputs and outputs (``z`` and
+        ``p`` None), all the routing laws need; ``keep_z=False``: no ``z`` at the GELU layers (only
+        LRP-0 reads it). At the layers without activation ``p`` is the number 1.0 and ``z`` is ``y``.
+        The add node's stacked input holds the skip and the body output; the block input and the
+        body's last output are views of it (no second copy)."""
+        m, cfg = self.model, self.config
+        counter = [0]
+        linear = LinearGate()
+
+        def record(op: Any, gate: Gate, y: Tensor, kind: str, **attrs: Any) -> LayerTrace:
+            z = op.forward(y)
+            if type(gate) is LinearGate:
+                y_next, p = z, 1.0
+            else:
+                y_next, p = gate(z)
+                if not keep_z:
+                    z = None
+            counter[0] += 1
+            rec = LayerTrace(op, gate, y, None if lean else z, None if lean else p, y_next)
+            rec.index, rec.kind = counter[0], kind
+            for k, v in attrs.items():
+                setattr(rec, k, v)
+            return rec
+
+        def residual(h: Tensor, body: list, prev: Any) -> ResidualTrace:
+            stacked = torch.stack([h, body[-1].y], dim=1)
+            skip = stacked[:, 0]  # h and the body output become views of the stacked input
+            body[0].input = skip
+            body[-1].y = stacked[:, 1]
+            if body[-1].z is not None:
+                body[-1].z = body[-1].y
+            if isinstance(prev, ResidualTrace):
+                prev.add.y = skip
+                if prev.add.z is not None:
+                    prev.add.z = skip
+            else:
+                prev.y = skip
+                if prev.z is not None:
+                    prev.z = skip
+            add = record(AddOp(tuple(stacked.shape[1:])), linear, stacked, "add")
+            return ResidualTrace(skip, body, add)
+
+        with torch.no_grad():
+            emb = EmbedOp(self._w(m.patch_embed.weight), self._w(m.patch_embed.bias),
+                          self._w(m.cls_token), self._w(m.pos_embed), cfg.patch_size)
+            records = [record(emb, linear, x, "embed")]
+            h = records[0].y
+            gelu = GELUGate(eps)
+            for b, blk in enumerate(m.blocks):
+                a = blk.attn
+                n1 = record(self._norm(blk.norm1, h), linear, h, "norm")
+                v = record(self._dense(a.v), linear, n1.y, "linear")
+                q = a._heads(F.linear(n1.y, self._w(a.q.weight), self._w(a.q.bias)))
+                k = a._heads(F.linear(n1.y, self._w(a.k.weight), self._w(a.k.bias)))
+                A = torch.softmax((q @ k.transpose(-2, -1)) * a.scale, dim=-1)
+                del q, k
+                mix = record(AttentionMixOp(A), linear, v.y, "attention", block=b)
+                proj = record(self._dense(a.proj), linear, mix.y, "linear")
+                records.append(residual(h, [n1, v, mix, proj], records[-1]))
+                h = records[-1].y
+                n2 = record(self._norm(blk.norm2, h), linear, h, "norm")
+                fc1 = record(self._dense(blk.mlp.fc1), gelu, n2.y, "linear")
+                fc2 = record(self._dense(blk.mlp.fc2), linear, fc1.y, "linear")
+                records.append(residual(h, [n2, fc1, fc2], records[-1]))
+                h = records[-1].y
+            records.append(record(self._norm(m.norm, h), linear, h, "norm"))
+            head = HeadOp(self._w(m.head.weight), self._w(m.head.bias)).bound(tuple(h.shape[1:]))
+            records.append(record(head, linear, records[-1].y, "head"))
+        tr = Trace(x, records)
+        tr.network = self
+        tr.n_layers = counter[0]
+        tr.n_blocks = len(m.blocks)
+        return tr
+
+
+# --------------------------------------------------------------------------------------------
+# explain
+# --------------------------------------------------------------------------------------------
+def _check_model(model: ViT, x: Tensor) -> torch.dtype:
+    if model.config.num_classes < 1:
+        raise ValueError("the ViT has no classification head (num_classes = 0): nothing to explain")
+    dtype = None
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            if t.device != x.device:
+                raise ValueError(f"the model's parameters are on {t.device} ({name}) but the input is "
+                                 f"on {x.device}; move the model or the input so that they share one device")
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return x.dtype if dtype is None else torch.promote_types(x.dtype, dtype)
+
+
+def _prepare(model: ViT, x: Any) -> tuple[Tensor, bool, torch.dtype]:
+    """(batch in the compute dtype, squeeze, the caller's dtype), with clear errors."""
+    x = float_tensor(x, "x")
+    cfg = model.config
+    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if x.ndim not in (3, 4) or tuple(x.shape[-3:]) != want:
+        raise ValueError(f"x must have shape [B, {want[0]}, {want[1]}, {want[2]}] (or [{want[0]}, "
+                         f"{want[1]}, {want[2]}] for one image) for this ViT, got shape {tuple(x.shape)}")
+    dtype = _check_model(model, x)
+    squeeze = x.ndim == 3
+    xb = x.detach().unsqueeze(0) if squeeze else x.detach()
+    if not bool(torch.isfinite(xb).all()):
+        raise ValueError("x contains non-finite values (nan or inf)")
+    return xb.to(dtype), squeeze, x.dtype
+
+
+def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: bool = False
+                ) -> Tensor | tuple[Tensor, Any]:
+    """:func:`backplay.gpu.explain` for a :class:`ViT` (same contract): the relevance of every pixel,
+    in x's shape, dtype and device; with ``return_report`` also an
+    :class:`~backplay.gpu.engine.ExplainReport` (logit, relevance_sum, stopped per sample; the
+    per-layer relevance for the graph rules, see the module docstring for the layer list).
+
+    A :class:`backplay.gpu.vit_rules.ViTRule` is run by its ``vit_relevance`` (report: stopped =
+    logit - sum R, no layers); the graph rules (:data:`GRAPH_RULES`) run on the frozen graph."""
+    from backplay.gpu.engine import ExplainReport
+    from backplay.gpu.vit_rules import ViTRule
+
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be a backplay.rules.Rule, got {type(rule).__name__}")
+    is_vit_rule = isinstance(rule, ViTRule)
+    if not is_vit_rule and not isinstance(rule, GRAPH_RULES):
+        names = ", ".join(c.__name__ for c in GRAPH_RULES)
+        raise TypeError(f"rule {type(rule).__name__} is not supported on a ViT (graph rules: {names}; "
+                        "or a backplay.gpu.vit_rules.ViTRule)")
+    xb, squeeze, in_dtype = _prepare(model, x)
+    graph = ViTGraph(model, xb.dtype)
+    n_out = model.config.num_classes
+    layers = None
+    if is_vit_rule:  # outside no_grad: a ViT rule may differentiate (attention gradients)
+        t = resolve_target(target, xb.shape[0], n_out, xb.device)
+        relevance = rule.vit_relevance(model, xb, t)
+        if not isinstance(relevance, torch.Tensor) or relevance.numel() != xb.numel():
+            raise ValueError(f"{type(rule).__name__}.vit_relevance must return a tensor of shape "
+                             f"{tuple(xb.shape)}")
+        relevance = relevance.detach().to(xb.dtype).reshape(xb.shape)
+    with torch.no_grad():
+        if is_vit_rule:
+            logit = graph.trace(xb, lean=True).logit(t) if return_report else None
+            stopped = None
+        elif isinstance(rule, SoftplusGame):  # GxI of the surrogate (GELU gates at temperature eps)
+            t = resolve_target(target, xb.shape[0], n_out, xb.device)
+            logit = graph.trace(xb, lean=True).logit(t) if return_report else None
+            trace = graph.trace(xb, eps=rule.eps, keep_z=False)
+            sweep = GradientXInput().sweep(trace, t, keep_layers=return_report, release=True)
+        else:
+            trace = graph.trace(xb, lean=isinstance(rule, _RoutingLaw), keep_z=isinstance(rule, LRP0))
+            t = resolve_target(target, xb.shape[0], n_out, xb.device)
+            logit = trace.logit(t) if return_report else None
+            sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
+        if not is_vit_rule:
+            del trace
+            relevance = sweep.relevance.reshape(xb.shape)
+            stopped = sweep.stopped
+            if return_report:
+                layers = [r.to(in_dtype) for r in sweep.layers]
+                layers[0] = layers[0].reshape(xb.shape)
+                if squeeze:
+                    layers = [r.squeeze(0) for r in layers]
+        out = relevance.to(in_dtype)
+        if squeeze:
+            out = out.squeeze(0)
+        if not return_report:
+            return out
+        total = relevance.flatten(1).sum(1)
+        if stopped is None:
+            stopped = logit - total
+        fields = [f.to(in_dtype) for f in (logit, total, stopped)]
+        if squeeze:
+            fields = [f.squeeze(0) for f in fields]
+    return out, ExplainReport(*fields, rule=rule.name, layers=layers)
+
+
+def patch_relevance(R: Tensor, patch_size: int) -> Tensor:
+    """Sum a pixel relevance [B, C, H, W] (or [C, H, W]) over the channels and each patch:
+    [B, H/p, W/p] (or [H/p, W/p])."""
+    if not isinstance(R, torch.Tensor) or R.ndim not in (3, 4):
+        raise ValueError(f"R must be a tensor [B, C, H, W] or [C, H, W], got "
+                         f"{tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__}")
+    p = int(patch_size)
+    H, W = R.shape[-2:]
+    if p < 1 or H % p or W % p:
+        raise ValueError(f"patch_size {patch_size} does not divide the image size {H}x{W}")
+    s = R.sum(-3)
+    s = s.reshape(s.shape[:-2] + (H // p, p, W // p, p))
+    return s.sum((-3, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# unroll: the extended graph of one input as a layered FrozenNet (skips carried by copy rows)
+# --------------------------------------------------------------------------------------------
+def _dense_of(rec: LayerTrace) -> tuple[np.ndarray, np.ndarray | None]:
+    """(matrix, bias) of a record of ONE sample: the map's action on the basis vectors."""
+    shape = tuple(rec.input.shape[1:])
+    n_in = rec.input[0].numel()
+    eye = torch.eye(n_in, dtype=rec.input.dtype).reshape((n_in,) + shape)
+    W = rec.map.apply(eye).reshape(n_in, -1).T
+    z = rec.y if rec.z is None else rec.z
+    b = rec.map.bias_like(z) if rec.map.bias is not None else None
+    return W.numpy(), (None if b is None else b[0].reshape(-1).numpy())
+
+
+@dataclass(frozen=True)
+class UnrolledViT:
+    """:func:`unroll_vit`'s result: ``net`` the layered FrozenNet; ``boundaries[k]`` the FrozenNet
+    layer of report layer k of :func:`explain_vit` (input, embedding, each residual add, final
+    norm, head); ``gates[l-1]`` the frozen gate of every row of layer l (Phi(z / eps) at the GELU
+    rows, 1 elsewhere; float64): y^l = gates * z^l."""
+
+    net: Any
+    boundaries: list
+    gates: list
+
+
+def unroll_vit(model: ViT, x: Tensor, eps: float = 1.0) -> UnrolledViT:
+    """The frozen extended graph of ``model`` at ONE image ``x`` [C, H, W] as a layered
+    :class:`backplay.nets.FrozenNet` in float64 (THEORY.md section 7).
+
+    Layers: the embedding; per block the attention residual (norm1, v, attention mix, proj, add) and
+    the MLP residual (norm2, fc1 with its frozen GELU folded into the values, fc2, add); the final
+    LayerNorm; the head. Inside a residual the skip is carried by ``"copy"`` rows (relevance passed
+    unchanged), and the add layer has the two contributions (body, skip) per unit. The attention
+    layers carry ``anchors`` (each row's own token). ``eps``: the GELU temperature (SoftplusGame's
+    surrogate; 1 = the model). Returns an :class:`UnrolledViT`."""
+    from backplay.nets import FrozenNet
+
+    xb, squeeze, _ = _prepare(model, x)
+    if not squeeze:
+        raise ValueError(f"unroll takes one image [C, H, W], got shape {tuple(x.shape)}")
+    xb = xb.to(torch.float64)
+    trace = ViTGraph(model, torch.float64).trace(xb, eps=eps)
+    weights, biases, ys, kinds, anchors, gates = [], [], [xb.reshape(-1).numpy()], [], [], []
+    boundaries = [0]
+
+    def gate_of(rec: LayerTrace) -> np.ndarray:
+        n = rec.y[0].numel()
+        return np.ones(n) if not isinstance(rec.p, torch.Tensor) else rec.p[0].reshape(-1).numpy()
+
+    def push(W, b, y, kind="affine", anchor=None, gate=None):
+        gates.append(np.ones(W.shape[0]) if gate is None else gate)
+        weights.append(W)
+        biases.append(b)
+        ys.append(y)
+        kinds.append(kind)
+        anchors.append(anchor)
+
+    for rec in trace.layers:
+        if isinstance(rec, ResidualTrace):
+            skip = rec.input[0].reshape(-1).numpy()
+            n = skip.shape[0]
+            width_prev = None
+            for i, body in enumerate(rec.body):
+                W, b = _dense_of(body)
+                m = W.shape[0]
+                if width_prev is None:  # the first body layer reads the block input
+                    Wf = np.vstack([W, np.eye(n)])
+                else:
+                    Wf = np.block([[W, np.zeros((m, n))], [np.zeros((n, width_prev)), np.eye(n)]])
+                bf = None if b is None else np.concatenate([b, np.zeros(n)])
+                yf = np.concatenate([body.y[0].reshape(-1).numpy(), skip])
+                row_kinds = ("affine",) * m + ("copy",) * n
+                anchor = (tuple(range(m)) + (-1,) * n) if body.kind == "attention" else None
+                push(Wf, bf, yf, row_kinds, anchor, np.concatenate([gate_of(body), np.ones(n)]))
+                width_prev = m
+            push(np.hstack([np.eye(n), np.eye(n)]), None, rec.y[0].reshape(-1).numpy())
+        else:
+            W, b = _dense_of(rec)
+            push(W, b, rec.y[0].reshape(-1).numpy(), gate=gate_of(rec))
+        boundaries.append(len(weights))
+    return UnrolledViT(FrozenNet(weights, biases, ys, kinds, anchors), boundaries, gates)

@@ -1,0 +1,94 @@
+"""The exact reference for ``explain`` on a ViT (THEORY.md section 7): the frozen extended graph of
+one image (:func:`backplay.gpu.vit_explain.unroll_vit`, a layered FrozenNet whose residual skips are
+copy rows) with every rule computed on it independently of the torch code path:
+
+* the routing laws (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor incl. the token anchor,
+  RiskAverse) by :func:`backplay.theory.routing_law` (its automatic field: exact rationals, or
+  mpmath at 50 digits for the Gibbs forms);
+* Gradient, GradientXInput, LRP-0 and SoftplusGame (GxI of the surrogate's graph) by their layer
+  recursions in exact rationals on the same net (frozen gates from the unrolled pass).
+
+``field="mpmath"`` computes everything in mpmath at 50 digits instead (rationals grow quickly with
+the depth: use it beyond one block).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..gpu.vit_explain import unroll_vit
+from ..rules import LRP0, Gradient, GradientXInput, Rule, SoftplusGame
+from ..theory.arith import Arith
+from ..theory.routing import routing_law
+from .identities import err
+
+__all__ = ["vit_exact", "vit_torch_error"]
+
+
+def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
+    """[R^0, ..., R^L] (FrozenNet layers) of Gradient / GxI / LRP-0 in the arithmetic ``A``, and the
+    logit y^L_target."""
+    net = u.net
+    _conv = np.vectorize(A.num, otypes=[object])
+    Ws = [_conv(w) for w in net.weights]
+    bs = [None if b is None else _conv(b) for b in net.biases]
+    ys = [_conv(y) for y in net.ys]
+    L = net.depth
+    zero = A.num(0)
+    top = np.array([zero] * net.widths[-1], dtype=object)
+    if isinstance(rule, LRP0):
+        top[target] = ys[-1][target]
+        rel = [top]
+        for l in range(L, 0, -1):
+            z = Ws[l - 1].dot(ys[l - 1]) + (0 if bs[l - 1] is None else bs[l - 1])
+            s = np.array([r / zi if zi != 0 else zero for r, zi in zip(rel[0], z)], dtype=object)
+            rel.insert(0, ys[l - 1] * Ws[l - 1].T.dot(s))
+        return rel, ys[-1][target]
+    top[target] = A.num(1)
+    grads = [top]
+    for l in range(L, 0, -1):
+        grads.insert(0, Ws[l - 1].T.dot(_conv(u.gates[l - 1]) * grads[0]))
+    if isinstance(rule, Gradient) and not isinstance(rule, GradientXInput):
+        return grads, ys[-1][target]
+    return [y * g for y, g in zip(ys, grads)], ys[-1][target]
+
+
+def vit_exact(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
+              ) -> tuple[list, Any, Any]:
+    """(relevance at every report layer of ``explain`` (flat arrays), stopped mass, logit) of
+    ``rule`` on the frozen graph of ``model`` at ONE image ``x``. For the routing laws the stopped
+    mass is the law's (cemetery and bias sink); for the other rules logit - sum R^0. ``field``:
+    None (exact rationals where the rule allows) or "mpmath" (50 digits)."""
+    if field not in (None, "mpmath"):
+        raise ValueError(f"field must be None or 'mpmath', got {field!r}")
+    A = Arith(50 if field == "mpmath" else None)
+    eps = rule.eps if isinstance(rule, SoftplusGame) else 1.0
+    u = unroll_vit(model, x, eps=eps)
+    if isinstance(rule, (Gradient, LRP0, SoftplusGame)):
+        rel, logit = _recursions(u, target, GradientXInput() if isinstance(rule, SoftplusGame) else rule, A)
+        stopped = logit - sum(rel[0])
+    else:
+        law = routing_law(u.net, target=target, rule=rule, field=field)
+        rel, stopped, logit = law.relevance(), law.stopped()["total"], law.w0
+    if isinstance(rule, SoftplusGame):  # the logit is the model's, not the surrogate's
+        logit = A.num(float(unroll_vit(model, x).net.ys[-1][target]))
+        stopped = logit - sum(rel[0])
+    return [rel[b] for b in u.boundaries], stopped, logit
+
+
+def vit_torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
+                    ) -> float:
+    """Worst relative error (:func:`backplay.testing.err`) of ``explain``'s per-layer relevance,
+    stopped mass and logit against :func:`vit_exact` at ONE image ``x`` (float64 model)."""
+    from ..gpu.engine import explain
+
+    layers, stopped, logit = vit_exact(model, x, target, rule, field)
+    _, rep = explain(model, x[None], target, rule=rule, return_report=True)
+    if len(rep.layers) != len(layers):
+        return float("inf")
+    worst = max(err(rep.layers[k][0].reshape(-1), layers[k]) for k in range(len(layers)))
+    worst = max(worst, err(rep.stopped.reshape(1), [stopped]))
+    return max(worst, err(rep.logit.reshape(1), [logit]))

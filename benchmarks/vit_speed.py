@@ -1,0 +1,197 @@
+"""Speed and peak memory of ``bp.explain`` on ViT-B/16 per rule, relative to the plain gradient.
+
+ViT-B/16 (``bp.gpu.vit.vit_b_16(seed=0)``, random init, eval mode), a batch of ``--batch`` images at
+224 x 224 (default 8), float32 by default. The graph rules run on the frozen extended graph
+(THEORY.md section 7, :mod:`backplay.gpu.vit_explain`); the baseline is the plain autograd gradient
+of the model's own forward (fused attention) for the same batch: forward + ``torch.autograd.grad``
+of the summed target logits. Timing and memory as in ``benchmarks/rules_speed.py``: ``--warmup``
+calls each, then ``--repeat`` interleaved rounds (one call of every method per round); "ms" is the
+median over the rounds, "x grad" the median of the per-round ratios. Peak memory: on CUDA
+``max_memory_allocated`` above what is allocated before the call; on CPU one fresh subprocess per
+method (VmHWM reset, minus VmRSS before the call; glibc serving large tensors by mmap).
+Targets (the project's): every graph rule within 2.0x the gradient's time and 1.5x its peak memory.
+
+    python benchmarks/vit_speed.py                        # device: cuda if available, else cpu
+    python benchmarks/vit_speed.py --device cpu --batch 1 --repeat 1 --warmup 0 --rules 'AlphaBeta(2,1);GradientXInput'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import backplay as bp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rules_speed import _err, _reset_hwm, _status_kib, peak_cuda, sync  # noqa: E402
+
+R = bp.rules
+RULES = {
+    "Gradient": lambda: R.Gradient(),
+    "GradientXInput": lambda: R.GradientXInput(),
+    "LRP0": lambda: R.LRP0(),
+    "AlphaBeta(2,1)": lambda: R.AlphaBeta(2, 1),
+    "RG()": lambda: R.RG(),
+    "RG(route_temp=0.5)": lambda: R.RG(route_temp=0.5),
+    "RGEq()": lambda: R.RGEq(),
+    "GradientEquilibrium()": lambda: R.GradientEquilibrium(),
+    "Anchor(RG(),0.1)": lambda: R.Anchor(R.RG(), 0.1),
+    "Anchor(RG(),0.1,token)": lambda: R.Anchor(R.RG(), 0.1, anchor="token"),
+    "RiskAverse(RG(),1.0)": lambda: R.RiskAverse(R.RG(), 1.0),
+    "SoftplusGame(0.5)": lambda: R.SoftplusGame(0.5),
+}
+GRAD = "autograd gradient"
+TIME_TARGET, MEM_TARGET = 2.0, 1.5
+
+
+def build(device: str, dtype: torch.dtype, batch: int):
+    model = bp.gpu.vit.vit_b_16(seed=0, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=g).to(device=device, dtype=dtype)
+    t = torch.arange(batch, device=device) % 1000
+    return model, x, t
+
+
+def autograd_gradient(model, x, t):
+    xx = x.detach().requires_grad_(True)
+    out = model(xx)
+    (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xx)
+    return g
+
+
+def method(name: str):
+    if name == GRAD:
+        return autograd_gradient
+    rule = RULES[name]()
+    return lambda m, x, tt: bp.explain(m, x, tt, rule=rule)
+
+
+def peak_cpu_child(args) -> None:
+    """Child process: one method, one call; prints the peak RSS delta in bytes as JSON."""
+    torch.set_num_threads(args.threads)
+    model, x, t = build("cpu", getattr(torch, args.dtype), args.batch)
+    fn = method(args.child_method)
+    fn(model, x[:1], t[:1])  # lazy library initialisation on one sample
+    if not _reset_hwm():
+        raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
+    base = _status_kib("VmRSS")
+    out = fn(model, x, t)
+    peak = _status_kib("VmHWM")
+    del out
+    print(json.dumps({"peak": max(0, peak - base) * 1024}))
+
+
+def peak_cpu(name: str, args) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-method", name, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--batch", str(args.batch)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"memory child exited {res.returncode}: {tail}")
+    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak"])
+
+
+def run(args) -> list[dict]:
+    model, x, t = build(args.device, getattr(torch, args.dtype), args.batch)
+    names = [GRAD] + args.rules
+    rows = {n: {"method": n, "times": []} for n in names}
+    fns = {}
+    for name in names:
+        try:
+            fn = method(name)
+            for _ in range(args.warmup):
+                fn(model, x, t)
+            sync(args.device)
+            fns[name] = fn
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            rows[name]["error"] = _err(e)
+    for _ in range(args.repeat):
+        for name, fn in list(fns.items()):
+            t0 = time.perf_counter()
+            fn(model, x, t)
+            sync(args.device)
+            rows[name]["times"].append(time.perf_counter() - t0)
+    g = rows[GRAD]["times"]
+    for name, r in rows.items():
+        if "error" in r:
+            continue
+        r["time"] = statistics.median(r["times"])
+        r["ratio"] = statistics.median(a / b for a, b in zip(r["times"], g))
+        if not args.no_memory:
+            try:
+                r["peak"] = (peak_cuda(method(name), model, x, t, args.device)
+                             if args.device.startswith("cuda") else peak_cpu(name, args))
+            except Exception as e:  # noqa: BLE001
+                r["mem_error"] = _err(e)
+    return list(rows.values())
+
+
+def print_table(rows: list[dict]) -> None:
+    g = next(r for r in rows if r["method"] == GRAD)
+    head = f"{'method':<24} {'ms':>10} {'x grad':>7} {'peak MB':>9} {'x grad':>7}  targets"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<24} {'n/a':>10}  {r['error']}")
+            continue
+        mem = r.get("peak")
+        mr = mem / g["peak"] if mem is not None and g.get("peak") else None
+        flags = ""
+        if r["method"] != GRAD:
+            flags = ("time ok" if r["ratio"] <= TIME_TARGET else f"time > {TIME_TARGET}x") + ", " + \
+                    ("mem n/a" if mr is None else ("mem ok" if mr <= MEM_TARGET else f"mem > {MEM_TARGET}x"))
+        if "mem_error" in r:
+            flags += f" [memory: {r['mem_error']}]"
+        mem_s = f"{mem / 2**20:9.1f}" if mem is not None else f"{'-':>9}"
+        mr_s = f"{mr:7.2f}" if mr is not None else f"{'-':>7}"
+        print(f"{r['method']:<24} {r['time'] * 1e3:10.1f} {r['ratio']:7.2f} {mem_s} {mr_s}  {flags}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rules", default=";".join(RULES),
+                        help="';'-separated subset of: " + "; ".join(RULES))
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--child-method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_method:
+        peak_cpu_child(args)
+        return
+    args.rules = [r for r in args.rules.split(";") if r]
+    unknown = [r for r in args.rules if r not in RULES]
+    if unknown:
+        parser.error(f"unknown rules {unknown}; choose from {list(RULES)}, separated by ';'")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.threads)
+    dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"device: {args.device} ({dev}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"ViT-B/16, batch {args.batch} at 224, {args.dtype}; median of {args.repeat} interleaved "
+          f"rounds after {args.warmup} warm-up")
+    print("peak memory: " + ("torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
+                             else "VmHWM (reset) - VmRSS before the call, one fresh subprocess per method"))
+    rows = run(args)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
