@@ -1,4 +1,5 @@
-"""Command line: ``backplay verify`` checks every identity of THEORY.md three ways."""
+"""Command line: ``backplay verify`` checks every identity of THEORY.md three ways; ``backplay explain``
+draws heatmaps; ``backplay bench localisation`` runs the localisation benchmark."""
 
 from __future__ import annotations
 
@@ -74,7 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--solver", default="CLARABEL", help="cvxpy solver (default CLARABEL)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .bench.commands import add_bench_parser, add_explain_parser, run_bench, run_explain
+
+    add_explain_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        return run_explain(args)
+    if args.command == "bench":
+        return run_bench(args, parser)
     if args.cases < 1:
         parser.error("--cases must be >= 1")
     t0 = time.perf_counter()

@@ -392,8 +392,7 @@ def run_dataset(dataset, loaded, limit: int | None = None, quick: bool = False, 
     sets = {s: EvalSet(images[s::2], labels[s::2], masks[s::2]) for s in (0, 1)}
     notes: list[str] = []
     if loaded.kind == "vit":
-        err = vit_engine_error(loaded.model.double(), images[:1].double())
-        loaded.model.float()
+        err = vit_engine_error(copy.deepcopy(loaded.model).double(), images[:1].double())
         if err is not None:
             note = f"ViT rows unavailable: backplay.explain does not run on this ViT ({err.splitlines()[0][:160]})"
             print(f"[bench] {note}", file=log)
