@@ -135,7 +135,6 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
 
 
 def test_cnn_families_run_under_explain():
-    model = load_model  # noqa: F841 (the rules are checked on a fresh CNN below)
     from backplay.bench.models import small_cnn
 
     net = small_cnn(size=24, width=4).eval()
