@@ -13,7 +13,8 @@ float64 on a copy of the model. Metrics (:mod:`backplay.metrics`, channels summe
 relevance mass accuracy, relevance rank accuracy, AUROC and top-k intersection with k = H W / 64.
 (The energy pointing game is left out: with the square masks of the digit canvases it equals
 relevance mass accuracy.) Summary: mean over images (NaN = excluded images dropped, count shown)
-and a 95% Student-t confidence interval, mean +- t_{0.975, n-1} s / sqrt(n).
+and a 95% Student-t confidence interval, mean +- t_{0.975, n-1} s / sqrt(n) (not clipped to
+[0, 1]: a pointing game near 1 can show an upper end above 1).
 """
 
 from __future__ import annotations
