@@ -1,6 +1,7 @@
 """Command line: ``backplay verify`` checks every identity of THEORY.md three ways;
 ``backplay verify --rule module:attr`` validates a user's rule (:func:`backplay.numerics.validate_rule`)
-on the built-in random nets or on the user's own model (``--model``)."""
+on the built-in random nets or on the user's own model (``--model``); ``backplay explain`` draws
+heatmaps; ``backplay bench localisation`` runs the localisation benchmark."""
 
 from __future__ import annotations
 
@@ -205,7 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--input", metavar="FILE", help="with --model: a torch.save'd input (one sample or a "
                    "batch); default: --cases random dyadic inputs (MLPs)")
     v.add_argument("--target", type=int, help="with --model: the explained output (default: the argmax)")
+    from .bench.commands import add_bench_parser, add_explain_parser, run_bench, run_explain
+
+    add_explain_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        return run_explain(args)
+    if args.command == "bench":
+        return run_bench(args, parser)
     if args.cases < 1:
         parser.error("--cases must be >= 1")
     if args.rule is None and (args.model or args.input or args.target is not None):
