@@ -292,7 +292,7 @@ def test_patch_relevance_sums_each_patch():
     assert torch.equal(P[1, 0, 1], R[1, :, 0:4, 4:8].sum())
     assert torch.equal(patch_relevance(R[0], 4), P[0])
     assert torch.allclose(P.flatten(1).sum(1), R.flatten(1).sum(1))
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
         patch_relevance(R, 3)
 
 

@@ -432,8 +432,9 @@ def test_patch_relevance_sum_pools():
         patch_relevance(R, 0)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         patch_relevance(R, 4)
+    assert torch.equal(patch_relevance(R[0], 2), P[0])   # one image [C, H, W]
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
-        patch_relevance(R[0], 2)
+        patch_relevance(R[0, 0], 2)
 
 
 @pytest.mark.parametrize("rule", [Rollout(), TransformerAttribution()], ids=lambda r: r.name)

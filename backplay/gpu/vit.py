@@ -475,10 +475,14 @@ def load_state_dict_any(state_dict: Any, config: ViTConfig | dict[str, Any] | No
 
 
 def __getattr__(name: str) -> Any:
-    """``patch_relevance`` and ``unroll_vit`` live in :mod:`backplay.gpu.vit_explain` (imported
-    lazily: that module imports this one)."""
-    if name in ("patch_relevance", "unroll_vit"):
+    """``unroll_vit`` lives in :mod:`backplay.gpu.vit_explain` and ``patch_relevance`` in
+    :mod:`backplay.gpu.vit_rules` (imported lazily: both import this module)."""
+    if name == "unroll_vit":
         from . import vit_explain
 
-        return getattr(vit_explain, name)
+        return vit_explain.unroll_vit
+    if name == "patch_relevance":
+        from . import vit_rules
+
+        return vit_rules.patch_relevance
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

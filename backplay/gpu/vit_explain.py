@@ -62,7 +62,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "EmbedOp", "TokenDenseOp", "LayerNormOp", "AttentionMixOp", "HeadOp", "GELUGate", "ViTGraph",
-    "GRAPH_RULES", "UnrolledViT", "explain_vit", "patch_relevance", "unroll_vit",
+    "GRAPH_RULES", "UnrolledViT", "explain_vit", "unroll_vit",
 ]
 
 #: The rules that run on the frozen ViT graph (the ViT-only rules subclass ViTRule instead).
@@ -459,21 +459,6 @@ def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: b
         if squeeze:
             fields = [f.squeeze(0) for f in fields]
     return out, ExplainReport(*fields, rule=rule.name, layers=layers)
-
-
-def patch_relevance(R: Tensor, patch_size: int) -> Tensor:
-    """Sum a pixel relevance [B, C, H, W] (or [C, H, W]) over the channels and each patch:
-    [B, H/p, W/p] (or [H/p, W/p])."""
-    if not isinstance(R, torch.Tensor) or R.ndim not in (3, 4):
-        raise ValueError(f"R must be a tensor [B, C, H, W] or [C, H, W], got "
-                         f"{tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__}")
-    p = int(patch_size)
-    H, W = R.shape[-2:]
-    if p < 1 or H % p or W % p:
-        raise ValueError(f"patch_size {patch_size} does not divide the image size {H}x{W}")
-    s = R.sum(-3)
-    s = s.reshape(s.shape[:-2] + (H // p, p, W // p, p))
-    return s.sum((-3, -1))
 
 
 # --------------------------------------------------------------------------------------------

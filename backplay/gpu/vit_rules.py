@@ -84,18 +84,18 @@ def _check_call(model: "ViT", x: Tensor, target: Tensor) -> None:
 
 
 def patch_relevance(R_pixels: Tensor, patch_size: int) -> Tensor:
-    """Sum pooling of a pixel relevance [B, C, H, W] over channels and non-overlapping
-    ``patch_size x patch_size`` patches -> [B, H / patch_size, W / patch_size]."""
+    """Sum pooling of a pixel relevance [B, C, H, W] (or one image [C, H, W]) over the channels and
+    the non-overlapping ``patch_size x patch_size`` patches -> [B, H / p, W / p] (or [H / p, W / p])."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if not isinstance(R_pixels, Tensor) or R_pixels.dim() != 4:
-        raise ValueError(f"R_pixels must be a tensor [B, C, H, W], got "
+    if not isinstance(R_pixels, Tensor) or R_pixels.dim() not in (3, 4):
+        raise ValueError(f"R_pixels must be a tensor [B, C, H, W] or [C, H, W], got "
                          f"{tuple(getattr(R_pixels, 'shape', ()))}")
-    b, c, h, w = R_pixels.shape
+    h, w = R_pixels.shape[-2:]
     if h % patch_size or w % patch_size:
         raise ValueError(f"image {h}x{w} is not a multiple of patch_size {patch_size}")
-    r = R_pixels.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
-    return r.sum(dim=(1, 3, 5))
+    s = R_pixels.sum(-3)
+    return s.reshape(s.shape[:-2] + (h // patch_size, patch_size, w // patch_size, patch_size)).sum((-3, -1))
 
 
 def _grid(model: "ViT", patch: Tensor) -> Tensor:
