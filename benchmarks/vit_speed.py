@@ -30,25 +30,11 @@ import torch
 import backplay as bp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rules_speed import _err, _reset_hwm, _status_kib, peak_cuda, sync  # noqa: E402
+from rules_speed import GRAD, MEM_TARGET, TIME_TARGET, _err, _reset_hwm, _status_kib, autograd_gradient, peak_cuda, sync  # noqa: E402
+from rules_speed import RULES as _CNN_RULES  # noqa: E402
 
 R = bp.rules
-RULES = {
-    "Gradient": lambda: R.Gradient(),
-    "GradientXInput": lambda: R.GradientXInput(),
-    "LRP0": lambda: R.LRP0(),
-    "AlphaBeta(2,1)": lambda: R.AlphaBeta(2, 1),
-    "RG()": lambda: R.RG(),
-    "RG(route_temp=0.5)": lambda: R.RG(route_temp=0.5),
-    "RGEq()": lambda: R.RGEq(),
-    "GradientEquilibrium()": lambda: R.GradientEquilibrium(),
-    "Anchor(RG(),0.1)": lambda: R.Anchor(R.RG(), 0.1),
-    "Anchor(RG(),0.1,token)": lambda: R.Anchor(R.RG(), 0.1, anchor="token"),
-    "RiskAverse(RG(),1.0)": lambda: R.RiskAverse(R.RG(), 1.0),
-    "SoftplusGame(0.5)": lambda: R.SoftplusGame(0.5),
-}
-GRAD = "autograd gradient"
-TIME_TARGET, MEM_TARGET = 2.0, 1.5
+RULES = {**_CNN_RULES, "Anchor(RG(),0.1,token)": lambda: R.Anchor(R.RG(), 0.1, anchor="token")}
 
 
 def build(device: str, dtype: torch.dtype, batch: int):
@@ -57,13 +43,6 @@ def build(device: str, dtype: torch.dtype, batch: int):
     x = torch.randn(batch, 3, 224, 224, generator=g).to(device=device, dtype=dtype)
     t = torch.arange(batch, device=device) % 1000
     return model, x, t
-
-
-def autograd_gradient(model, x, t):
-    xx = x.detach().requires_grad_(True)
-    out = model(xx)
-    (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xx)
-    return g
 
 
 def method(name: str):
