@@ -196,17 +196,25 @@ def test_outputs_written(quick_result, tmp_path):
         assert img.ndim == 3 and img.shape[0] > 100
 
 
-def test_vit_rows_appear_or_are_reported(cache):
+def test_vit_rows_run_every_family(cache):
+    """The quick ViT benchmark gives a row per ViT family: graph rules (incl. the token anchor)
+    and the ViT-only rules, with scores in [0, 1] and the chosen member maximising rma on A."""
     from backplay.bench.models import small_vit
 
     vit = small_vit(size=24, dim=16, depth=1, heads=2).eval().double()
-    err = loc.vit_engine_error(vit, torch.rand(1, 1, 24, 24, dtype=torch.float64))
+    assert loc.vit_engine_error(vit, torch.rand(1, 1, 24, 24, dtype=torch.float64)) is None
     res = loc.run_digits(loc.BenchConfig(quick=True, cache=cache, models=("vit",), n_eval=4),
                          log=io.StringIO())
-    if err is None:  # the ViT graph engine is merged: real rows
-        assert {r["model"] for r in res.rows} == {"vit"}
-    else:
-        assert res.rows == [] and any("ViT rows unavailable" in n for n in res.notes)
+    fams = [f.name for f in loc.vit_families(quick=True)]
+    assert {"Anchor(token)", "AttnLRP", "CPLRP", "Rollout", "TransformerAttribution"} <= set(fams)
+    assert [r["family"] for r in res.rows[::len(loc.METRICS)]] == fams
+    assert {r["model"] for r in res.rows} == {"vit"} and res.notes == []
+    for r in res.rows:
+        assert r["n"] > 0 and 0.0 <= r["mean"] <= 1.0
+    sel = [s for s in res.selection if s["family"] == "Anchor(token)"]
+    chosen = [s for s in sel if s["chosen"]]
+    assert len(sel) == 2 and len(chosen) == 1 and chosen[0]["rma"] == max(s["rma"] for s in sel)
+    assert "anchor='token'" in chosen[0]["rule"]
     assert loc.vit_engine_error(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)),
                                 torch.rand(1, 4)) is None
 
