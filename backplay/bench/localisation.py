@@ -318,7 +318,8 @@ def _digits_models(cfg: BenchConfig):
         return canvas, {"cnn": TrainConfig("cnn", dict(size=24, width=8), canvas.to_dict(), n_train=600,
                                            epochs=3, seed=cfg.seed),
                         "vit": TrainConfig("vit", dict(size=24, dim=16, depth=1, heads=2), canvas.to_dict(),
-                                           n_train=300, epochs=1, seed=cfg.seed)}
+                                           n_train=600, epochs=3, lr=3e-3, seed=cfg.seed, optimizer="adamw",
+                                           weight_decay=0.05, warmup=0.1)}
     return canvas, {"cnn": TrainConfig("cnn", dict(size=24), canvas.to_dict(), n_train=4000, epochs=15,
                                        lr=3e-3, seed=cfg.seed),
                     "vit": TrainConfig("vit", dict(size=24, dim=64, depth=2, heads=4), canvas.to_dict(),
