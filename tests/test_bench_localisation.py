@@ -134,6 +134,31 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     assert loaded.kind == "cnn" and loaded.size == 24 and loaded.in_channels == 1
 
 
+def test_small_vit_init_and_adamw_groups():
+    from backplay.bench.models import _optimizer, small_vit
+    from backplay.gpu.vit import ViT
+
+    torch.manual_seed(0)
+    vit, ref = small_vit(size=24, dim=32, depth=1, heads=2), small_vit(size=24, dim=32, depth=1, heads=2, init="vit")
+    assert isinstance(vit, ViT) and vit.config.mlp_dim == 64
+    # PyTorch default init: kaiming-uniform bound 1 / sqrt(fan_in) (fan_in 16 for the 4 x 4 patch)
+    w = vit.patch_embed.weight.detach().abs()
+    assert 0.1 < float(w.max()) <= 1 / 16 ** 0.5
+    assert float(ref.patch_embed.weight.detach().abs().max()) <= 0.04  # ViT init: truncated at 2 std
+    assert float(vit.pos_embed.detach().abs().max()) <= 0.04  # the embeddings keep the ViT init
+    cfg = TrainConfig("vit", optimizer="adamw", weight_decay=0.05)
+    decay, rest = _optimizer(vit, cfg).param_groups
+    named = dict(vit.named_parameters())
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for n, p in named.items() if n.endswith("weight")
+                                                 and p.dim() >= 2}
+    assert len(decay["params"]) + len(rest["params"]) == len(named)
+    with pytest.raises(ValueError, match="optimizer"):
+        _optimizer(vit, TrainConfig("vit", optimizer="sgd"))
+    with pytest.raises(ValueError, match="init"):
+        small_vit(size=24, init="xavier")
+
+
 def test_cnn_families_run_under_explain():
     from backplay.bench.models import small_cnn
 
