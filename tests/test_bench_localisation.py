@@ -134,6 +134,31 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     assert loaded.kind == "cnn" and loaded.size == 24 and loaded.in_channels == 1
 
 
+def test_small_vit_init_and_adamw_groups():
+    from backplay.bench.models import _optimizer, small_vit
+    from backplay.gpu.vit import ViT
+
+    torch.manual_seed(0)
+    vit, ref = small_vit(size=24, dim=32, depth=1, heads=2), small_vit(size=24, dim=32, depth=1, heads=2, init="vit")
+    assert isinstance(vit, ViT) and vit.config.mlp_dim == 64
+    # PyTorch default init: kaiming-uniform bound 1 / sqrt(fan_in) (fan_in 16 for the 4 x 4 patch)
+    w = vit.patch_embed.weight.detach().abs()
+    assert 0.1 < float(w.max()) <= 1 / 16 ** 0.5
+    assert float(ref.patch_embed.weight.detach().abs().max()) <= 0.04  # ViT init: truncated at 2 std
+    assert float(vit.pos_embed.detach().abs().max()) <= 0.04  # the embeddings keep the ViT init
+    cfg = TrainConfig("vit", optimizer="adamw", weight_decay=0.05)
+    decay, rest = _optimizer(vit, cfg).param_groups
+    named = dict(vit.named_parameters())
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for n, p in named.items() if n.endswith("weight")
+                                                 and p.dim() >= 2}
+    assert len(decay["params"]) + len(rest["params"]) == len(named)
+    with pytest.raises(ValueError, match="optimizer"):
+        _optimizer(vit, TrainConfig("vit", optimizer="sgd"))
+    with pytest.raises(ValueError, match="init"):
+        small_vit(size=24, init="xavier")
+
+
 def test_cnn_families_run_under_explain():
     from backplay.bench.models import small_cnn
 
@@ -196,17 +221,36 @@ def test_outputs_written(quick_result, tmp_path):
         assert img.ndim == 3 and img.shape[0] > 100
 
 
-def test_vit_rows_appear_or_are_reported(cache):
+def test_vit_rows_run_every_family(cache):
+    """The quick ViT benchmark gives a row per ViT family: graph rules (incl. the token anchor)
+    and the ViT-only rules, with scores in [0, 1] and the chosen member maximising rma on A."""
     from backplay.bench.models import small_vit
 
     vit = small_vit(size=24, dim=16, depth=1, heads=2).eval().double()
-    err = loc.vit_engine_error(vit, torch.rand(1, 1, 24, 24, dtype=torch.float64))
+    assert loc.vit_engine_error(vit, torch.rand(1, 1, 24, 24, dtype=torch.float64)) is None
     res = loc.run_digits(loc.BenchConfig(quick=True, cache=cache, models=("vit",), n_eval=4),
                          log=io.StringIO())
-    if err is None:  # the ViT graph engine is merged: real rows
-        assert {r["model"] for r in res.rows} == {"vit"}
-    else:
-        assert res.rows == [] and any("ViT rows unavailable" in n for n in res.notes)
+    fams = [f.name for f in loc.vit_families(quick=True)]
+    assert {"Anchor(token)", "AttnLRP", "CPLRP", "Rollout", "TransformerAttribution"} <= set(fams)
+    assert [r["family"] for r in res.rows[::len(loc.METRICS)]] == fams
+    assert {r["model"] for r in res.rows} == {"vit"} and res.notes == []
+    # the quick ViT is barely trained: a target logit can be negative, and a rule that keeps the sign
+    # (AlphaBeta(1, 0)) then has no positive relevance, so its rma is undefined (NaN, n = 0)
+    cfg = loc.BenchConfig(quick=True, cache=cache, n_eval=4)
+    canvas, tcfgs = loc._digits_models(cfg)
+    model, _, _ = train_or_load(tcfgs["vit"], cache, log=io.StringIO())
+    b = make_canvases(canvas, *digit_pools(canvas, 0)["eval"], n=4, seed=202, classes=CLASSES_B)
+    for r in res.rows:
+        if r["n"] == 0:
+            assert r["metric"] == "rma"
+            R = bp.explain(model.double(), b.images.double(), b.labels, parse_rule(r["rule"]))
+            assert float(R.max()) <= 0.0
+        else:
+            assert 0.0 <= r["mean"] <= 1.0
+    sel = [s for s in res.selection if s["family"] == "Anchor(token)"]
+    chosen = [s for s in sel if s["chosen"]]
+    assert len(sel) == 2 and len(chosen) == 1 and chosen[0]["rma"] == max(s["rma"] for s in sel)
+    assert "anchor='token'" in chosen[0]["rule"]
     assert loc.vit_engine_error(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)),
                                 torch.rand(1, 4)) is None
 
@@ -229,7 +273,7 @@ def _worker(rank: int, world: int, port: int, cache: str, path: str) -> None:
     torch.set_num_threads(1)
     comm = distributed.communicator("cpu")
     try:
-        res = loc.run_digits(loc.BenchConfig(quick=True, cache=cache, models=("cnn",), chunk=5),
+        res = loc.run_digits(loc.BenchConfig(quick=True, cache=cache, models=("cnn", "vit"), chunk=5),
                              comm, log=io.StringIO())
         if rank == 0:
             with open(path, "wb") as f:
@@ -247,8 +291,9 @@ def _free_port() -> int:
 
 
 def test_two_process_gloo_table_equals_single_process(cache, tmp_path):
-    single = loc.run_digits(loc.BenchConfig(quick=True, cache=cache, models=("cnn",), chunk=5),
+    single = loc.run_digits(loc.BenchConfig(quick=True, cache=cache, models=("cnn", "vit"), chunk=5),
                             log=io.StringIO())
+    assert {r["model"] for r in single.rows} == {"cnn", "vit"}
     path = str(tmp_path / "rank0.pkl")
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), cache, path), nprocs=2, join=True)
     with open(path, "rb") as f:

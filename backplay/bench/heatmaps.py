@@ -42,8 +42,9 @@ def draw_relevance(ax, image: torch.Tensor, R: torch.Tensor, title: str, mask=No
 
 def save_rule_grid(path: str | os.PathLike, images: Sequence[torch.Tensor],
                    maps: Sequence[dict[str, torch.Tensor]], titles: Sequence[str] | None = None,
-                   masks: Sequence | None = None) -> None:
-    """One row per image: the image, then each rule's heatmap (``maps[i]``: label -> [C, H, W])."""
+                   masks: Sequence | None = None, dpi: int = 110) -> None:
+    """One row per image: the image, then each rule's heatmap (``maps[i]``: label -> [C, H, W]);
+    saved at ``dpi``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,5 +67,5 @@ def save_rule_grid(path: str | os.PathLike, images: Sequence[torch.Tensor],
         for j in range(len(rel), n_rules):
             axes[i, 1 + j].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -2,8 +2,9 @@
 
 * :func:`small_cnn`: an ``nn.Sequential`` of Conv2d / ReLU / MaxPool2d / Flatten / Linear, the
   modules :func:`backplay.explain` reads.
-* :func:`small_vit`: a :class:`backplay.gpu.vit.ViT` (one input channel, patch 4).
-* :func:`train_or_load`: trains a model on digit canvases (Adam, cross-entropy) and caches it under
+* :func:`small_vit`: a :class:`backplay.gpu.vit.ViT` (one input channel, patch 4, PyTorch init).
+* :func:`train_or_load`: trains a model on digit canvases (Adam or AdamW with a one-cycle schedule:
+  warm-up then cosine decay; cross-entropy, optional label smoothing) and caches it under
   ``<cache>/models/<kind>-<hash>.pt`` where the hash covers the whole training configuration and
   seed; a later call with the same configuration loads the file.
 * Checkpoints are plain ``torch.save`` dicts (``format == CHECKPOINT_FORMAT``, the architecture, the
@@ -58,13 +59,28 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, size: int = 32, width
 
 
 def small_vit(in_channels: int = 1, num_classes: int = 10, size: int = 32, dim: int = 48,
-              depth: int = 3, heads: int = 3, patch_size: int = 4) -> nn.Module:
-    """A small :class:`backplay.gpu.vit.ViT` (patch 4, MLP 2 dim), ViT-style random init."""
+              depth: int = 3, heads: int = 3, patch_size: int = 4, mlp_ratio: int = 2,
+              init: str = "torch") -> nn.Module:
+    """A small :class:`backplay.gpu.vit.ViT` (MLP ``mlp_ratio * dim``).
+
+    ``init="torch"`` (default) re-draws every Linear and the patch-embedding Conv2d with PyTorch's
+    default init (Kaiming-uniform, std about ``1 / sqrt(3 fan_in)``) and keeps the ViT init of the
+    cls token and position embedding (truncated normal, std 0.02); ``init="vit"`` keeps the ViT /
+    timm init (std 0.02 everywhere). On the digit canvases the std-0.02 init stays at chance for
+    hundreds of steps (the patch tokens are tiny next to the position embedding), the PyTorch init
+    learns at once."""
     from backplay.gpu.vit import ViT, ViTConfig
 
+    if init not in ("torch", "vit"):
+        raise ValueError(f"unknown init {init!r} (known: 'torch', 'vit')")
     cfg = ViTConfig(image_size=size, patch_size=patch_size, in_channels=in_channels, dim=dim,
-                    depth=depth, heads=heads, mlp_dim=2 * dim, num_classes=num_classes)
-    return ViT(cfg)
+                    depth=depth, heads=heads, mlp_dim=mlp_ratio * dim, num_classes=num_classes)
+    model = ViT(cfg)
+    if init == "torch":
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.reset_parameters()
+    return model
 
 
 def _build(kind: str, arch: dict) -> nn.Module:
@@ -88,6 +104,10 @@ class TrainConfig:
     lr: float = 2e-3
     seed: int = 0
     fresh_canvases: bool = True  # draw new training canvases every epoch (same digit pool)
+    optimizer: str = "adam"  # "adam" or "adamw"
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (on matrices only; not biases, norms, embeddings)
+    warmup: float = 0.3  # share of the steps the learning rate rises (then cosine decay; OneCycleLR)
+    label_smoothing: float = 0.0
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -164,6 +184,19 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
     return float((pred == labels).double().mean())
 
 
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        named = list(model.named_parameters())
+        decay = [p for n, p in named if p.dim() >= 2 and not n.endswith(("cls_token", "pos_embed"))]
+        ids = {id(p) for p in decay}
+        rest = [p for _, p in named if id(p) not in ids]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (known: 'adam', 'adamw')")
+
+
 def train_or_load(cfg: TrainConfig, cache: str | os.PathLike | None = None,
                   log: Any = sys.stderr) -> tuple[nn.Module, dict, Path]:
     """The model trained with ``cfg``, from the cache when present (else trained and cached).
@@ -185,9 +218,10 @@ def train_or_load(cfg: TrainConfig, cache: str | os.PathLike | None = None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = _build(cfg.kind, cfg.arch)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt = _optimizer(model, cfg)
         steps = cfg.epochs * ((cfg.n_train + cfg.batch_size - 1) // cfg.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
+                                                    pct_start=cfg.warmup)
         g = torch.Generator().manual_seed(cfg.seed + 3)
         model.train()
         for epoch in range(cfg.epochs):
@@ -197,7 +231,8 @@ def train_or_load(cfg: TrainConfig, cache: str | os.PathLike | None = None,
             total = 0.0
             for k in range(0, cfg.n_train, cfg.batch_size):
                 idx = perm[k:k + cfg.batch_size]
-                loss = nn.functional.cross_entropy(model(train.images[idx]), train.labels[idx])
+                loss = nn.functional.cross_entropy(model(train.images[idx]), train.labels[idx],
+                                                   label_smoothing=cfg.label_smoothing)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
