@@ -36,14 +36,15 @@ from torch import nn
 
 import backplay as bp
 from backplay import metrics
-from backplay.rules import (RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput,
-                            LRP0, RGEq, RiskAverse, Rule, SoftplusGame)
+from backplay.rules import (RG, AlphaBeta, Anchor, AttributionEquilibrium, AttributionEquilibriumLaw,
+                            Gradient, GradientEquilibrium, GradientXInput, LRP0, RGEq, RiskAverse, Rule,
+                            SoftplusGame)
 
 from .distributed import Comm, merge_shards, shard_chunks
 from .rulespec import find_rule, rule_label
 
 __all__ = ["METRICS", "SELECTION_METRIC", "VIT_ONLY_RULES", "RuleFamily", "EvalSet", "BenchConfig",
-           "BenchResult", "cnn_families", "vit_families", "vit_engine_error", "score_maps",
+           "BenchResult", "cnn_families", "graph_families", "vit_families", "vit_engine_error", "score_maps",
            "evaluate_rules", "t_interval", "run_protocol", "run_digits", "run_dataset",
            "format_table", "markdown_table", "write_outputs"]
 
@@ -70,7 +71,19 @@ def _rg_grid(quick: bool) -> tuple[Rule, ...]:
 
 
 def cnn_families(quick: bool = False) -> list[RuleFamily]:
-    """The rule families evaluated on the CNN (grids halved in ``quick`` mode)."""
+    """The rule families evaluated on the CNN (grids halved in ``quick`` mode): the graph rules of
+    :func:`graph_families` and Nam and Lee's Attribution Equilibrium with its closest law on the graph
+    (THEORY.md section 8; r in 1, 1.5, 2, quick 1, 2)."""
+    rs = (1.0, 2.0) if quick else (1.0, 1.5, 2.0)
+    return graph_families(quick) + [
+        RuleFamily("AttributionEquilibrium", tuple(AttributionEquilibrium(r) for r in rs)),
+        RuleFamily("AttributionEquilibriumLaw", tuple(AttributionEquilibriumLaw(r) for r in rs)),
+    ]
+
+
+def graph_families(quick: bool = False) -> list[RuleFamily]:
+    """The rule families defined on any graph (CNNs and the frozen ViT graph; grids halved in
+    ``quick`` mode)."""
     q = quick
     return [
         RuleFamily("Gradient", (Gradient(),)),
@@ -93,11 +106,11 @@ def _token_anchor_lams(quick: bool) -> tuple[float, ...]:
 
 
 def vit_families(quick: bool = False, log: Any = sys.stderr) -> list[RuleFamily]:
-    """The rule families evaluated on a ViT: every family of :func:`cnn_families` (the graph rules,
+    """The rule families evaluated on a ViT: every family of :func:`graph_families` (the graph rules,
     grids as there), the attention anchor ``Anchor(RG(), lam, anchor="token")`` (one lam for every
     block; grid 0.1, 0.3, 0.6, quick 0.1, 0.5), and each of :data:`VIT_ONLY_RULES` that exists in
     this installation (default arguments); an absent one is skipped with a note on ``log``."""
-    fams = cnn_families(quick)
+    fams = graph_families(quick)
     fams.append(RuleFamily("Anchor(token)", tuple(Anchor(RG(), lam, anchor="token")
                                                   for lam in _token_anchor_lams(quick))))
     for name in VIT_ONLY_RULES:
