@@ -107,6 +107,8 @@ def rule_label(rule: Rule) -> str:
         return type(rule).__name__
     parts = []
     for f in dataclasses.fields(rule):
+        if not f.init:  # derived from the other fields (e.g. AttributionEquilibriumLaw's alpha, beta)
+            continue
         v = getattr(rule, f.name)
         if f.name in _HIDDEN_FIELDS and f.default is not dataclasses.MISSING and v == f.default:
             continue
