@@ -583,8 +583,12 @@ def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
     U = U.reshape(layer.input.shape)
     if getattr(layer, "kind", None) == "maxpool":
         U_self = layer.map.apply(U)
-    else:
+    else:  # only U is kept per layer: the local law and the weight parts are rebuilt in the
+        # backward sweep (one more pair of branch products per layer instead of holding the
+        # model's weights twice over and every layer's buffers)
         U_self = _local_of(layer, ctx).expect(U)
+        ctx["local"].pop(id(layer), None)
+        layer.map.drop_parts()
     ctx["U"][id(layer)] = (U, U_self)
     return U_self
 

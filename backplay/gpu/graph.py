@@ -90,6 +90,9 @@ class LinearOp:
         self.in_shape = tuple(in_shape)
         return self
 
+    def drop_parts(self) -> None:
+        """Free the weight parts built for the routing laws (they are rebuilt when next used)."""
+
     # the two parts of the map at once (the routing laws): ind=False W+ / W-, ind=True 1{W>0} / 1{W<0}
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(A+ y, A- y)`` without bias; the second is ``None`` where the part is identically 0."""
@@ -146,6 +149,10 @@ class _Parts(_Lazy):
 
 class _WeightOp(LinearOp):
     weight: Tensor
+
+    def drop_parts(self) -> None:
+        for name in ("parts", "stacked", "crossed"):
+            self.__dict__.pop(name, None)
 
     @cached_property
     def parts(self) -> "_Parts":

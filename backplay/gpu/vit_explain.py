@@ -177,6 +177,9 @@ class AttentionMixOp(LinearOp):
             return self._ind
         return self.A
 
+    def drop_parts(self) -> None:
+        self._ind = None
+
     def _split(self, y: Tensor) -> Tensor:
         B, T, d = y.shape
         return y.reshape(B, T, self.heads, d // self.heads).transpose(1, 2)
