@@ -150,9 +150,23 @@ def test_i17_gradient_equilibrium_is_lrp0_and_gxi(case):
     rel = law.relevance()
     for got, want in zip(rel, lrp0(spec, x, k)):  # LRP-0 at every layer, biases included
         assert all(u == v for u, v in zip(got, want))
-    gxi = ReLUNetGame(spec).solve(x, k).gxi
-    assert all(u == v for u, v in zip(rel[0], gxi))  # I8 + I17: Gradient x Input
+    sol = ReLUNetGame(spec).solve(x, k)
+    gxi = sol.gxi
     assert all(u == v for u, v in zip(gv_law(spec, x, k).attribution(), gxi))  # the GV law's own GxI
+    if sol.value == 0:  # w0 = f = 0: the law carries no mass (m needs z != 0), whatever x * grad is
+        assert law.stopped()["total"] == 0 and all(v == 0 for layer in rel for v in layer)
+    else:
+        assert all(u == v for u, v in zip(rel[0], gxi))  # I8 + I17: Gradient x Input
+
+
+def test_i17_at_a_zero_logit():
+    """f = -x - 1/4 = 0 at x = -1/4: Gradient x Input is 1/4, the gradient equilibrium's start mass is
+    0, so its relevance is 0 (found by the thorough profile: I17 needs z != 0 at the output too)."""
+    spec = MLPSpec([np.array([[-1.0], [0.0]])], [np.array([-0.25, 0.0])])
+    sol = ReLUNetGame(spec).solve([-0.25], 0)
+    assert sol.value == 0 and sol.gxi[0] == sp.Rational(1, 4)
+    law = routing_law(spec, [-0.25], 0, GradientEquilibrium())
+    assert law.relevance()[0][0] == 0 and law.stopped()["total"] == 0
 
 
 # -- I18 -------------------------------------------------------------------------------------------

@@ -57,13 +57,16 @@ def test_tiny_vit_torch_equals_exact_law_at_every_block(rule):
 
 @st.composite
 def tiny_vits(draw):
-    """A random tiny ViT (1 block, 4 patches + cls, dim 8, 1-2 heads, 1-2 channels), an image, a
-    target and a graph rule."""
+    """A random tiny ViT (4 patches + cls, dim 8, 1-2 heads, 1-2 channels; 1 block, or one per entry
+    of a per-block lam), an image, a target and a graph rule."""
+    rule = draw(st.sampled_from(GRAPH_RULES))
+    lam = getattr(rule, "lam", None)
     model = vit_tiny_test(num_classes=3, image_size=4, patch_size=2, in_channels=draw(st.integers(1, 2)),
-                          dim=8, depth=1, heads=draw(st.sampled_from([1, 2])), mlp_dim=8,
+                          dim=8, depth=len(lam) if isinstance(lam, tuple) else 1,
+                          heads=draw(st.sampled_from([1, 2])), mlp_dim=8,
                           seed=draw(st.integers(0, 10_000)), dtype=torch.float64)
     x = _image(model, seed=draw(st.integers(0, 10_000)))
-    return model, x, draw(st.integers(0, 2)), draw(st.sampled_from(GRAPH_RULES))
+    return model, x, draw(st.integers(0, 2)), rule
 
 
 @settings(max_examples=8 if settings.default.max_examples <= 25 else 80)

@@ -114,8 +114,17 @@ def check_i17(c: Case) -> IdentityCheck:
     Gradient x Input (the GV game's signed terminal payoff) on a ReLU net."""
     rule = GradientEquilibrium()
     law = c.law(rule)
-    ok = all(np.all(a == b) for a, b in zip([law.relevance()[0]], [c.sol.gxi]))
+    ok = bool(np.all(law.relevance()[0] == _i17_input_relevance(c)))
     return IdentityCheck("I17", ok, _torch_err(c, rule, law), _cvxpy_err(c, rule, law))
+
+
+def _i17_input_relevance(c: Case) -> np.ndarray:
+    """What I17 gives at the input: Gradient x Input when the start mass w0 = f_k(x) is not 0. At
+    f_k(x) = 0 (a linear output at exactly 0; m = (S+ + |S-|)/z needs z != 0) the law carries no mass
+    and every relevance is 0, while x * grad need not be."""
+    if c.sol.value == 0:
+        return np.zeros(len(c.sol.gxi), dtype=object)
+    return c.sol.gxi
 
 
 def check_i18(c: Case) -> IdentityCheck:
@@ -180,7 +189,7 @@ def check_i21(c: Case) -> IdentityCheck:
     ab, rg = c.law(AlphaBeta(2, 1)), c.law(RG(tau=0.5))
     ok = hellinger(ab, ab) == 0
     gv, eq = gv_law(c.spec, c.x, c.target), c.law(GradientEquilibrium())
-    ok = ok and np.all(gv.attribution() == eq.relevance()[0])
+    ok = ok and np.all(gv.attribution() == c.sol.gxi) and np.all(eq.relevance()[0] == _i17_input_relevance(c))
     detail = "path oracle skipped: too many paths"
     try:
         bc = bhattacharyya_paths(ab, rg, MAX_PATHS)
