@@ -209,6 +209,19 @@ def peak_cuda(fn, model, x, t, device: str) -> float:
     return float(torch.cuda.max_memory_allocated(device) - base)
 
 
+def print_peak_rss(fn, model, x, t) -> None:
+    """In a memory child: one call of fn after a 1-sample warm-up (lazy library initialisation);
+    prints the peak RSS delta of the call in bytes as JSON."""
+    fn(model, x[:1], t[:1])
+    if not _reset_hwm():
+        raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
+    base = _status_kib("VmRSS")
+    out = fn(model, x, t)
+    peak = _status_kib("VmHWM")
+    del out
+    print(json.dumps({"peak": max(0, peak - base) * 1024}))
+
+
 def peak_cpu_child(args) -> None:
     """Child process: one method, one call; prints the peak RSS delta in bytes as JSON."""
     dtype = getattr(torch, args.dtype)
@@ -216,32 +229,60 @@ def peak_cpu_child(args) -> None:
     model, x, t = build(args.child_model, "cpu", dtype)
     zennit = load_zennit() if args.child_method == ZENNIT else None
     fn, close = method(args.child_method, zennit, model, t)
-    fn(model, x[:1], t[:1])  # lazy library initialisation on one sample
-    if not _reset_hwm():
-        raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
-    base = _status_kib("VmRSS")
-    out = fn(model, x, t)
-    peak = _status_kib("VmHWM")
-    del out
+    print_peak_rss(fn, model, x, t)
     close()
-    print(json.dumps({"peak": max(0, peak - base) * 1024}))
 
 
-def peak_cpu(name: str, kind: str, args) -> float:
+def run_peak_child(script: str, child_args: list[str]) -> float:
+    """Run ``script`` as a fresh memory child (glibc serving large tensors by mmap) and return the
+    peak it prints."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-model", kind, "--child-method", name,
-           "--dtype", args.dtype, "--threads", str(args.threads)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, os.path.abspath(script), *child_args], env=env,
+                         capture_output=True, text=True)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or [""])[-1]
         raise RuntimeError(f"memory child exited {res.returncode}: {tail}")
     return float(json.loads(res.stdout.strip().splitlines()[-1])["peak"])
 
 
+def peak_cpu(name: str, kind: str, args) -> float:
+    return run_peak_child(__file__, ["--child-model", kind, "--child-method", name, "--dtype", args.dtype,
+                                     "--threads", str(args.threads)])
+
+
+def time_interleaved(rows: dict, fns: dict, model, x, t, args) -> None:
+    """``--warmup`` calls of each method, then ``--repeat`` interleaved rounds (one call of each per
+    round), so that a change of machine load hits all methods alike. Sets ``time`` (median over the
+    rounds) and ``ratio`` (median over the rounds of the time / the gradient's time that round) in
+    each row; a method that raises is reported in its row's ``error`` and dropped."""
+    for name, fn in list(fns.items()):
+        try:
+            for _ in range(args.warmup):
+                fn(model, x, t)
+            sync(args.device)
+        except Exception as e:  # noqa: BLE001 - a failing rule is reported, not fatal
+            rows[name]["error"] = _err(e)
+            del fns[name]
+    for _ in range(args.repeat):
+        for name, fn in list(fns.items()):
+            t0 = time.perf_counter()
+            try:
+                fn(model, x, t)
+                sync(args.device)
+            except Exception as e:  # noqa: BLE001
+                rows[name]["error"] = _err(e)
+                del fns[name]
+                continue
+            rows[name]["times"].append(time.perf_counter() - t0)
+    g = rows[GRAD]["times"]
+    for r in rows.values():
+        if "error" not in r:
+            r["time"] = statistics.median(r["times"])
+            r["ratio"] = statistics.median(a / b for a, b in zip(r["times"], g))
+
+
 def run_model(kind: str, args, zennit) -> list[dict]:
-    """Time every method in interleaved rounds (one call of each per round, after the warm-up), so
-    that a change of machine load hits all methods alike; a method's time is its median over the
-    rounds and its ratio the median over rounds of (its time / the gradient's time that round)."""
+    """Time every method (:func:`time_interleaved`), then measure each one's peak memory."""
     dtype = getattr(torch, args.dtype)
     model, x, t = build(kind, args.device, dtype)
     names = [GRAD, *RULES] + ([ZENNIT] if zennit is not None and kind in args.zennit_models else [])
@@ -250,46 +291,30 @@ def run_model(kind: str, args, zennit) -> list[dict]:
     for name in names:
         try:
             fn, close = method(name, zennit, model, t)
-            closers.append(close)
-            for _ in range(args.warmup):
-                fn(model, x, t)
-            sync(args.device)
-            fns[name] = fn
         except Exception as e:  # noqa: BLE001 - a rule not implemented yet is reported, not fatal
             rows[name]["error"] = _err(e)
+            continue
+        closers.append(close)
+        fns[name] = fn
     try:
-        for _ in range(args.repeat):
-            for name, fn in list(fns.items()):
-                t0 = time.perf_counter()
-                try:
-                    fn(model, x, t)
-                    sync(args.device)
-                except Exception as e:  # noqa: BLE001
-                    rows[name]["error"] = _err(e)
-                    del fns[name]
-                    continue
-                rows[name]["times"].append(time.perf_counter() - t0)
+        time_interleaved(rows, fns, model, x, t, args)
     finally:
         for close in closers:
             close()
-    g = rows[GRAD]["times"]
     for name, r in rows.items():
-        if "error" in r:
+        if "error" in r or args.no_memory:
             continue
-        r["time"] = statistics.median(r["times"])
-        r["ratio"] = statistics.median(a / b for a, b in zip(r["times"], g))
-        if not args.no_memory:
-            try:
-                if args.device.startswith("cuda"):
-                    fn, close = method(name, zennit, model, t)
-                    try:
-                        r["peak"] = peak_cuda(fn, model, x, t, args.device)
-                    finally:
-                        close()
-                else:
-                    r["peak"] = peak_cpu(name, kind, args)
-            except Exception as e:  # noqa: BLE001
-                r["mem_error"] = _err(e)
+        try:
+            if args.device.startswith("cuda"):
+                fn, close = method(name, zennit, model, t)
+                try:
+                    r["peak"] = peak_cuda(fn, model, x, t, args.device)
+                finally:
+                    close()
+            else:
+                r["peak"] = peak_cpu(name, kind, args)
+        except Exception as e:  # noqa: BLE001
+            r["mem_error"] = _err(e)
     return list(rows.values())
 
 

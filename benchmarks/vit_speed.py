@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
 import backplay as bp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rules_speed import GRAD, MEM_TARGET, TIME_TARGET, _err, _reset_hwm, _status_kib, autograd_gradient, peak_cuda, sync  # noqa: E402
+from rules_speed import (  # noqa: E402
+    GRAD, MEM_TARGET, TIME_TARGET, _err, autograd_gradient, peak_cuda, print_peak_rss, run_peak_child,
+    time_interleaved,
+)
 from rules_speed import RULES as _CNN_RULES  # noqa: E402
 
 R = bp.rules
@@ -56,26 +56,12 @@ def peak_cpu_child(args) -> None:
     """Child process: one method, one call; prints the peak RSS delta in bytes as JSON."""
     torch.set_num_threads(args.threads)
     model, x, t = build("cpu", getattr(torch, args.dtype), args.batch)
-    fn = method(args.child_method)
-    fn(model, x[:1], t[:1])  # lazy library initialisation on one sample
-    if not _reset_hwm():
-        raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
-    base = _status_kib("VmRSS")
-    out = fn(model, x, t)
-    peak = _status_kib("VmHWM")
-    del out
-    print(json.dumps({"peak": max(0, peak - base) * 1024}))
+    print_peak_rss(method(args.child_method), model, x, t)
 
 
 def peak_cpu(name: str, args) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-method", name, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--batch", str(args.batch)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        tail = (res.stderr.strip().splitlines() or [""])[-1]
-        raise RuntimeError(f"memory child exited {res.returncode}: {tail}")
-    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak"])
+    return run_peak_child(__file__, ["--child-method", name, "--dtype", args.dtype, "--threads",
+                                     str(args.threads), "--batch", str(args.batch)])
 
 
 def run(args) -> list[dict]:
@@ -85,31 +71,18 @@ def run(args) -> list[dict]:
     fns = {}
     for name in names:
         try:
-            fn = method(name)
-            for _ in range(args.warmup):
-                fn(model, x, t)
-            sync(args.device)
-            fns[name] = fn
+            fns[name] = method(name)
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             rows[name]["error"] = _err(e)
-    for _ in range(args.repeat):
-        for name, fn in list(fns.items()):
-            t0 = time.perf_counter()
-            fn(model, x, t)
-            sync(args.device)
-            rows[name]["times"].append(time.perf_counter() - t0)
-    g = rows[GRAD]["times"]
+    time_interleaved(rows, fns, model, x, t, args)
     for name, r in rows.items():
-        if "error" in r:
+        if "error" in r or args.no_memory:
             continue
-        r["time"] = statistics.median(r["times"])
-        r["ratio"] = statistics.median(a / b for a, b in zip(r["times"], g))
-        if not args.no_memory:
-            try:
-                r["peak"] = (peak_cuda(method(name), model, x, t, args.device)
-                             if args.device.startswith("cuda") else peak_cpu(name, args))
-            except Exception as e:  # noqa: BLE001
-                r["mem_error"] = _err(e)
+        try:
+            r["peak"] = (peak_cuda(method(name), model, x, t, args.device)
+                         if args.device.startswith("cuda") else peak_cpu(name, args))
+        except Exception as e:  # noqa: BLE001
+            r["mem_error"] = _err(e)
     return list(rows.values())
 
 
