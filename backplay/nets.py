@@ -400,7 +400,8 @@ class FrozenNet:
             _check_finite(y, f"y^{l}")
         kinds = tuple(kinds) if kinds is not None else ("affine",) * len(ws)
         if len(kinds) != len(ws):
-            raise ValueError(f"kinds must give 'affine' or 'maxpool' for each of the {len(ws)} layers")
+            raise ValueError(f"kinds must give 'affine', 'maxpool' or one kind per row for each of the "
+                             f"{len(ws)} layers")
         kinds = tuple(k if isinstance(k, str) else tuple(k) for k in kinds)
         for l, (k, w) in enumerate(zip(kinds, ws), start=1):
             if isinstance(k, str):

@@ -16,7 +16,7 @@ import torch
 
 from backplay.gpu.checks import _to_module, float_tensor, resolve_target
 from backplay.gpu.graph import GraphNetwork, check_items_device, items_dtype, read_items, _build
-from backplay.rules import Gradient, Rule, _RoutingLaw
+from backplay.rules import Gradient, Rule, _RoutingLaw, _routing_parts
 
 Tensor = torch.Tensor
 
@@ -131,7 +131,6 @@ def explain(
     """
     from backplay.gpu.vit import ViT
     from backplay.gpu.vit_rules import ViTRule
-    from backplay.rules import _routing_parts
 
     if isinstance(model, ViT):  # the frozen ViT graph (THEORY.md section 7)
         from backplay.gpu.vit_explain import explain_vit
@@ -141,7 +140,7 @@ def explain(
         raise TypeError(f"rule must be a backplay.rules.Rule, got {type(rule).__name__}")
     if isinstance(rule, ViTRule):
         raise TypeError(f"{type(rule).__name__} is a ViT rule: it needs a backplay.gpu.vit.ViT model")
-    anchor = _routing_parts(rule)[1] if isinstance(rule, _RoutingLaw) else None
+    anchor = _routing_parts(rule)[1]
     if anchor is not None and anchor.anchor == "token":
         raise ValueError("Anchor(anchor='token') acts at attention layers: it needs a backplay.gpu.vit.ViT")
     prep = prepare_graph(model, x)
