@@ -129,10 +129,10 @@ def _model_cases(model: Any, seed: int, cases: int, input_path: str | None, targ
     out = []
     for x in xs:
         if target is None:
-            from .gpu.engine import prepare_graph
+            from .gpu.engine import prepare
 
-            prep = prepare_graph(model if not isinstance(model, MLPSpec) else model.to_torch(torch.float64), x[None])
-            t = int(prep.net.trace(prep.x).output[0].argmax())
+            prep = prepare(model if not isinstance(model, MLPSpec) else model.to_torch(torch.float64), x[None])
+            t = int(prep.trace().output[0].argmax())
         else:
             t = target
         out.append((model, x.numpy(), t))

@@ -218,50 +218,50 @@ class MLPSpec:
 
     @classmethod
     def from_torch(cls, module: Any) -> "MLPSpec":
-        """Read an ``nn.Sequential`` of Linear / ReLU / Softplus (nested Sequentials are flattened).
+        """Read an MLP through the one reader (:mod:`backplay.gpu.read`): any module whose forward is a
+        chain of Linear layers (BatchNorm, scalings and constants added merged into them) with ReLU or
+        Softplus activations, written as ``nn.Sequential`` or with its own forward.
 
         ``nn.Softplus(beta)`` gives eps = 1/beta. The spec describes the exact softplus; torch's own
         module switches to the identity above ``threshold`` (default 20 on beta*z).
         """
+        import torch
         import torch.nn as nn
 
-        def flatten(m: Any) -> list:
-            if isinstance(m, nn.Sequential):
-                return [c for child in m for c in flatten(child)]
-            return [m]
+        from backplay.gpu.engine import prepare
+        from backplay.gpu.ops import LinearGate, ReLUGate, SoftplusGate
 
         if not isinstance(module, nn.Module):
             raise TypeError(f"expected a torch nn.Module, got {type(module).__name__}")
-        layers = flatten(module)
+        first = next((m for m in module.modules() if list(m.parameters(recurse=False))), None)
+        if not isinstance(first, nn.Linear):
+            raise TypeError("MLPSpec.from_torch reads MLPs (Linear layers with ReLU or Softplus); the model's "
+                            f"first layer is {type(first).__name__ if first is not None else 'missing'}")
+        x = torch.zeros(first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+        trace = prepare(module, x).trace()
+        cuts = set(trace.cuts)
         weights, biases, acts = [], [], []
         eps = None
-        for m in layers:
-            if isinstance(m, nn.Linear):
-                if len(acts) < len(weights):
-                    acts.append(None)  # two Linear layers in a row
-                weights.append(m.weight)
-                biases.append(None if m.bias is None else m.bias)
-            elif isinstance(m, (nn.ReLU, nn.Softplus)):
-                name = "relu" if isinstance(m, nn.ReLU) else "softplus"
-                if len(weights) != len(acts) + 1:
-                    raise ValueError(f"activation {type(m).__name__} must follow a Linear layer")
-                if name == "softplus":
-                    m_eps = 1.0 / float(m.beta)
-                    if eps is not None and m_eps != eps:
-                        raise ValueError("all Softplus modules must share one beta")
-                    eps = m_eps
-                acts.append(name)
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                continue
+        for layer in trace.layers:
+            chained = len(layer.sources) == 1 and (layer.out in cuts or layer is trace.layers[-1])
+            if layer.kind != "linear" or not chained:
+                raise TypeError(f"MLPSpec.from_torch reads a chain of Linear layers; layer {layer.index} is a "
+                                f"{layer.kind} layer at {layer.where}")
+            gate = layer.gate
+            if isinstance(gate, SoftplusGate):
+                if eps is not None and gate.eps != eps:
+                    raise ValueError("all Softplus modules must share one beta")
+                eps = gate.eps
+                acts.append("softplus")
+            elif isinstance(gate, ReLUGate):
+                acts.append("relu")
+            elif isinstance(gate, LinearGate):
+                acts.append(None)
             else:
-                raise TypeError(
-                    f"unsupported module {type(m).__name__} in MLPSpec.from_torch "
-                    "(supported: Linear, ReLU, Softplus, Identity, Dropout, nested Sequential)"
-                )
-        if not weights:
-            raise ValueError("the module contains no Linear layer")
-        if len(acts) < len(weights):
-            acts.append(None)
+                raise TypeError(f"unsupported activation {gate!r} at {layer.where} in MLPSpec.from_torch "
+                                "(supported: ReLU, Softplus)")
+            weights.append(layer.map.weight)
+            biases.append(layer.map.bias)
         hidden = acts[:-1]
         if any(a is None for a in hidden):
             raise ValueError("every hidden Linear layer must be followed by ReLU or Softplus")

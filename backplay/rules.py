@@ -1,14 +1,15 @@
 """Attribution rules: one small class per rule (zennit's split).
 
 A rule is a frozen, parameter-only object. It never holds a model and never modifies one: the engine
-(:func:`backplay.gpu.explain`) reads the model into detached layer maps, runs ONE batched forward
-pass and hands the rule the recorded :class:`~backplay.gpu.layers.Trace`. A rule then maps that trace
-to the relevance of the input, [B, n_0].
+(:func:`backplay.gpu.explain`) reads the model into its operation graph (:mod:`backplay.gpu.read`),
+runs ONE batched forward pass and hands the rule the recorded :class:`~backplay.gpu.trace.Trace`. A
+rule then maps that trace to the relevance of the input.
 
-Most rules are layer rules (:class:`LayerRule`): a start measure at the output layer L, one backward
-map per layer (``backward(layer, upper) -> lower``; ``layer`` is a
-:class:`~backplay.gpu.layers.LayerTrace` with ``map`` (forward / adjoint with any weight, row masses),
-``gate``, ``input`` = y^{l-1}, ``z``, ``p`` and ``y``), and a final step at the input. New rules
+Most rules are layer rules (:class:`LayerRule`): a start measure at the output, one backward map per
+layer (``backward(layer, upper) -> lower``; ``layer`` is a :class:`~backplay.gpu.trace.LayerTrace`
+with ``map`` (apply / transpose with any part of its coefficients), ``gate``, ``input`` = y^{l-1},
+``z``, ``p`` and ``y``), and a final step at the input; layout steps (reshape, cat, slice, ...) move
+relevance by their transpose for every rule (:meth:`~backplay.gpu.trace.Trace.walk`). New rules
 (Epsilon, AlphaBeta, the routing family of THEORY.md section 5, ...) are further subclasses; the
 theory and numerics parts read the same objects for their parameters.
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from backplay.gpu.layers import LayerTrace, Trace
+    from backplay.gpu.trace import LayerTrace, Trace
 
 Tensor = torch.Tensor
 
@@ -89,51 +90,30 @@ class LayerRule(Rule):
         """The relevance reported at a layer whose values are ``y``, from the swept measure ``r``."""
         return r
 
-    # -- the sweep (residual blocks: the add node, then the body, skip and body parts summed) --------
+    # -- the sweep ------------------------------------------------------------------------------
     def _context(self, trace: "Trace", target: Tensor) -> dict:
         return {"stopped": None}
 
     def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
         return self.backward(layer, r)
 
-    def _item_backward(self, item: Any, r: Tensor, ctx: dict) -> Tensor:
-        if hasattr(item, "body"):  # backplay.gpu.graph.ResidualTrace
-            r2 = self._layer_backward(item.add, r.reshape(item.add.y.shape), ctx)
-            skip = r2[:, 0]
-            rb = self._down(item.body, r2[:, 1], ctx)
-            return skip + rb.reshape(skip.shape)
-        return self._layer_backward(item, r.reshape(item.y.shape), ctx)
-
-    def _down(self, items: list, r: Tensor, ctx: dict) -> Tensor:
-        for item in reversed(items):
-            r = self._item_backward(item, r, ctx)
-        return r
-
     def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
               release: bool = False) -> Sweep:
-        """The backward sweep. ``keep_layers=False``: ``Sweep.layers`` is left empty (the relevance
-        at the hidden layers is not kept). ``release=True``: each layer's record is dropped from
-        ``trace.layers`` once swept (frees its buffers early; the trace is unusable afterwards
-        except for ``trace.x``)."""
+        """The backward sweep over the trace's operation graph (:meth:`Trace.walk`).
+        ``keep_layers=False``: ``Sweep.layers`` is left empty. ``release=True``: each step is dropped
+        once swept (frees its buffers early; the trace is spent afterwards)."""
         ctx = self._context(trace, target)
-        items = trace.layers
-        L = len(items)
         r = self.start(trace, target)
-        rel: list = [None] * (L + 1) if keep_layers else []
-        if keep_layers:
-            rel[L] = self.view(trace.output, r)
-        for k in range(L - 1, -1, -1):
-            item = items[k]
-            if release:
-                items[k] = None
-            r = self._item_backward(item, r, ctx)
-            if k > 0 and keep_layers:
-                rel[k] = self.view(item.input, r)
-            del item
-        r = self.finish(trace, r)
-        if keep_layers:
-            rel[0] = r
-        return Sweep(r, rel, ctx["stopped"])
+        keep = (lambda step, v: self.view(step.y, v.reshape(step.y.shape))) if keep_layers else None
+        top = self.view(trace.output, r) if keep_layers else None
+        lower, kept = trace.walk({trace.output_id: r},
+                                 lambda layer, v: self._layer_backward(layer, v.reshape(layer.y.shape), ctx),
+                                 keep, release)
+        if lower is None:
+            lower = torch.zeros_like(trace.x)
+        lower = self.finish(trace, lower)
+        rel = [lower] + [kept[i] for i in trace.cuts] + [top] if keep_layers else []
+        return Sweep(lower, rel, ctx["stopped"])
 
     def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
         return self.sweep(trace, target).relevance
@@ -153,7 +133,7 @@ class Gradient(LayerRule):
         return trace.onehot(target)
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        return layer.map.adjoint(upper * layer.p)
+        return layer.map.transpose(upper * layer.p)
 
 
 @dataclass(frozen=True)
@@ -187,7 +167,7 @@ class LRP0(LayerRule):
         return trace.onehot(target) * trace.output
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        return layer.input * layer.map.adjoint(safe_divide(upper, layer.z))
+        return layer.input * layer.map.transpose(safe_divide(upper, layer.z))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +266,7 @@ class _Local:
         M, y = layer.map, layer.input
         self.M, self.lam = M, float(lam)
         self.nonneg = nonneg = not bool((y < 0).any())
-        b = M.bias
-        if b is not None and b.ndim == 1 and y.ndim > 2:  # pragma: no cover - defensive
-            b = b.view((-1,) + (1,) * (y.ndim - 2))
+        b = M.bias  # shaped to broadcast against z (a conv's [C, 1, 1], a dense map's [n])
         if nonneg:
             yp, yn = y, None
             Sp, Sn = M.pair(y)
@@ -527,7 +505,7 @@ class _Local:
 
 def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
     base, anchor, risk = _routing_parts(rule)
-    depth = getattr(trace, "n_layers", len(trace.layers))
+    depth = trace.n_layers
     ctx = {"stopped": torch.zeros_like(trace.output[:, 0]), "base": base, "anchor": anchor,
            "depth": depth, "blocks": getattr(trace, "n_blocks", 0), "local": {}, "U": {},
            "lrp0_form": isinstance(base, GradientEquilibrium) and anchor is None and risk is None}
@@ -540,7 +518,7 @@ def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
             nz = x != 0
             c = s2 / torch.where(nz, x, torch.ones_like(x)) ** 2
             U = torch.where(nz, torch.exp(-theta * c), torch.zeros_like(x))  # x = 0 is never reached
-        _u_sweep(trace.layers, U, ctx)
+        _u_sweep(trace, U, ctx)
     return ctx
 
 
@@ -581,7 +559,7 @@ def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
 
 def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
     U = U.reshape(layer.input.shape)
-    if getattr(layer, "kind", None) == "maxpool":
+    if layer.map.pass_through:
         U_self = layer.map.apply(U)
     else:  # only U is kept per layer: the local law and the weight parts are rebuilt in the
         # backward sweep (one more pair of branch products per layer instead of holding the
@@ -593,15 +571,21 @@ def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
     return U_self
 
 
-def _u_sweep(items: list, U: Tensor, ctx: dict) -> Tensor:
-    for item in items:
-        if hasattr(item, "body"):
-            U_in = U.reshape(item.input.shape)
-            Ub = _u_sweep(item.body, U_in, ctx)
-            U = _u_layer(item.add, torch.stack([U_in, Ub.reshape(U_in.shape)], dim=1), ctx)
+def _u_sweep(trace: "Trace", U: Tensor, ctx: dict) -> None:
+    """The forward sweep of U (I20) over the operation graph: U at each layer's output from U at its
+    input; layout steps move U as they move values."""
+    vals = {0: U}
+    for step in trace.steps:
+        ins = [vals[s] for s in step.sources]
+        if hasattr(step, "map"):
+            if len(ins) == 1:
+                u_in = ins[0]
+            else:
+                shape = tuple(step.input.shape[:1]) + tuple(step.input.shape[2:])
+                u_in = torch.stack([u.expand(shape) for u in ins], dim=1)
+            vals[step.out] = _u_layer(step, u_in, ctx)
         else:
-            U = _u_layer(item, U, ctx)
-    return U
+            vals[step.out] = step.fn(*ins)
 
 
 @dataclass(frozen=True)
@@ -618,7 +602,7 @@ class _RoutingLaw(LayerRule):
         return _routing_context(self, trace, target)
 
     def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
-        if getattr(layer, "kind", None) == "maxpool":
+        if layer.map.pass_through:  # a selection or a standalone gate: relevance passes
             return layer.map.transpose(r)
         if ctx.get("lrp0_form"):
             return _equilibrium_backward(layer, r, ctx)
@@ -776,13 +760,7 @@ class SoftplusGame(LayerRule):
 
     def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
               release: bool = False) -> Sweep:
-        net = getattr(trace, "network", None)
-        if net is None:
-            raise TypeError("SoftplusGame needs a trace from backplay.gpu.explain (it re-runs the "
-                            "forward pass of the softplus surrogate)")
-        from backplay.gpu.graph import softplus_surrogate
-
-        surrogate = net.trace(trace.x, gate=softplus_surrogate(self.eps))
+        surrogate = trace.surrogate(self.eps)  # every game gate at temperature eps
         return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)
 
 
@@ -836,14 +814,15 @@ class AttributionEquilibrium(LayerRule):
     # -- the start ---------------------------------------------------------------------------------
     @staticmethod
     def start_index(trace: "Trace") -> int:
-        """k such that the start sits at the output of ``trace.layers[k-1]`` (the head is layers k..L)."""
+        """k such that the start sits at the output of ``trace.layers[k-1]`` (the head is layers k..L).
+        The model must be a chain (every layer output a cut of the graph: no sum node, no branch)."""
         items = trace.layers
-        for it in items:
-            if hasattr(it, "body"):
-                raise TypeError("AttributionEquilibrium does not support Residual blocks (VGG-like "
-                                "CNNs and MLPs only)")
+        cuts = set(trace.cuts)
+        if any(len(it.sources) > 1 for it in items) or any(it.out not in cuts for it in items[:-1]):
+            raise TypeError("AttributionEquilibrium does not support Residual blocks, sum nodes or branches "
+                            "(VGG-like CNNs and MLPs only)")
         k = len(items)
-        while k > 0 and getattr(items[k - 1], "kind", "linear") == "linear":
+        while k > 0 and items[k - 1].kind == "linear":
             k -= 1
         if k == 0:  # an all-Linear net: the MLP analogue starts at the last hidden layer
             k = len(items) - 1
@@ -856,13 +835,12 @@ class AttributionEquilibrium(LayerRule):
     def start_map(self, trace: "Trace", target: Tensor) -> tuple[int, Tensor]:
         """(k, R0): the normalised start map at the output of layer k (its shape, batch first)."""
         k = self.start_index(trace)
-        items = trace.layers
-        g = trace.onehot(target)
-        for it in reversed(items[k:]):
-            g = it.map.adjoint(g.reshape(it.y.shape) * it.p)
-        A = items[k - 1].y
-        g = g.reshape(A.shape)
-        R0 = A * (g.mean(dim=(2, 3), keepdim=True) if A.ndim == 4 else g)
+        A = trace.layers[k - 1]
+        _, kept = trace.walk({trace.output_id: trace.onehot(target)},
+                             lambda it, g: it.map.transpose(g.reshape(it.y.shape) * it.p),
+                             lambda step, g: g if step is A else None)
+        g = kept[A.out].reshape(A.y.shape)
+        R0 = A.y * (g.mean(dim=tuple(range(2, g.ndim)), keepdim=True) if A.y.ndim > 2 else g)
         return k, safe_divide(R0, _per_sample(R0).abs())
 
     def start(self, trace: "Trace", target: Tensor) -> Tensor:
@@ -891,12 +869,12 @@ class AttributionEquilibrium(LayerRule):
         return {"C": C, "shift": shift, "A": A, "B": B}
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        kind = getattr(layer, "kind", None)
+        kind = layer.kind
         M, x = layer.map, layer.input
         R = upper.reshape(layer.y.shape)
-        if kind == "maxpool":
+        if M.pass_through:  # max pools (to the argmax) and standalone gates
             return M.transpose(R)
-        if kind in ("avgpool", "adaptive"):
+        if kind == "pool":
             xp = x.clamp_min(0) + 1e-9
             return xp * M.transpose(safe_divide(R, M.apply(xp)))
         if kind not in ("linear", "conv"):
@@ -916,25 +894,16 @@ class AttributionEquilibrium(LayerRule):
               release: bool = False) -> Sweep:
         """The sweep from the start map down to the input. The head (layers above the start) is not
         propagated: its entries of ``Sweep.layers`` are NaN."""
-        k, r = self.start_map(trace, target)
-        items = trace.layers
-        L = len(items)
+        k, r0 = self.start_map(trace, target)
+        start = trace.layers[k - 1]
+        keep = (lambda step, v: v.reshape(step.y.shape)) if keep_layers else None
+        heads = {it.out: it.y for it in trace.layers[k:]}
+        lower, kept = trace.walk({start.out: r0}, lambda it, v: self.backward(it, v), keep, release)
         rel: list = []
         if keep_layers:
-            rel = [None] * (L + 1)
-            rel[L] = torch.full_like(trace.output, float("nan"))
-            for j in range(k + 1, L):
-                rel[j] = torch.full_like(items[j - 1].y, float("nan"))
-            rel[k] = r
-        for j in range(k - 1, -1, -1):
-            r = self.backward(items[j], r)
-            if release:
-                items[j] = None
-            if j > 0 and keep_layers:
-                rel[j] = r
-        if keep_layers:
-            rel[0] = r
-        return Sweep(r, rel, None)
+            rel = [lower] + [kept[i] if i in kept else torch.full_like(heads[i], float("nan"))
+                             for i in trace.cuts] + [torch.full_like(trace.output, float("nan"))]
+        return Sweep(lower, rel, None)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import backplay as bp
-from backplay.gpu.engine import prepare_graph
+from backplay.gpu.engine import prepare
 from backplay.rules import AlphaBeta, AttributionEquilibrium, AttributionEquilibriumLaw
 from backplay.testing import nets_with_inputs, torch_matches_law
 from backplay.theory import routing_law
@@ -20,8 +20,8 @@ D = torch.float64
 
 
 def _trace(model, x):
-    prep = prepare_graph(model, x)
-    return prep.net.trace(prep.x)
+    prep = prepare(nn.Sequential(model, nn.Flatten()), x)  # the reader explains outputs [B, classes]
+    return prep.trace()
 
 
 def _linear(w, b=None):
@@ -141,8 +141,8 @@ def _checker_layer(kernel, seed):
     else:
         ii, jj = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
         x[:, :, (ii + jj) % 2 == 0] = 0  # checkerboard
-    prep = prepare_graph(nn.Sequential(c1, nn.ReLU(), c2), x)
-    return prep.net.trace(prep.x).layers[1], g
+    prep = prepare(nn.Sequential(c1, nn.ReLU(), c2, nn.Flatten()), x)
+    return prep.trace().layers[1], g
 
 
 @pytest.mark.parametrize("r", [1, 1.5, 2])
@@ -217,7 +217,7 @@ def test_rejects_bad_parameters_and_models():
     with pytest.raises(ValueError, match="hidden layer"):
         bp.explain(nn.Linear(2, 2).double(), torch.ones(1, 2, dtype=D), 0, AttributionEquilibrium())
     with pytest.raises(ValueError, match="Linear head"):
-        bp.explain(nn.Sequential(nn.Conv2d(1, 1, 2), nn.ReLU(), nn.Conv2d(1, 1, 2)).double(),
+        bp.explain(nn.Sequential(nn.Conv2d(1, 1, 2), nn.ReLU(), nn.Conv2d(1, 1, 2), nn.Flatten()).double(),
                    torch.ones(1, 1, 3, 3, dtype=D), 0, AttributionEquilibrium())
     with pytest.raises(TypeError, match="Residual"):
         body = nn.Sequential(nn.Linear(2, 2), nn.ReLU())

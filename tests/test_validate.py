@@ -170,11 +170,11 @@ def test_lrp0_without_stopped_mass():
 
 def test_black_box_layer_map_and_a_wrong_rule():
     spec, x = _mlp()
-    from backplay.gpu.engine import prepare_graph
+    from backplay.gpu.engine import prepare
 
     def alpha_beta_map(model, xb, target, layer, upper):
-        prep = prepare_graph(model, xb.expand(upper.shape[0], -1))
-        return AlphaBeta(2, 1).backward(prep.net.trace(prep.x).layers[layer - 1], upper)
+        prep = prepare(model, xb.expand(upper.shape[0], -1))
+        return AlphaBeta(2, 1).backward(prep.trace().layers[layer - 1], upper)
 
     rep = validate_rule(alpha_beta_map, spec, x, 0)
     assert rep.is_law  # without the stopped mass the hand-over of neurons that stop is not identified
@@ -188,7 +188,7 @@ def test_black_box_layer_map_and_a_wrong_rule():
     assert rep.nearest["hellinger"] < 1e-6 and "alpha=2.0" in rep.nearest["rule"]
 
     def uniform(model, xb, target, layer, upper):  # spreads every unit's relevance over all lower units
-        n = prepare_graph(model, xb).net.trace(prepare_graph(model, xb).x).layers[layer - 1].input.shape[1]
+        n = prepare(model, xb).trace().layers[layer - 1].input.shape[1]
         return upper.sum(1, keepdim=True).expand(-1, n) / n
 
     zero_w = MLPSpec([np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 1.0]])], [None, None])

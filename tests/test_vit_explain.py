@@ -1,7 +1,7 @@
 """``explain`` on a ViT: the frozen extended graph of THEORY.md section 7.
 
 * exactness: on tiny ViTs the torch code path equals, at the input and at every block boundary, the
-  exact laws run on the unrolled extended graph (``backplay.testing.vit_exact``), float64, 1e-9;
+  exact laws run on the unrolled extended graph (``backplay.testing.graph_exact``), float64, 1e-9;
 * the unrolled graph reproduces the model (so the exact reference describes the model's own pass);
 * the frozen-graph gradient is the gradient of the detached model (GradientXInput = Input x Gradient
   of ``forward_explain(freeze=True)``);
@@ -24,7 +24,7 @@ from backplay.rules import (
     RiskAverse, SoftplusGame,
 )
 from backplay.testing import ROUTING_RULES
-from backplay.testing.vit_exact import vit_torch_error
+from backplay.testing.graph_exact import torch_error
 
 TOL = 1e-9
 TOKEN_RULES = [
@@ -52,7 +52,7 @@ def _image(model, seed=0, batch=None):
 def test_tiny_vit_torch_equals_exact_law_at_every_block(rule):
     """2 blocks, 5 tokens, dim 8: the laws in mpmath (50 digits) on the unrolled graph."""
     model = _tiny(depth=2)
-    assert vit_torch_error(model, _image(model), 1, rule, field="mpmath") <= TOL
+    assert torch_error(model, _image(model), 1, rule, field="mpmath") <= TOL
 
 
 @st.composite
@@ -74,7 +74,7 @@ def tiny_vits(draw):
 def test_random_tiny_vits_torch_equals_exact_law(case):
     """Exact rationals where the rule allows (mpmath for the Gibbs forms), at every block boundary."""
     model, x, target, rule = case
-    assert vit_torch_error(model, x, target, rule) <= TOL
+    assert torch_error(model, x, target, rule) <= TOL
 
 
 def test_unrolled_graph_reproduces_the_model():

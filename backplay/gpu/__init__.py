@@ -1,12 +1,11 @@
 """backplay.gpu: the fast batched torch path (any device).
 
-``explain`` runs a rule (:mod:`backplay.rules`) on a model for a batch (MLPs, CNNs with BatchNorm and
-pools, residual blocks built with :class:`Residual` / :class:`Add`, and :class:`backplay.gpu.vit.ViT`
-on its frozen extended graph, :mod:`backplay.gpu.vit_explain`); ``unroll`` writes the explained
-pass of one input as a :class:`backplay.nets.FrozenNet`; ``occupation`` returns the occupation
-measures of the GV game / entropic game (THEORY.md sections 2-3); ``interval_bounds`` is IBP, the
-game's monotone bound on a box (I13). ``occupation`` and ``interval_bounds`` take ``nn.Sequential`` of
-Linear / ReLU / Softplus (nested Sequential, Identity, Dropout allowed) or a :class:`backplay.MLPSpec`.
+One reader (:mod:`backplay.gpu.read`) turns any torch model into its operation graph (THEORY.md
+section 9); ``explain`` runs a rule (:mod:`backplay.rules`) on it for a batch; ``unroll`` writes the
+explained pass of one input as a :class:`backplay.nets.FrozenNet` (the exact law runs on it);
+``occupation`` returns the occupation measures of the GV game / entropic game (THEORY.md sections
+2-3); ``interval_bounds`` is IBP, the game's monotone bound on a box (I13). A
+:class:`backplay.gpu.vit.ViT` runs on its frozen graph (:mod:`backplay.gpu.vit_explain`).
 """
 
 from backplay.gpu.engine import ExplainReport, explain

@@ -1,9 +1,8 @@
-"""Modules that models use so that the engine can read skip connections (THEORY.md section 7).
+"""Two convenience modules for skip connections in ``nn.Sequential`` models.
 
-``Add()(a, b) = a + b``; ``Residual(body)`` computes ``Add()(x, body(x))``. The engine reads a
-:class:`Residual` as its body followed by an add node: a neuron with two contributions (the skip
-input and the body output), i.e. a layer whose "weights" are 1 and 1 and has no bias. An activation
-that follows the Residual module in the enclosing ``nn.Sequential`` is the add node's activation.
+``Add()(a, b) = a + b``; ``Residual(body)`` computes ``x + body(x)``. They are ordinary modules: the
+reader (:mod:`backplay.gpu.read`) sees the ``+`` as a sum node with two contributions (the skip
+input and the body output), exactly as it sees ``out += identity`` in a model's own forward.
 """
 
 from __future__ import annotations

@@ -1,28 +1,28 @@
-"""Occupation measures of the GV game (ReLU) and of the entropic game (softplus), batched.
+"""Occupation measures of the GV game (ReLU) and of the entropic game (softplus), batched, on the
+operation graph of any model the reader takes (:mod:`backplay.gpu.read`).
 
-THEORY.md sections 2-3. The game is started at (L, target, +). At a neuron of layer l the mover
+THEORY.md sections 2-3. The game is started at (output, target, +). At a unit of layer l the mover
 continues with probability p^l_i (the gate: ReLU 1{z > 0}, ties stop; softplus_eps sigmoid(z/eps);
-1 at a linear output layer), collects the reward s*b^l_i, and moves along the edge (i, j) with
-probability |W^l_ij| / gamma^l_i, multiplying the future payoff by gamma^l_i = sum_j |W^l_ij|.
+1 without activation; the frozen gate of THEORY.md section 9 otherwise), collects the reward
+s*b^l_i, and moves along the edge (i, j) with probability |W^l_ij| / gamma^l_i, multiplying the
+future payoff by gamma^l_i = sum_j |W^l_ij|. Layout steps (reshape, cat, ...) move every measure by
+their transpose; a sum node is a unit with one edge per summand.
 
-One batched forward pass records the gates; one backward sweep, layer by layer, carries (I7):
+One batched forward pass records the gates; one backward sweep (:meth:`Trace.walk`) carries (I7):
 
-* S^l = nu^l(+) - nu^l(-), the signed discounted occupation: S^{l-1} = (S^l * p^l) @ W^l (backprop);
-* A^l = nu^l(+) + nu^l(-), the absolute discounted occupation: A^{l-1} = (A^l * p^l) @ |W^l|;
-* R^l = rho^l(+) + rho^l(-), the undiscounted visit probability:
-  R^{l-1} = (R^l * p^l / gamma^l) @ |W^l| (a zero row, gamma = 0, passes nothing: 0/0 := 0).
+* S = nu(+) - nu(-), the signed discounted occupation: S^{l-1} = W^T (S^l * p^l) (backprop);
+* A = nu(+) + nu(-), the absolute discounted occupation: A^{l-1} = |W|^T (A^l * p^l);
+* R = rho(+) + rho(-), the undiscounted visit probability: R^{l-1} = |W|^T (R^l * p^l / gamma^l)
+  (a zero row, gamma = 0, passes nothing: 0/0 := 0).
 
 The stop actions take sum_l sum_i R^l_i (1 - p^l_i) (``stopped``); continuing at a zero row ends the
 path in the sink with probability sum_l sum_i R^l_i p^l_i 1{gamma^l_i = 0} (``sink``); the rest
-reaches the input (``rho``): rho.sum + stopped + sink = 1.
+reaches the input (``rho``): rho.sum + stopped + sink = 1 (when every gate lies in [0, 1]).
 
 Completeness (I4, I11): value = sum_j x_j (nu_j(+) - nu_j(-)) + bias_share + entropy_share, with
-bias_share = sum_l sum_i S^l_i p^l_i b^l_i (discounted bias rewards) and
-entropy_share = sum over softplus layers of eps * S^l_i * H(p^l_i) (discounted entropy terms; 0 on a
-ReLU net), because y^l = p^l z^l + eps H(p^l) per neuron (I9).
-
-Softplus is computed as eps*logaddexp(0, z/eps) (see :mod:`backplay.gpu.layers`), not by
-``nn.Softplus``, whose identity switch above ``threshold`` would break float64 exactness.
+bias_share = sum_l sum_i S^l_i p^l_i b^l_i (discounted bias rewards) and entropy_share = sum_l
+sum_i S^l_i c^l_i, c the gate's reward of ``y = p z + c`` (eps H(p) on softplus layers, I9; the
+constant of a saturated ReLU6; 0 on a ReLU net).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from backplay.gpu.checks import as_input, prepare, resolve_target
+from backplay.gpu.engine import float_tensor, prepare, resolve_target
+from backplay.gpu.ops import ClampGate, LeakyReLUGate, LinearGate, NormOp, ReLUGate, SoftplusGate
 
 Tensor = torch.Tensor
 
@@ -41,33 +42,33 @@ __all__ = ["Occupation", "occupation", "interval_bounds"]
 
 @dataclass(frozen=True)
 class Occupation:
-    """Occupation measures of the game started at (L, target, +); every tensor is batch first.
+    """Occupation measures of the game started at (output, target, +); every tensor is batch first.
 
     Tensors are in the compute dtype (the promotion of the input's and the model's dtypes) on the
-    input's device, detached. A 1-d input is treated as a batch of one (B = 1).
+    input's device, detached. One sample is treated as a batch of one (B = 1).
 
     Attributes:
         value: [B] f_target(x), the game value (I1 / I10).
-        output: [B, n_L] the network output y^L.
+        output: [B, n_out] the network output.
         target: [B] the explained class per sample (LongTensor).
-        nu_plus, nu_minus: [B, n_0] discounted terminal occupation of (0, j, +) and (0, j, -).
-        rho: [B, n_0] probability that the path ends at input j (either copy).
-        gradient: [B, n_0] nu_plus - nu_minus = df_target/dx (I3, I11).
-        abs_mass: [B, n_0] nu_plus + nu_minus.
-        gxi: [B, n_0] x * gradient.
+        nu_plus, nu_minus: discounted terminal occupation of (0, j, +) and (0, j, -), x's shape.
+        rho: probability that the path ends at input j (either copy).
+        gradient: nu_plus - nu_minus = df_target/dx (I3, I11; the frozen-graph gradient).
+        abs_mass: nu_plus + nu_minus.
+        gxi: x * gradient.
         bias_share: [B] E[discounted bias rewards] = sum_l sum_i S^l_i p^l_i b^l_i (I4).
-        entropy_share: [B] E[discounted entropy terms] = sum_l sum_i eps S^l_i H(p^l_i) over softplus
-            layers (I11); 0 on a ReLU net.
+        entropy_share: [B] E[discounted gate rewards] = sum_l sum_i S^l_i c^l_i (eps H(p) on softplus
+            layers, I11); 0 on a ReLU net.
         stopped: [B] probability of a stop action (undiscounted).
         sink: [B] probability of continuing at a zero row (gamma = 0), undiscounted.
-        layers_signed: L+1 tensors [B, n_l], S^l = nu^l(+) - nu^l(-); [0] input, [L] one-hot at target.
-        layers_abs: L+1 tensors [B, n_l], A^l = nu^l(+) + nu^l(-).
-        layers_rho: L+1 tensors [B, n_l], R^l = rho^l(+) + rho^l(-) (visit probability).
-        gates: L tensors [B, n_l], gates[l-1] = p^l.
-        bias_gradient: L tensors [B, n_l], bias_gradient[l-1] = S^l * p^l = df/db^l (I5).
+        layers_signed: S at the report layers of :func:`backplay.explain` ([0] input, [-1] one-hot).
+        layers_abs: A at the report layers.
+        layers_rho: R at the report layers (visit probability).
+        gates: one tensor per layer, p^l.
+        bias_gradient: one tensor per layer, S^l * p^l = df/db^l (I5).
 
-    Identities: ``value == gxi.sum(1) + bias_share + entropy_share`` and
-    ``rho.sum(1) + stopped + sink == 1`` (to round-off).
+    Identities: ``value == gxi.sum + bias_share + entropy_share`` and
+    ``rho.sum + stopped + sink == 1`` (to round-off).
     """
 
     value: Tensor
@@ -90,111 +91,128 @@ class Occupation:
     bias_gradient: list
 
 
+def _per_sample(t: Tensor) -> Tensor:
+    return t.flatten(1).sum(1)
+
+
 def occupation(model: Any, x: Tensor, target: Any) -> Occupation:
-    """Occupation measures for a batch ``x`` [B, n_0] (or [n_0]) and ``target`` (int or LongTensor [B]).
+    """Occupation measures for a batch ``x`` (or one sample) and ``target`` (int or LongTensor [B]).
 
-    ``model``: an ``nn.Sequential`` of Linear / ReLU / Softplus (nested Sequential, Identity, Dropout
-    allowed) or a :class:`backplay.MLPSpec`. One batched forward pass and one backward sweep; the
-    model is only read.
-    """
+    ``model``: any model the reader takes, or a :class:`backplay.MLPSpec`. One batched forward pass
+    and one backward sweep; the model is only read."""
     prep = prepare(model, x)
-    net, xb = prep.net, prep.x
+    xb = prep.x
     B = xb.shape[0]
-    t = resolve_target(target, B, net.out_features, xb.device)
     with torch.no_grad():
-        trace = net.trace(xb)
-        L = net.depth
-        dtype = xb.dtype
-        zeros_b = xb.new_zeros(B)
+        trace = prep.trace()
+        t = resolve_target(target, B, trace.output.shape[1], xb.device)
+        zeros = xb.new_zeros(B)
+        acc = {"bias": zeros.clone(), "entropy": zeros.clone(), "stopped": zeros.clone(), "sink": zeros.clone()}
+        bias_grad: list = [None] * trace.n_layers
+        gates = [rec.p for rec in trace.layers]
 
-        start = trace.onehot(t)
-        S, A, R = start, start.clone(), start.clone()
-        signed: list = [None] * (L + 1)
-        absolute: list = [None] * (L + 1)
-        visits: list = [None] * (L + 1)
-        bias_grad: list = [None] * L
-        signed[L], absolute[L], visits[L] = S, A, R
-        bias_share = zeros_b.clone()
-        entropy_share = zeros_b.clone()
-        stopped = zeros_b.clone()
-        sink = zeros_b.clone()
-
-        for l in range(L, 0, -1):
-            rec = trace.layers[l - 1]
+        def layer_fn(rec: Any, v: tuple) -> tuple:
+            S, A, R = (u.reshape(rec.y.shape) for u in v)
             p = rec.p
             Sp, Ap, Rp = S * p, A * p, R * p
-            bias_grad[l - 1] = Sp
+            bias_grad[rec.index - 1] = Sp
             b = rec.map.bias_like(rec.z)
             if b is not None:
-                bias_share = bias_share + (Sp * b).sum(1)
-            h = rec.entropy()
+                acc["bias"] += _per_sample(Sp * b)
+            h = rec.offset()
             if h is not None:
-                entropy_share = entropy_share + (S * h).sum(1)
-            stopped = stopped + (R * (1 - p)).sum(1)
-            gamma = rec.map.row_mass()
+                acc["entropy"] += _per_sample(S * h)
+            acc["stopped"] += _per_sample(R * (1 - p))
+            gamma = rec.map.apply(torch.ones_like(rec.input), "abs")
             zero_row = gamma == 0
-            sink = sink + (Rp * zero_row.to(dtype)).sum(1)
-            safe = torch.where(zero_row, torch.ones_like(gamma), gamma)
-            inv_gamma = torch.where(zero_row, torch.zeros_like(gamma), 1 / safe)
-            S = rec.map.adjoint(Sp)
-            A = rec.map.adjoint(Ap, weight=rec.map.abs_weight)
-            R = rec.map.adjoint(Rp * inv_gamma, weight=rec.map.abs_weight)
-            signed[l - 1], absolute[l - 1], visits[l - 1] = S, A, R
+            acc["sink"] += _per_sample(Rp * zero_row.to(Rp.dtype))
+            inv_gamma = torch.where(zero_row, torch.zeros_like(gamma), 1 / torch.where(zero_row, 1.0, gamma))
+            M = rec.map
+            return M.transpose(Sp, "W"), M.transpose(Ap, "abs"), M.transpose(Rp * inv_gamma, "abs")
 
-        nu_plus = (A + S) / 2
-        nu_minus = (A - S) / 2
+        start = trace.onehot(t)
+        lower, kept = trace.walk({trace.output_id: (start, start.clone(), start.clone())}, layer_fn,
+                                 lambda step, v: tuple(u.reshape(step.y.shape) for u in v))
+        S, A, R = (u.reshape(xb.shape) for u in lower)
+        report = [(S, A, R)] + [kept[i] for i in trace.cuts] + [(start, start, start)]
         return Occupation(
             value=trace.logit(t),
             output=trace.output,
             target=t,
-            nu_plus=nu_plus,
-            nu_minus=nu_minus,
+            nu_plus=(A + S) / 2,
+            nu_minus=(A - S) / 2,
             rho=R,
             gradient=S,
             abs_mass=A,
             gxi=xb * S,
-            bias_share=bias_share,
-            entropy_share=entropy_share,
-            stopped=stopped,
-            sink=sink,
-            layers_signed=signed,
-            layers_abs=absolute,
-            layers_rho=visits,
-            gates=[rec.p for rec in trace.layers],
+            bias_share=acc["bias"],
+            entropy_share=acc["entropy"],
+            stopped=acc["stopped"],
+            sink=acc["sink"],
+            layers_signed=[r[0] for r in report],
+            layers_abs=[r[1] for r in report],
+            layers_rho=[r[2] for r in report],
+            gates=gates,
             bias_gradient=bias_grad,
         )
+
+
+_MONOTONE = (LinearGate, ReLUGate, LeakyReLUGate, ClampGate, SoftplusGate)
 
 
 def interval_bounds(model: Any, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """Bounds on the output over the box [lo, hi] by interval bound propagation (THEORY.md I13).
 
     Layer by layer: z_lo = W+ y_lo + W- y_hi + b, z_hi = W+ y_hi + W- y_lo + b, then the (monotone)
-    activation of both ends. This is the Shapley operator of the GV game evaluated with the terminal
-    payoffs (lo, -hi) and (hi, -lo): v_lo(L, k, +) <= f_k(x') <= v_hi(L, k, +) for x' in the box.
+    activation of both ends; layout steps and max selections (monotone) act on both ends. This is
+    the Shapley operator of the GV game evaluated with the terminal payoffs (lo, -hi) and (hi, -lo):
+    v_lo(L, k, +) <= f_k(x') <= v_hi(L, k, +) for x' in the box. Gates must be monotone (ReLU,
+    LeakyReLU, ReLU6 / hardtanh, softplus); normalisers are not covered (their std is frozen at one
+    input, not over the box).
 
-    ``lo``, ``hi``: [B, n_0] (or [n_0]), finite, lo <= hi, on the model's device. Returns
-    ``(lower, upper)`` of shape [B, n_L] ([n_L] for 1-d boxes) in the compute dtype.
+    ``lo``, ``hi``: a batch (or one sample), finite, lo <= hi, on the model's device. Returns
+    ``(lower, upper)`` of the output's shape ([n_out] for one sample) in the compute dtype.
     """
-    lo_t, hi_t = as_input(lo, "lo"), as_input(hi, "hi")
+    lo_t, hi_t = float_tensor(lo, "lo"), float_tensor(hi, "hi")
     if lo_t.shape != hi_t.shape:
-        raise ValueError(
-            f"lo and hi must have the same shape, got {tuple(lo_t.shape)} and {tuple(hi_t.shape)}"
-        )
+        raise ValueError(f"lo and hi must have the same shape, got {tuple(lo_t.shape)} and {tuple(hi_t.shape)}")
     if lo_t.device != hi_t.device:
         raise ValueError(f"lo is on {lo_t.device} but hi on {hi_t.device}")
     dtype = torch.promote_types(lo_t.dtype, hi_t.dtype)
     prep_lo = prepare(model, lo_t.to(dtype), "lo")
     prep_hi = prepare(model, hi_t.to(dtype), "hi")
-    net, l, u = prep_lo.net, prep_lo.x, prep_hi.x
-    if bool((l > u).any()):
+    l0, u0 = prep_lo.x, prep_hi.x
+    if bool((l0 > u0).any()):
         raise ValueError("the box is empty: lo > hi somewhere")
     with torch.no_grad():
-        for layer in net.layers:
-            m = layer.map
-            wp, wn = m.positive_weight, m.negative_weight
-            z_lo = m.forward(l, weight=wp) + m.forward(u, weight=wn, bias=False)
-            z_hi = m.forward(u, weight=wp) + m.forward(l, weight=wn, bias=False)
-            l, u = layer.gate(z_lo)[0], layer.gate(z_hi)[0]
+        trace = prep_lo.trace()
+        box = {0: (l0, u0)}
+        for step in trace.steps:
+            ins = [box[s] for s in step.sources]
+            if not hasattr(step, "map"):
+                box[step.out] = (step.fn(*[a for a, _ in ins]), step.fn(*[b for _, b in ins]))
+                continue
+            M, gate = step.map, step.gate
+            if isinstance(M, NormOp) or not isinstance(gate, _MONOTONE):
+                what = "a normaliser" if isinstance(M, NormOp) else f"the non-monotone gate {gate!r}"
+                raise TypeError(f"interval_bounds does not cover {what} (layer {step.index}, {step.where})")
+            if len(ins) > 1:
+                shape = tuple(step.input.shape[:1]) + tuple(step.input.shape[2:])
+                lw = torch.stack([a.expand(shape) for a, _ in ins], 1)
+                up = torch.stack([b.expand(shape) for _, b in ins], 1)
+            else:
+                lw, up = ins[0]
+            if getattr(M, "maximum", None) is not None:
+                z_lo, z_hi = M.maximum(lw), M.maximum(up)
+            else:
+                z_lo = M.apply(lw, "pos") + M.apply(up, "neg")
+                z_hi = M.apply(up, "pos") + M.apply(lw, "neg")
+                b = M.bias_like(z_lo)
+                if b is not None:
+                    z_lo, z_hi = z_lo + b, z_hi + b
+            box[step.out] = (gate(z_lo)[0], gate(z_hi)[0])
+        l, u = box[trace.output_id]
+    l, u = l.flatten(1), u.flatten(1)
     if prep_lo.squeeze:
         l, u = l.squeeze(0), u.squeeze(0)
     return l, u

@@ -1,60 +1,185 @@
-"""``unroll``: the explained forward pass of one input as a :class:`backplay.nets.FrozenNet`."""
+"""``unroll``: the explained forward pass of one input as a layered :class:`backplay.nets.FrozenNet`.
+
+Any model the reader takes (:mod:`backplay.gpu.read`) is unrolled at one input, so the exact law of
+:func:`backplay.theory.routing_law` runs on it (THEORY.md section 9: a small instance of every
+architecture has a graph small enough for the exact solvers).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from backplay.nets import FrozenNet
 
-__all__ = ["unroll"]
+__all__ = ["Unrolled", "unroll", "unroll_graph", "unroll_trace"]
+
+
+@dataclass(frozen=True)
+class Unrolled:
+    """:func:`unroll_graph`'s result: ``net`` the layered FrozenNet; ``boundaries[k]`` the FrozenNet
+    layer of report layer k of :func:`backplay.explain` (the input, the cuts, the output);
+    ``gates[l-1]`` the frozen gate p of every row of layer l (1 on copy rows; float64), so the
+    frozen-graph gradient is the recursion g^{l-1} = W^T (p g^l)."""
+
+    net: FrozenNet
+    boundaries: list
+    gates: list
 
 
 def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
-    """The forward pass of ``model`` at ONE input ``x`` (the shape of a single sample, e.g. [C, H, W]
-    or [n]) as dense affine layers in float64.
-
-    Layer l of the result is layer l of :func:`backplay.explain` (report ``layers``): each Linear /
-    Conv2d (BatchNorm merged) gives its dense matrix (its action on the basis vectors) and bias vector,
-    AvgPool2d / AdaptiveAvgPool2d their averaging matrix, MaxPool2d the frozen 0/1 selection of the
-    argmax at this input (``kinds`` "maxpool": relevance goes to the winner whatever the rule); ReLU / Softplus are folded into the recorded values ``ys`` (y^0 = x
-    flattened, ..., y^L); Flatten adds nothing. Residual blocks are not unrollable (ValueError).
-    A :class:`backplay.gpu.vit.ViT` is unrolled by :func:`backplay.gpu.vit_explain.unroll_vit`
-    (its residual skips carried by copy rows).
-    """
-    from backplay.gpu.engine import prepare_graph
+    """The forward pass of ``model`` at ONE input ``x`` (the shape of a single sample) as dense affine
+    layers in float64 (:func:`unroll_graph`). A :class:`backplay.gpu.vit.ViT` is unrolled by
+    :func:`backplay.gpu.vit_explain.unroll_vit`."""
     from backplay.gpu.vit import ViT
 
     if isinstance(model, ViT):
         from backplay.gpu.vit_explain import unroll_vit
 
         return unroll_vit(model, x).net
+    return unroll_graph(model, x).net
+
+
+def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrolled:
+    """The frozen extended graph of ``model`` at ONE input as a layered FrozenNet.
+
+    Layer l of the result is layer l of the explained pass (torch order, ``LayerTrace.index``): its
+    dense matrix (the map's action on the basis vectors; BatchNorm merged, a sum node's two
+    contributions per unit, a max selection's 0/1 rows) and bias. Layout steps add no layer: they
+    are folded into the columns of the next layer. A tensor that a later layer still reads (a
+    residual skip, a branch of a ``cat``) is carried through the layers in between by ``"copy"``
+    rows (weight 1, relevance passed unchanged whatever the rule); selection rows and the identity
+    rows of a standalone gate are ``"copy"`` rows too. Gates are folded into the recorded values
+    ``ys``. When the output is a layout of the last layer's output, one last layer of copy rows
+    writes it. ``eps``: the SoftplusGame surrogate's pass (every gate at temperature eps)."""
+    from backplay.gpu.engine import prepare
+
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
-    prep = prepare_graph(model, x.detach().to(torch.float64))
+    prep = prepare(model, x.detach().to(torch.float64))
     if not prep.squeeze:
         raise ValueError(f"unroll takes one input (the shape of a single sample), got shape {tuple(x.shape)}")
     with torch.no_grad():
-        trace = prep.net.trace(prep.x)
-        weights, biases, ys, kinds = [], [], [prep.x.flatten()], []
-        for l, rec in enumerate(trace.layers, start=1):
-            if hasattr(rec, "body"):
-                raise ValueError(f"layer {l} is a Residual block: residual models cannot be unrolled "
-                                 "into a chain of dense layers")
-            shape = tuple(rec.input.shape[1:])
-            n_in = rec.input[0].numel()
-            eye = torch.eye(n_in, dtype=torch.float64, device=rec.input.device).reshape((n_in,) + shape)
-            op = rec.map
-            kinds.append("maxpool" if getattr(rec, "kind", None) == "maxpool" else "affine")
-            if kinds[-1] == "maxpool":  # the selection of this input, per basis vector
-                from backplay.gpu.graph import Selection
+        trace = prep.trace()
+        if eps is not None:
+            trace = trace.surrogate(eps)
+        return unroll_trace(trace)
 
-                op = Selection(rec.map.indices.expand((n_in,) + tuple(rec.map.indices.shape[1:])), shape)
-            cols = op.apply(eye)  # [n_in, *out]
-            W = cols.reshape(n_in, -1).T
-            b = op.bias_like(rec.z)
-            weights.append(W.cpu().numpy())
-            biases.append(None if b is None else b[0].flatten().cpu().numpy())
-            ys.append(rec.y[0].flatten())
-        return FrozenNet(weights, biases, [y.cpu().numpy() for y in ys], kinds)
+
+def unroll_trace(trace: Any) -> Unrolled:
+    """The unroll of a trace of ONE sample in float64 (see :func:`unroll_graph`). Token-mixing
+    (attention) layers get ``anchors``: each row's own unit (the token anchor)."""
+    D = torch.float64
+    ids: dict = {}  # tensor id -> float64 tensor [1, *shape]: global unit id + 1 (0: a constant zero)
+    values: list = []  # global unit id -> value
+    owner: list = []  # global unit id -> real tensor id
+
+    def new_real(tid: int, y: torch.Tensor) -> None:
+        n = y[0].numel()
+        start = len(values)
+        ids[tid] = (torch.arange(start, start + n, dtype=D) + 1).reshape((1,) + tuple(y.shape[1:]))
+        values.extend(y[0].reshape(-1).tolist())
+        owner.extend([tid] * n)
+
+    new_real(0, trace.x)
+    reads: list = []  # per layer: the global ids its input reads
+    plan = []
+    for step in trace.steps:
+        if hasattr(step, "map"):
+            ins = [ids[s] for s in step.sources]
+            if len(ins) > 1:
+                shape = (1,) + tuple(step.input.shape[2:])
+                local = torch.stack([t.expand(shape) for t in ins], dim=1)
+            else:
+                local = ins[0]
+            g = local.reshape(-1).long() - 1
+            reads.append(g)
+            plan.append(step)
+            new_real(step.out, step.y)
+        else:
+            ids[step.out] = step.fn(*[ids[s] for s in step.sources])
+    out_ids = ids[trace.output_id].reshape(-1).long() - 1
+    if bool((out_ids < 0).any()):
+        raise ValueError("the model's output holds constant entries (zero padding): cannot unroll it")
+    L = len(plan)
+    # the last layer that reads each real tensor (L + 1: the output)
+    last_use = {}
+    for l, g in enumerate(reads, start=1):
+        for t in set(owner[i] for i in g.tolist() if i >= 0):
+            last_use[t] = l
+    for t in set(owner[i] for i in out_ids.tolist()):
+        last_use[t] = L + 1
+
+    weights, biases, ys, kinds, gates, anchors = [], [], [], [], [], []
+    boundary_of = {0: 0}
+    live: list = [0]  # real tensors carried, in the order of the current value vector
+    units = {0: list(range(len(trace.x[0].reshape(-1))))}
+
+    def position(carried: list) -> dict:
+        pos, k = {}, 0
+        for t in carried:
+            for u in units[t]:
+                pos[u] = k
+                k += 1
+        return pos
+
+    for l, (step, g) in enumerate(zip(plan, reads), start=1):
+        pos = position(live)
+        n_prev = len(pos)
+        n_in = g.shape[0]
+        shape = tuple(step.input.shape[1:])
+        eye = torch.eye(n_in, dtype=D).reshape((n_in,) + shape)
+        local = step.map.apply(eye).reshape(n_in, -1).T  # [n_out, n_in]
+        m = local.shape[0]
+        W = np.zeros((m, n_prev))
+        cols = [pos[u] if u >= 0 else -1 for u in g.tolist()]
+        lw = local.numpy()
+        for j, c in enumerate(cols):
+            if c >= 0:
+                W[:, c] += lw[:, j]
+        z = step.map.forward(step.input)
+        b = step.map.bias_like(z)
+        b = None if b is None else b[0].reshape(-1).numpy()
+        p = step.p[0].reshape(-1).numpy() if isinstance(step.p, torch.Tensor) else np.ones(m)
+        carry = [t for t in live if last_use.get(t, 0) > l]
+        rows_k = ["copy" if step.map.pass_through else "affine"] * m
+        blocks, yv, gv, bv = [W], [step.y[0].reshape(-1).numpy()], [p], [b if b is not None else np.zeros(m)]
+        for t in carry:
+            for u in units[t]:
+                row = np.zeros(n_prev)
+                row[pos[u]] = 1.0
+                blocks.append(row[None])
+                rows_k.append("copy")
+            yv.append(np.array([values[u] for u in units[t]]))
+            gv.append(np.ones(len(units[t])))
+            bv.append(np.zeros(len(units[t])))
+        own = hasattr(step.map, "own_contribution")  # the row's own lower unit: the same position
+        anchors.append(tuple(cols[:m]) + (-1,) * (len(rows_k) - m) if own else None)
+        weights.append(np.vstack(blocks))
+        biases.append(np.concatenate(bv) if b is not None else None)
+        ys.append(np.concatenate(yv))
+        kinds.append("maxpool" if not carry and step.map.pass_through else tuple(rows_k))
+        gates.append(np.concatenate(gv))
+        start = int(ids[step.out].reshape(-1)[0].item()) - 1
+        units[step.out] = list(range(start, start + step.y[0].numel()))
+        live = [step.out] + carry
+        boundary_of[step.out] = l
+    # the output vector: the last layer's output in order, or one layer of copy rows
+    pos = position(live)
+    outs = out_ids.tolist()
+    if live != [plan[-1].out] or outs != units[plan[-1].out]:
+        W = np.zeros((len(outs), len(pos)))
+        for r, u in enumerate(outs):
+            W[r, pos[u]] = 1.0
+        weights.append(W)
+        biases.append(None)
+        ys.append(np.array([values[u] for u in outs]))
+        kinds.append(("copy",) * len(outs))
+        gates.append(np.ones(len(outs)))
+        anchors.append(None)
+    boundaries = [0] + [boundary_of[c] for c in trace.cuts] + [len(weights)]
+    net = FrozenNet(weights, biases, [np.array(values[:trace.x[0].numel()])] + ys, kinds, anchors)
+    return Unrolled(net, boundaries, gates)

@@ -1,13 +1,13 @@
 """``explain`` on a Vision Transformer: the frozen extended graph (THEORY.md section 7).
 
 The explained forward pass of a :class:`backplay.gpu.vit.ViT` is read as frozen layer maps and gates
-(:mod:`backplay.gpu.graph` objects), so every layer rule of :mod:`backplay.rules` (Gradient,
+(:mod:`backplay.gpu.ops` objects) in a :class:`backplay.gpu.trace.Trace`, so every layer rule of :mod:`backplay.rules` (Gradient,
 GradientXInput, LRP0, AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse, SoftplusGame)
 runs on it unchanged, in one batched forward pass and one backward sweep:
 
 * patch embedding (Conv2d) with the cls token and the position embedding: :class:`EmbedOp`, the conv
   weights; cls token + position embedding are bias (constant unit) contributions;
-* every Linear (v, proj, fc1, fc2): its weights (:class:`TokenDenseOp`, per token);
+* every Linear (v, proj, fc1, fc2): its weights (:class:`backplay.gpu.ops.DenseOp`, per token);
 * LayerNorm: the standard deviation std_t is frozen (the identity rule), the centring and gamma stay
   linear: per sample and token the dense map diag(gamma / std_t) (I - 11^T / n), beta a bias
   (:class:`LayerNormOp`);
@@ -16,8 +16,8 @@ runs on it unchanged, in one batched forward pass and one backward sweep:
   through a ReLU or softplus gate);
 * attention out_q = sum_t A_qt v_t (per head): a token-mixing linear map with the frozen,
   non-negative weights A (:class:`AttentionMixOp`); q and k receive no relevance;
-* each residual add: an add node with two contributions (:class:`backplay.gpu.graph.AddOp`), the
-  block body a :class:`backplay.gpu.graph.ResidualTrace`;
+* each residual add: a sum node with two contributions (:class:`backplay.gpu.ops.AddOp`) reading the
+  block input and the body output;
 * the final LayerNorm on every token, then the head on the cls token (:class:`HeadOp`).
 
 Layers, torch order (``ExplainReport.layers``): [0] the image, [1] the token stream after the
@@ -42,16 +42,15 @@ Conventions of this module (documented choices):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backplay.gpu.checks import float_tensor, resolve_target
-from backplay.gpu.graph import AddOp, DenseOp, LinearOp, ResidualTrace, _WeightOp
-from backplay.gpu.layers import Gate, LayerTrace, LinearGate, Trace
+from backplay.gpu.engine import float_tensor, resolve_target
+from backplay.gpu.ops import AddOp, DenseOp, GELUGate, Gate, LinearGate, LinearOp, WeightOp
+from backplay.gpu.trace import LayerTrace, Trace
+from backplay.gpu.unroll import Unrolled, unroll_trace
 from backplay.gpu.vit import ViT
 from backplay.rules import (
     RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput, LRP0, RGEq, RiskAverse, Rule,
@@ -61,8 +60,8 @@ from backplay.rules import (
 Tensor = torch.Tensor
 
 __all__ = [
-    "EmbedOp", "TokenDenseOp", "LayerNormOp", "AttentionMixOp", "HeadOp", "GELUGate", "ViTGraph",
-    "GRAPH_RULES", "UnrolledViT", "explain_vit", "unroll_vit",
+    "EmbedOp", "LayerNormOp", "AttentionMixOp", "HeadOp", "ViTGraph", "GRAPH_RULES", "explain_vit",
+    "unroll_vit",
 ]
 
 #: The rules that run on the frozen ViT graph (the ViT-only rules subclass ViTRule instead).
@@ -73,23 +72,7 @@ GRAPH_RULES = (Gradient, GradientXInput, LRP0, AlphaBeta, RG, RGEq, GradientEqui
 # --------------------------------------------------------------------------------------------
 # the frozen layer maps
 # --------------------------------------------------------------------------------------------
-class TokenDenseOp(DenseOp):
-    """``nn.Linear`` applied to every token: y [B, T, n_in] -> z [B, T, n_out] (bias kept as [1, n])."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        super().__init__(weight, None if bias is None else bias.view(1, -1))
-
-    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
-        a, b = ("ipos", "ineg") if ind else ("pos", "neg")
-        out = g @ self.parts[a]
-        return out if h is None else out + h @ self.parts[b]
-
-    # [g, h] stacked along dim 1 (tokens): the generic split, not DenseOp's feature-dim buffer
-    pair_t_buf = LinearOp.pair_t_buf
-    cross_t_buf = LinearOp.cross_t_buf
-
-
-class EmbedOp(_WeightOp):
+class EmbedOp(WeightOp):
     """Patch embedding with the cls token: image [B, C, H, W] -> tokens [B, 1 + N, dim].
 
     z_0 = cls + pos_0 (a bias only: no weight reaches the cls row), z_t = conv(x)_t + b + pos_t."""
@@ -226,7 +209,7 @@ class AttentionMixOp(LinearOp):
         return f"AttentionMixOp(heads={self.heads})"
 
 
-class HeadOp(_WeightOp):
+class HeadOp(WeightOp):
     """The classifier on the cls token: tokens [B, T, dim] -> logits W y_0 + b (other tokens: weight 0)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -243,22 +226,6 @@ class HeadOp(_WeightOp):
 
     def __repr__(self) -> str:
         return f"HeadOp({self.weight.shape[1]} -> {self.weight.shape[0]})"
-
-
-class GELUGate(Gate):
-    """GELU read as a frozen gate: y = z Phi(z / eps), continue with p = Phi(z / eps) (eps = 1: the
-    exact erf GELU of the model; other eps: the SoftplusGame surrogate, see the module docstring)."""
-
-    def __init__(self, eps: float = 1.0) -> None:
-        self.eps = float(eps)
-
-    def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        u = z if self.eps == 1.0 else z / self.eps
-        p = 0.5 * (1.0 + torch.erf(u * (1.0 / 2.0 ** 0.5)))
-        return z * p, p
-
-    def __repr__(self) -> str:
-        return f"GELUGate(eps={self.eps})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +248,8 @@ class ViTGraph:
     def _w(self, t: Tensor | None) -> Tensor | None:
         return None if t is None else t.detach().to(self.dtype)
 
-    def _dense(self, lin: Any) -> TokenDenseOp:
-        return TokenDenseOp(self._w(lin.weight), self._w(lin.bias))
+    def _dense(self, lin: Any) -> DenseOp:
+        return DenseOp(self._w(lin.weight), self._w(lin.bias))
 
     def _norm(self, norm: Any, h: Tensor) -> LayerNormOp:
         return LayerNormOp(self._w(norm.weight), self._w(norm.bias), _layer_norm_std(h, norm.eps),
@@ -296,10 +263,11 @@ class ViTGraph:
         The add node's stacked input holds the skip and the body output; the block input and the
         body's last output are views of it (no second copy)."""
         m, cfg = self.model, self.config
-        counter = [0]
+        steps: list = []
         linear = LinearGate()
 
-        def record(op: Any, gate: Gate, y: Tensor, kind: str, **attrs: Any) -> LayerTrace:
+        def record(op: Any, gate: Gate, y: Tensor, kind: str, src: tuple, **attrs: Any) -> LayerTrace:
+            op.bound(tuple(y.shape[1:]))
             z = op.forward(y)
             if type(gate) is LinearGate:
                 y_next, p = z, 1.0
@@ -307,60 +275,52 @@ class ViTGraph:
                 y_next, p = gate(z)
                 if not keep_z:
                     z = None
-            counter[0] += 1
-            rec = LayerTrace(op, gate, y, None if lean else z, None if lean else p, y_next)
-            rec.index, rec.kind = counter[0], kind
+            rec = LayerTrace(op, gate, y, None if lean else z, None if lean else p, y_next,
+                             index=len(steps) + 1, kind=kind, sources=src, out=len(steps) + 1,
+                             in_shapes=tuple(tuple(y.shape[2:]) for _ in src) if len(src) > 1 else ())
             for k, v in attrs.items():
                 setattr(rec, k, v)
+            steps.append(rec)
             return rec
 
-        def residual(h: Tensor, body: list, prev: Any) -> ResidualTrace:
-            stacked = torch.stack([h, body[-1].y], dim=1)
+        def residual(prev: LayerTrace, body: list) -> LayerTrace:
+            stacked = torch.stack([prev.y, body[-1].y], dim=1)
             skip = stacked[:, 0]  # h and the body output become views of the stacked input
             body[0].input = skip
             body[-1].y = stacked[:, 1]
             if body[-1].z is not None:
                 body[-1].z = body[-1].y
-            if isinstance(prev, ResidualTrace):
-                prev.add.y = skip
-                if prev.add.z is not None:
-                    prev.add.z = skip
-            else:
-                prev.y = skip
-                if prev.z is not None:
-                    prev.z = skip
-            add = record(AddOp(tuple(stacked.shape[1:])), linear, stacked, "add")
-            return ResidualTrace(skip, body, add)
+            prev.y = skip
+            if prev.z is not None:
+                prev.z = skip
+            return record(AddOp(tuple(stacked.shape[1:])), linear, stacked, "add", (prev.out, body[-1].out))
 
         with torch.no_grad():
             emb = EmbedOp(self._w(m.patch_embed.weight), self._w(m.patch_embed.bias),
                           self._w(m.cls_token), self._w(m.pos_embed), cfg.patch_size)
-            records = [record(emb, linear, x, "embed")]
-            h = records[0].y
+            prev = record(emb, linear, x, "embed", (0,))
             gelu = GELUGate(eps)
             for b, blk in enumerate(m.blocks):
                 a = blk.attn
-                n1 = record(self._norm(blk.norm1, h), linear, h, "norm")
-                v = record(self._dense(a.v), linear, n1.y, "linear")
+                h = prev.y
+                n1 = record(self._norm(blk.norm1, h), linear, h, "norm", (prev.out,))
+                v = record(self._dense(a.v), linear, n1.y, "linear", (n1.out,))
                 q = a._heads(F.linear(n1.y, self._w(a.q.weight), self._w(a.q.bias)))
                 k = a._heads(F.linear(n1.y, self._w(a.k.weight), self._w(a.k.bias)))
                 A = torch.softmax((q @ k.transpose(-2, -1)) * a.scale, dim=-1)
                 del q, k
-                mix = record(AttentionMixOp(A), linear, v.y, "attention", block=b)
-                proj = record(self._dense(a.proj), linear, mix.y, "linear")
-                records.append(residual(h, [n1, v, mix, proj], records[-1]))
-                h = records[-1].y
-                n2 = record(self._norm(blk.norm2, h), linear, h, "norm")
-                fc1 = record(self._dense(blk.mlp.fc1), gelu, n2.y, "linear")
-                fc2 = record(self._dense(blk.mlp.fc2), linear, fc1.y, "linear")
-                records.append(residual(h, [n2, fc1, fc2], records[-1]))
-                h = records[-1].y
-            records.append(record(self._norm(m.norm, h), linear, h, "norm"))
-            head = HeadOp(self._w(m.head.weight), self._w(m.head.bias)).bound(tuple(h.shape[1:]))
-            records.append(record(head, linear, records[-1].y, "head"))
-        tr = Trace(x, records)
-        tr.network = self
-        tr.n_layers = counter[0]
+                mix = record(AttentionMixOp(A), linear, v.y, "attention", (v.out,), block=b)
+                proj = record(self._dense(a.proj), linear, mix.y, "linear", (mix.out,))
+                prev = residual(prev, [n1, v, mix, proj])
+                h = prev.y
+                n2 = record(self._norm(blk.norm2, h), linear, h, "norm", (prev.out,))
+                fc1 = record(self._dense(blk.mlp.fc1), gelu, n2.y, "linear", (n2.out,))
+                fc2 = record(self._dense(blk.mlp.fc2), linear, fc1.y, "linear", (fc1.out,))
+                prev = residual(prev, [n2, fc1, fc2])
+            norm = record(self._norm(m.norm, prev.y), linear, prev.y, "norm", (prev.out,))
+            head = HeadOp(self._w(m.head.weight), self._w(m.head.bias))
+            last = record(head, linear, norm.y, "head", (norm.out,))
+        tr = Trace(x, steps, last.out, last.y, lambda e: self.trace(x, eps=e))
         tr.n_blocks = len(m.blocks)
         return tr
 
@@ -467,82 +427,15 @@ def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: b
 # --------------------------------------------------------------------------------------------
 # unroll: the extended graph of one input as a layered FrozenNet (skips carried by copy rows)
 # --------------------------------------------------------------------------------------------
-def _dense_of(rec: LayerTrace) -> tuple[np.ndarray, np.ndarray | None]:
-    """(matrix, bias) of a record of ONE sample: the map's action on the basis vectors."""
-    shape = tuple(rec.input.shape[1:])
-    n_in = rec.input[0].numel()
-    eye = torch.eye(n_in, dtype=rec.input.dtype).reshape((n_in,) + shape)
-    W = rec.map.apply(eye).reshape(n_in, -1).T
-    z = rec.y if rec.z is None else rec.z
-    b = rec.map.bias_like(z) if rec.map.bias is not None else None
-    return W.numpy(), (None if b is None else b[0].reshape(-1).numpy())
-
-
-@dataclass(frozen=True)
-class UnrolledViT:
-    """:func:`unroll_vit`'s result: ``net`` the layered FrozenNet; ``boundaries[k]`` the FrozenNet
-    layer of report layer k of :func:`explain_vit` (input, embedding, each residual add, final
-    norm, head); ``gates[l-1]`` the frozen gate of every row of layer l (Phi(z / eps) at the GELU
-    rows, 1 elsewhere; float64): y^l = gates * z^l."""
-
-    net: Any
-    boundaries: list
-    gates: list
-
-
-def unroll_vit(model: ViT, x: Tensor, eps: float = 1.0) -> UnrolledViT:
+def unroll_vit(model: ViT, x: Tensor, eps: float = 1.0) -> Unrolled:
     """The frozen extended graph of ``model`` at ONE image ``x`` [C, H, W] as a layered
-    :class:`backplay.nets.FrozenNet` in float64 (THEORY.md section 7).
-
-    Layers: the embedding; per block the attention residual (norm1, v, attention mix, proj, add) and
-    the MLP residual (norm2, fc1 with its frozen GELU folded into the values, fc2, add); the final
-    LayerNorm; the head. Inside a residual the skip is carried by ``"copy"`` rows (relevance passed
-    unchanged), and the add layer has the two contributions (body, skip) per unit. The attention
-    layers carry ``anchors`` (each row's own token). ``eps``: the GELU temperature (SoftplusGame's
-    surrogate; 1 = the model). Returns an :class:`UnrolledViT`."""
-    from backplay.nets import FrozenNet
-
+    :class:`backplay.nets.FrozenNet` in float64 (THEORY.md section 7), by the generic unroll of the
+    trace (:mod:`backplay.gpu.unroll`): per block the attention residual (norm1, v, attention mix,
+    proj, add) and the MLP residual (norm2, fc1 with its frozen GELU folded into the values, fc2,
+    add), the skip carried by ``"copy"`` rows; the attention layers carry ``anchors`` (each row's own
+    token). ``eps``: the GELU temperature (SoftplusGame's surrogate; 1 = the model)."""
     xb, squeeze, _ = _prepare(model, x)
     if not squeeze:
         raise ValueError(f"unroll takes one image [C, H, W], got shape {tuple(x.shape)}")
     xb = xb.to(torch.float64)
-    trace = ViTGraph(model, torch.float64).trace(xb, eps=eps)
-    weights, biases, ys, kinds, anchors, gates = [], [], [xb.reshape(-1).numpy()], [], [], []
-    boundaries = [0]
-
-    def gate_of(rec: LayerTrace) -> np.ndarray:
-        n = rec.y[0].numel()
-        return np.ones(n) if not isinstance(rec.p, torch.Tensor) else rec.p[0].reshape(-1).numpy()
-
-    def push(W, b, y, kind="affine", anchor=None, gate=None):
-        gates.append(np.ones(W.shape[0]) if gate is None else gate)
-        weights.append(W)
-        biases.append(b)
-        ys.append(y)
-        kinds.append(kind)
-        anchors.append(anchor)
-
-    for rec in trace.layers:
-        if isinstance(rec, ResidualTrace):
-            skip = rec.input[0].reshape(-1).numpy()
-            n = skip.shape[0]
-            width_prev = None
-            for i, body in enumerate(rec.body):
-                W, b = _dense_of(body)
-                m = W.shape[0]
-                if width_prev is None:  # the first body layer reads the block input
-                    Wf = np.vstack([W, np.eye(n)])
-                else:
-                    Wf = np.block([[W, np.zeros((m, n))], [np.zeros((n, width_prev)), np.eye(n)]])
-                bf = None if b is None else np.concatenate([b, np.zeros(n)])
-                yf = np.concatenate([body.y[0].reshape(-1).numpy(), skip])
-                row_kinds = ("affine",) * m + ("copy",) * n
-                anchor = (tuple(range(m)) + (-1,) * n) if body.kind == "attention" else None
-                push(Wf, bf, yf, row_kinds, anchor, np.concatenate([gate_of(body), np.ones(n)]))
-                width_prev = m
-            push(np.hstack([np.eye(n), np.eye(n)]), None, rec.y[0].reshape(-1).numpy())
-        else:
-            W, b = _dense_of(rec)
-            push(W, b, rec.y[0].reshape(-1).numpy(), gate=gate_of(rec))
-        boundaries.append(len(weights))
-    return UnrolledViT(FrozenNet(weights, biases, ys, kinds, anchors), boundaries, gates)
+    return unroll_trace(ViTGraph(model, torch.float64).trace(xb, eps=eps))

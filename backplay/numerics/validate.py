@@ -252,10 +252,10 @@ class _Probe:
     """The rule's layer maps on the explained pass, batched (see the module docstring)."""
 
     def __init__(self, rule: Any, model: Any, x: torch.Tensor, target: int) -> None:
-        from ..gpu.engine import prepare_graph
+        from ..gpu.engine import prepare
 
         self.rule, self.model, self.target = rule, model, target
-        self.prep = prepare_graph(model, x)
+        self.prep = prepare(model, x)
         self.x = self.prep.x  # [1, ...]
         self.kind = "layer_rule" if isinstance(rule, LayerRule) else _callable_kind(rule)
         # rules that report a transformed view of the swept measure (GradientXInput: y times the
@@ -266,7 +266,7 @@ class _Probe:
 
     def trace(self, n: int) -> Any:
         if n not in self._traces:
-            self._traces[n] = self.prep.net.trace(self.x.expand((n,) + tuple(self.x.shape[1:])).clone())
+            self._traces[n] = self.prep.trace(x=self.x.expand((n,) + tuple(self.x.shape[1:])).clone())
         return self._traces[n]
 
     def sweep(self) -> tuple[list, float | None]:
@@ -315,6 +315,22 @@ class _Probe:
         low = rule._layer_backward(layer, U.reshape(layer.y.shape).clone(), ctx)
         st = ctx.get("stopped")
         return low.reshape(N, -1), (None if st is None else st.reshape(N))
+
+
+def _selection_rows(frozen: Any, l: int) -> np.ndarray:
+    """Rows of layer l that select one unit (max-pool and copy rows): relevance goes there whatever y."""
+    n = np.asarray(frozen.weights[l - 1]).shape[0]
+    return np.array([frozen.selects(l, i) for i in range(n)], dtype=bool)
+
+
+def _contributions(frozen: Any, l: int) -> np.ndarray:
+    """Z_ij = W_ij y_j of layer l, with the selection rows' weights themselves (a selection routes to
+    its unit whatever the value there)."""
+    W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+    Z = W * np.asarray(frozen.ys[l - 1], dtype=np.float64)[None, :]
+    sel = _selection_rows(frozen, l)
+    Z[sel] = W[sel]
+    return Z
 
 
 def _callable_kind(rule: Any) -> str:
@@ -371,9 +387,7 @@ def _law_program(Ms: dict, stops: dict, frozen: Any, solver: str) -> tuple[Found
         M = Ms[l]  # (n_{l-1}, n_l): column i = F_l(e_i)
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
         y = np.asarray(frozen.ys[l - 1], dtype=np.float64)
-        Z = W * y[None, :]  # (n_l, n_{l-1})
-        if frozen.kinds[l - 1] == "maxpool":  # relevance goes to the winner whatever the law (and y)
-            Z = W.copy()
+        Z = _contributions(frozen, l)  # (n_l, n_{l-1})
         n_up, n_low = W.shape
         ep, em = np.argwhere(Z > 0), np.argwhere(Z < 0)  # branch edges (i, k)
         # the orientation of each neuron: the sign of its multiplier (negative where p < q, e.g. the
@@ -488,6 +502,7 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
         if frozen.kinds[l - 1] == "maxpool":
             continue
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        W = W * ~_selection_rows(frozen, l)[:, None]  # selection and copy rows route by no temperature
         ly = np.log(np.abs(np.asarray(frozen.ys[l - 1], dtype=np.float64)) + (frozen.ys[l - 1] == 0))
         for F in law.flow_plus[l - 1], law.flow_minus[l - 1]:
             for i in range(F.shape[0]):
@@ -705,9 +720,7 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
         off = wrong = nocontrib = 0.0
         for l, E in residuals.items():
             W = np.asarray(frozen.weights[l - 1], dtype=np.float64).T  # (n_low, n_up)
-            Z = W * np.asarray(frozen.ys[l - 1], dtype=np.float64)[:, None]
-            if frozen.kinds[l - 1] == "maxpool":
-                Z = W
+            Z = _contributions(frozen, l).T
             off += float(np.abs(E[W == 0]).sum())
             nocontrib += float(np.abs(E[(W != 0) & (Z == 0)]).sum())
             wrong += float(np.abs(E[Z != 0]).sum())

@@ -1,6 +1,7 @@
-"""The exact reference for ``explain`` on a ViT (THEORY.md section 7): the frozen extended graph of
-one image (:func:`backplay.gpu.vit_explain.unroll_vit`, a layered FrozenNet whose residual skips are
-copy rows) with every rule computed on it independently of the torch code path:
+"""The exact reference for ``explain`` on any model (THEORY.md sections 7 and 9): the frozen extended
+graph of one input (:func:`backplay.gpu.unroll.unroll_graph`; :func:`backplay.gpu.vit_explain.unroll_vit`
+for backplay's ViT: a layered FrozenNet whose skips are copy rows) with every rule computed on it
+independently of the torch code path:
 
 * the routing laws (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor incl. the token anchor,
   RiskAverse) by :func:`backplay.theory.routing_law` (its automatic field: exact rationals, or
@@ -19,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..gpu.vit_explain import unroll_vit
+from ..gpu.unroll import Unrolled, unroll_graph
 from ..rules import LRP0, Gradient, GradientXInput, Rule, SoftplusGame
 from ..theory.arith import Arith
 from ..theory.routing import routing_law
 from .identities import err
 
-__all__ = ["vit_exact", "vit_torch_error"]
+__all__ = ["exact_report", "torch_error", "unrolled"]
 
 
 def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
@@ -56,8 +57,19 @@ def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
     return [y * g for y, g in zip(ys, grads)], ys[-1][target]
 
 
-def vit_exact(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
-              ) -> tuple[list, Any, Any]:
+def unrolled(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrolled:
+    """The unrolled graph of ``model`` at ONE input (``eps``: the SoftplusGame surrogate)."""
+    from ..gpu.vit import ViT
+
+    if isinstance(model, ViT):
+        from ..gpu.vit_explain import unroll_vit
+
+        return unroll_vit(model, x, eps=1.0 if eps is None else eps)
+    return unroll_graph(model, x, eps=eps)
+
+
+def exact_report(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
+                 ) -> tuple[list, Any, Any]:
     """(relevance at every report layer of ``explain`` (flat arrays), stopped mass, logit) of
     ``rule`` on the frozen graph of ``model`` at ONE image ``x``. For the routing laws the stopped
     mass is the law's (cemetery and bias sink); for the other rules logit - sum R^0. ``field``:
@@ -65,8 +77,7 @@ def vit_exact(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str |
     if field not in (None, "mpmath"):
         raise ValueError(f"field must be None or 'mpmath', got {field!r}")
     A = Arith(50 if field == "mpmath" else None)
-    eps = rule.eps if isinstance(rule, SoftplusGame) else 1.0
-    u = unroll_vit(model, x, eps=eps)
+    u = unrolled(model, x, rule.eps if isinstance(rule, SoftplusGame) else None)
     if isinstance(rule, (Gradient, LRP0, SoftplusGame)):
         rel, logit = _recursions(u, target, GradientXInput() if isinstance(rule, SoftplusGame) else rule, A)
         stopped = logit - sum(rel[0])
@@ -74,18 +85,17 @@ def vit_exact(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str |
         law = routing_law(u.net, target=target, rule=rule, field=field)
         rel, stopped, logit = law.relevance(), law.stopped()["total"], law.w0
     if isinstance(rule, SoftplusGame):  # the logit is the model's, not the surrogate's
-        logit = A.num(float(unroll_vit(model, x).net.ys[-1][target]))
+        logit = A.num(float(unrolled(model, x).net.ys[-1][target]))
         stopped = logit - sum(rel[0])
     return [rel[b] for b in u.boundaries], stopped, logit
 
 
-def vit_torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
-                    ) -> float:
+def torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None) -> float:
     """Worst relative error (:func:`backplay.testing.err`) of ``explain``'s per-layer relevance,
-    stopped mass and logit against :func:`vit_exact` at ONE image ``x`` (float64 model)."""
+    stopped mass and logit against :func:`exact_report` at ONE input ``x`` (float64 model)."""
     from ..gpu.engine import explain
 
-    layers, stopped, logit = vit_exact(model, x, target, rule, field)
+    layers, stopped, logit = exact_report(model, x, target, rule, field)
     _, rep = explain(model, x[None], target, rule=rule, return_report=True)
     if len(rep.layers) != len(layers):
         return float("inf")

@@ -1,0 +1,938 @@
+"""THE reader: any torch model -> one graph of operations (THEORY.md section 9).
+
+``read(model, x)`` captures the model's forward at the explained input with ``torch.export``
+(non-strict first, strict where that fails; a dynamic batch dimension where the model allows it),
+functionalises it (in-place ``relu_`` / ``+=`` become plain operations) and classifies every
+operation that depends on the input by :data:`SUPPORTED` (the one table of operations):
+
+* a **linear map** with constant coefficients (a layer), a **sum node** (a layer with several
+  inputs), a **gate** (fused into the layer before it when that layer feeds nothing else, else a
+  layer of its own with the identity map), a **selection** (max pools, amax), a **frozen
+  normaliser**, or a **layout** step (an index map: transparent to every rule);
+* canonisation (named rewrite steps, done when the pass is traced): an eval-mode BatchNorm, a
+  multiplication / division by a constant and a constant added right after a dense or convolution
+  layer that feeds nothing else are merged into that layer (a constant added is its bias);
+* every tensor that does not depend on the input (weights, buffers, masks, position tables) is a
+  constant, evaluated at trace time.
+
+Any other operation raises :class:`UnsupportedOperation` naming the operation, the line of the
+model's source that produced it and what to do. The export is paid once per model and input
+signature (:func:`read` caches it on the model object, its parameter versions and the per-sample
+shape, dtype and device): the first call exports at its batch size (a static export, ~15 ms on a
+small model), the first call with another batch size exports once more with a dynamic batch
+dimension (~15x slower to capture), reused for every later batch size. The model is never modified: the export runs on the model in eval mode
+(the explained function is the eval-mode net) and every training flag is restored afterwards, also
+when an error is raised midway; parameters, buffers, requires_grad flags and hooks are not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import os
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backplay.gpu.ops import (
+    AddOp, ClampGate, ConvOp, DenseOp, FrozenGate, Gate, GELUGate, IdentityOp, LeakyReLUGate, LinearGate,
+    LinearOp, NormOp, PoolOp, ReLUGate, ScaleOp, Selection, SoftplusGate, WeightOp,
+)
+from backplay.gpu.trace import LayerTrace, LayoutStep, Trace
+
+Tensor = torch.Tensor
+aten = torch.ops.aten
+
+__all__ = ["SUPPORTED", "ReadError", "UnsupportedOperation", "ModelGraph", "read", "supported_table"]
+
+
+class ReadError(ValueError):
+    """The model cannot be read (export failed, output not [B, classes], ...)."""
+
+
+class UnsupportedOperation(TypeError):
+    """An operation of the model's forward that the frozen graph does not cover."""
+
+
+# --------------------------------------------------------------------------------------------
+# the table of supported operations: aten name -> (kind, what it becomes)
+# --------------------------------------------------------------------------------------------
+SUPPORTED: dict[str, tuple[str, str]] = {}
+
+
+def _register(kind: str, what: str, *names: str) -> None:
+    for n in names:
+        SUPPORTED[n] = (kind, what)
+
+
+_register("linear", "dense map (nn.Linear, F.linear)", "linear")
+_register("linear", "dense map with a constant operand (one operand constant)", "matmul", "mm", "bmm", "addmm")
+_register("linear", "convolution 1d-3d (groups, stride, dilation, zeros padding)",
+          "conv1d", "conv2d", "conv3d", "convolution")
+_register("linear", "average pool (positive weights)", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+          "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
+_register("linear", "mean / sum over dimensions", "mean", "sum")
+_register("linear", "eval-mode BatchNorm (merged into the layer before it, else a diagonal map)",
+          "_native_batch_norm_legit_no_training", "batch_norm")
+_register("linear", "scaling by a constant; a constant added is a bias", "mul", "div", "neg")
+_register("sum", "sum node of explained tensors (a constant added: a bias)", "add", "sub", "rsub")
+_register("gate", "ReLU (ties z = 0 stop)", "relu")
+_register("gate", "LeakyReLU", "leaky_relu")
+_register("gate", "ReLU6 / hardtanh / clamp (piecewise-linear policy)", "relu6", "hardtanh", "clamp")
+_register("gate", "GELU (erf and tanh forms: the frozen gate Phi)", "gelu")
+_register("gate", "SiLU (frozen gate sigmoid)", "silu")
+_register("gate", "softplus (the entropic game's Gibbs gate)", "softplus")
+_register("gate", "tanh / sigmoid (frozen gate act(z)/z)", "tanh", "sigmoid")
+_register("selection", "max pool / adaptive max pool / amax / max along a dim (winner takes all)",
+          "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_max_pool1d",
+          "adaptive_max_pool2d", "amax", "max")
+_register("norm", "frozen normaliser (1/std frozen, centring linear)", "layer_norm", "native_layer_norm",
+          "group_norm", "native_group_norm", "rms_norm")
+_register("layout", "layout (copy / selection edges of weight 1)",
+          "view", "_unsafe_view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "expand",
+          "cat", "slice", "select", "squeeze", "unsqueeze", "pad", "constant_pad_nd", "reflection_pad1d",
+          "reflection_pad2d", "replication_pad1d", "replication_pad2d", "upsample_nearest1d",
+          "upsample_nearest2d", "upsample_nearest3d", "index_select", "index", "gather", "clone",
+          "contiguous", "alias", "_to_copy", "to", "dropout", "split", "split_with_sizes", "chunk",
+          "unbind", "repeat", "roll", "flip", "narrow", "movedim", "getitem")
+
+#: value-independent functions of a tensor (its shape only): never explained
+_SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "zeros_like", "ones_like", "full_like", "empty_like",
+               "new_zeros", "new_ones", "new_full", "new_empty", "scalar_tensor"}
+
+
+def supported_table() -> str:
+    """The table of supported operations as text (kind, aten operations, what each becomes)."""
+    rows: dict[tuple[str, str], list] = {}
+    for name, key in SUPPORTED.items():
+        rows.setdefault(key, []).append(name)
+    lines = [f"{kind:<9} {', '.join(names)}: {what}" for (kind, what), names in rows.items()]
+    return "\n".join(lines)
+
+
+def _name(node: Any) -> str:
+    """The operation's aten name; an in-place op reads as its out-of-place form (``relu_`` ->
+    ``relu``): the reader uses an in-place graph only where that is exact (:func:`_plain_inplace`)."""
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    n = getattr(t, "__name__", str(t)).split(".")[0]
+    if n.endswith("_") and not n.startswith("_") and n[:-1] in SUPPORTED:
+        return n[:-1]
+    return n
+
+
+def _where(node: Any) -> str:
+    """The model's source line that produced ``node`` (the last frame outside torch), and its module."""
+    trace = node.meta.get("stack_trace") or ""
+    torch_dir = os.path.dirname(torch.__file__)
+    best = ""
+    lines = trace.strip().splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if s.startswith('File "'):
+            path = s.split('"')[1]
+            if path.startswith(torch_dir) or os.sep + "backplay" + os.sep + "gpu" + os.sep in path:
+                continue
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            ln = s.split("line ")[1].split(",")[0] if "line " in s else "?"
+            best = f"{os.path.basename(path)}:{ln} `{code}`"
+    stack = node.meta.get("nn_module_stack") or {}
+    mod = ""
+    if stack:
+        path, cls = list(stack.values())[-1]
+        mod = f"module {path or '(root)'} ({str(cls).split('.')[-1].rstrip(chr(39) + '>')})"
+    return ", ".join(p for p in (best, mod) if p) or "(source line not recorded)"
+
+
+# --------------------------------------------------------------------------------------------
+# export (cached)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Export:
+    program: Any
+    dynamic: bool
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_load_state_dict_pre_hooks")
+_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _state_versions(model: nn.Module) -> tuple:
+    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    msg = [m.strip() for m in msg if m.strip() and not m.strip().startswith(("File ", "from user code",
+                                                                           "Set TORCH", "For more"))]
+    return (msg[0] if msg else type(e).__name__)[:400]
+
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "permute", "expand", "squeeze",
+          "unsqueeze", "alias", "narrow", "unflatten", "flatten", "split", "chunk", "unbind", "as_strided",
+          "diagonal", "movedim", "getitem", "detach"}
+
+
+def _plain_inplace(ep: Any) -> bool:
+    """Whether every in-place operation of the exported graph can be read as its out-of-place form:
+    it mutates a fresh, non-view tensor that nothing reads after it (``relu_`` on a conv output,
+    ``out += identity``). Otherwise the graph is functionalised (``run_decompositions``)."""
+    nodes = list(ep.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        if n.op != "call_function" or n.target is operator.getitem:
+            continue
+        schema = getattr(n.target, "_schema", None)
+        mutates = schema is not None and any(a.alias_info is not None and a.alias_info.is_write
+                                             for a in schema.arguments)
+        if not mutates:
+            continue
+        src = n.args[0] if n.args else None
+        if not hasattr(src, "op") or src.op != "call_function" or _name(src) in _VIEWS:
+            return False
+        if any(order[u] > order[n] for u in src.users if u is not n):
+            return False
+        if _name(n).rstrip("_") not in SUPPORTED and _name(n) not in SUPPORTED:
+            return False
+    return True
+
+
+def _export(model: nn.Module, example: Tensor, dynamic: bool) -> _Export:
+    """torch.export of ``model`` at ``example`` (batch first), in eval mode, the model's hooks
+    silenced; flags and hooks restored, also on an error. ``dynamic``: a dynamic batch dimension
+    (falls back to the static export where the model does not allow it)."""
+    flags = [(m, m.training) for m in model.modules()]
+    hooks = [(m, {a: getattr(m, a) for a in _HOOK_DICTS if hasattr(m, a)}) for m in model.modules()]
+    errors = []
+    try:
+        model.eval()
+        for m, saved in hooks:  # the model's own hooks do not fire on the exporter's fake tensors
+            for a, d in saved.items():
+                setattr(m, a, type(d)())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ex = example if example.shape[0] >= 2 else example.expand((2,) + tuple(example.shape[1:]))
+            tries = ((False, True), (False, False), (True, False)) if dynamic else ((False, False), (True, False))
+            for strict, dyn in tries:
+                try:
+                    ep = torch.export.export(model, (ex if dyn else example,), strict=strict,
+                                             dynamic_shapes=({0: torch.export.Dim("batch")},) if dyn else None)
+                    if not _plain_inplace(ep):
+                        ep = ep.run_decompositions({})
+                    return _Export(ep, dyn)
+                except Exception as e:  # noqa: BLE001 - the exporter's reason is reported below
+                    errors.append(e)
+    finally:
+        for m, t in flags:
+            m.training = t
+        for m, saved in hooks:
+            for a, d in saved.items():
+                setattr(m, a, d)
+    raise ReadError(f"torch.export could not capture the model's forward at an input of shape "
+                    f"{tuple(example.shape)}: {_one_line(errors[0])} "
+                    "(backplay reads a model through torch.export: make the forward exportable, e.g. "
+                    "no data-dependent Python control flow; see the README's supported operations)")
+
+
+# --------------------------------------------------------------------------------------------
+# the model graph: the plan of the explained pass
+# --------------------------------------------------------------------------------------------
+_AFFINE_AFTER = {"_native_batch_norm_legit_no_training", "batch_norm", "mul", "div", "neg", "add", "sub"}
+
+
+@dataclass
+class _Plan:
+    node: Any  # the fx node whose value the step produces
+    kind: str  # "layer", "gate" (a standalone gate: an identity layer), "layout"
+    merged: list = field(default_factory=list)  # affine fx nodes merged into the layer
+    gate: Any = None  # the fx node of the fused gate
+
+
+@dataclass
+class ModelGraph:
+    """A model read for one input signature: the exported program and the plan of the pass."""
+
+    program: Any
+    dynamic: bool
+    explained: set  # fx node names that depend on the input
+    plan: dict  # fx node name -> _Plan (the nodes that are steps)
+    alias: dict  # fx node name -> the name of the step whose output it is (fused / merged nodes)
+    params: dict  # placeholder name -> tensor
+    input_name: str
+    output_node: Any
+    sample_shape: tuple
+
+    def trace(self, x: Tensor, dtype: torch.dtype, lean: bool = False, gate_map: Callable | None = None
+              ) -> Trace:
+        """The explained pass of the batch ``x`` (already in ``dtype``) as a :class:`Trace`."""
+        return _Runner(self, dtype, lean, gate_map).run(x)
+
+
+def _users(node: Any) -> list:
+    return list(node.users)
+
+
+def _is_const_arg(a: Any, explained: set) -> bool:
+    return not (hasattr(a, "name") and a.name in explained)
+
+
+def _explained_args(node: Any, explained: set) -> list:
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        for b in (a if isinstance(a, (list, tuple)) else [a]):
+            if hasattr(b, "op") and b.name in explained and b not in out:
+                out.append(b)
+    return out
+
+
+def _analyse(ep: Any) -> tuple:
+    g = ep.graph
+    sig = ep.graph_signature
+    user_inputs = list(sig.user_inputs)
+    if len(user_inputs) != 1:
+        raise ReadError(f"the model's forward takes {len(user_inputs)} tensor inputs; backplay explains "
+                        "models of one input tensor (wrap the model so that the other inputs are fixed)")
+    explained = {user_inputs[0]}
+    output_node = None
+    for node in g.nodes:
+        if node.op == "output":
+            outs = node.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            if len(outs) != 1:
+                raise ReadError(f"the model returns {len(outs)} values; backplay explains a model whose "
+                                "forward returns one tensor of logits [B, classes] (wrap it and return the "
+                                "logits)")
+            output_node = outs[0]
+            continue
+        if node.op != "call_function":
+            continue
+        name = _name(node)
+        if name in _SHAPE_ONLY:
+            continue
+        if _explained_args(node, explained):
+            explained.add(node.name)
+    if output_node is None or not hasattr(output_node, "name") or output_node.name not in explained:
+        raise ReadError("the model's output does not depend on its input: nothing to explain")
+    return explained, output_node, user_inputs[0]
+
+
+def _check_node(node: Any, explained: set) -> None:
+    name = _name(node)
+    if name not in SUPPORTED:
+        raise UnsupportedOperation(
+            f"unsupported operation {name} (aten.{node.target}) at {_where(node)}: backplay's frozen graph "
+            "has linear maps, sums, gates, selections, normalisers and layout steps (see the README's table "
+            "of supported operations); rewrite this step with supported operations or explain a sub-model "
+            "that excludes it")
+    n_ex = sum(1 for a in node.args if hasattr(a, "name") and a.name in explained)
+    if name in ("mul", "div", "matmul", "mm", "bmm", "addmm") and n_ex > 1:
+        raise UnsupportedOperation(
+            f"a product of two tensors that both depend on the input ({name}) at {_where(node)}: only "
+            "attention products are frozen (transformers); write normalisers with nn.LayerNorm / "
+            "nn.GroupNorm / nn.RMSNorm and gates with the torch activations")
+    if name == "div" and node.args[0] is not None and _is_const_arg(node.args[0], explained):
+        raise UnsupportedOperation(f"division by a tensor that depends on the input at {_where(node)}")
+    if name in ("linear", "conv1d", "conv2d", "conv3d", "convolution") and any(
+            hasattr(a, "name") and a.name in explained for a in node.args[1:3]):
+        raise UnsupportedOperation(f"{name} whose weight depends on the input at {_where(node)}")
+    if name == "getitem":
+        src = node.args[0]
+        if _name(src) in ("max", "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices",
+                          "_native_batch_norm_legit_no_training", "native_layer_norm",
+                          "native_group_norm") and node.args[1] != 0:
+            raise UnsupportedOperation(f"the indices / statistics output of {_name(src)} used at "
+                                       f"{_where(node)}: only the values are part of the frozen graph")
+    if name in ("pad", "constant_pad_nd"):
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if name == "constant_pad_nd":
+            value = node.args[2] if len(node.args) > 2 else 0
+            mode = "constant"
+        if mode == "constant" and value not in (None, 0, 0.0):
+            raise UnsupportedOperation(f"constant padding with value {value} at {_where(node)} (only zero "
+                                       "padding is a layout step)")
+    if name == "dropout" and (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)):
+        raise UnsupportedOperation(f"dropout in training mode at {_where(node)}")
+    if name == "clamp":
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        if (lo is not None and not isinstance(lo, (int, float))) or (hi is not None and not isinstance(hi, (int, float))):
+            raise UnsupportedOperation(f"clamp with tensor bounds at {_where(node)}")
+    if name == "max" and len(node.args) < 2:
+        raise UnsupportedOperation(f"max over a whole tensor at {_where(node)} (use amax along dims)")
+    if name == "sum" and len(node.args) < 2:
+        pass  # the sum of every entry: a pool with one output per sample
+
+
+_LAYER_KINDS = {"linear": "layer", "sum": "layer", "selection": "layer", "norm": "layer", "gate": "gate",
+                "layout": "layout"}
+_MERGEABLE_INTO = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "addmm"}
+
+
+def _is_sum_of_explained(node: Any, explained: set) -> bool:
+    return _name(node) in ("add", "sub") and sum(
+        1 for a in node.args[:2] if hasattr(a, "name") and a.name in explained) == 2
+
+
+_MULTI_LAYOUT = {"split", "split_with_sizes", "chunk", "unbind"}
+
+
+def _shape(a: Any) -> tuple | None:
+    """The shape of an fx node's value (from the exporter's metadata), None for a number."""
+    if not hasattr(a, "meta"):
+        return None
+    v = a.meta.get("val")
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _merge_ok(layer: Any, node: Any, explained: set) -> bool:
+    """Whether the affine ``node`` can be merged into the dense / conv ``layer`` (a scale per output
+    channel or a number; any constant added is a bias)."""
+    name = _name(node)
+    if name in ("_native_batch_norm_legit_no_training", "batch_norm"):
+        out = _shape(layer)
+        return out is not None and (len(out) == 2 or _name(layer) != "linear")
+    if name in ("add", "sub", "neg"):
+        return True
+    c = node.args[1] if _is_const_arg(node.args[1], explained) else node.args[0]
+    shp = _shape(c)
+    if shp is None:
+        return isinstance(c, (int, float))
+    out = _shape(layer)
+    if out is None or math.prod(shp) == 1:
+        return math.prod(shp) == 1
+    shp = tuple(shp[1:]) if len(shp) == len(out) and shp[0] == 1 else tuple(shp)
+    if _name(layer) in ("linear", "addmm"):
+        return shp == (out[-1],)
+    return len(shp) == len(out) - 1 and shp[0] == out[1] and all(d == 1 for d in shp[1:])
+
+
+def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
+    plan: dict = {}
+    alias: dict = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.name not in explained:
+            continue
+        _check_node(node, explained)
+        name = _name(node)
+        kind = _LAYER_KINDS[SUPPORTED[name][0]]
+        if name in _MULTI_LAYOUT:  # computed by each getitem that reads it
+            continue
+        if name == "getitem":
+            src = node.args[0]
+            owner = alias.get(src.name, src.name)
+            if owner in plan and plan[owner].kind != "layout":  # the value output of a layer op
+                alias[node.name] = owner
+                continue
+            kind = "layout"
+        if name in ("add", "sub", "rsub") and not _is_sum_of_explained(node, explained):
+            kind = "layer"  # a constant added: a bias (a diagonal map)
+        # canonise: an affine map right after a dense / conv layer that feeds nothing else is merged
+        if name in _AFFINE_AFTER and not _is_sum_of_explained(node, explained):
+            src = _explained_args(node, explained)[0]
+            owner = alias.get(src.name, src.name)
+            p = plan.get(owner)
+            if p is not None and p.kind == "layer" and p.gate is None and _name(p.node) in _MERGEABLE_INTO \
+                    and len(_users(src)) == 1 and src is not output_node and _merge_ok(p.node, node, explained):
+                p.merged.append(node)
+                alias[node.name] = owner
+                continue
+        # a gate right after a layer that feeds nothing else is that layer's gate
+        if kind == "gate":
+            src = node.args[0]
+            owner = alias.get(src.name, src.name)
+            p = plan.get(owner)
+            if p is not None and p.kind == "layer" and p.gate is None and len(_users(src)) == 1 \
+                    and src is not output_node:
+                p.gate = node
+                alias[node.name] = owner
+                continue
+        plan[node.name] = _Plan(node, kind)
+    return plan, alias
+
+
+def read(model: nn.Module, x: Tensor) -> ModelGraph:
+    """The model graph of ``model`` for inputs like the batch ``x`` (cached; see the module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module or a backplay.MLPSpec, got {type(model).__name__}")
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    versions = _state_versions(model)
+    cache = _EXPORTS.setdefault(model, {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == versions and (hit[1].dynamic or hit[2] == x.shape[0]):
+        return hit[1]
+    # the first export is static (fast); a second batch size exports once with a dynamic batch
+    # dimension, which every later batch size reuses
+    ex = _export(model, x, dynamic=hit is not None and hit[0] == versions)
+    ep = ex.program
+    explained, output_node, input_name = _analyse(ep)
+    plan, alias = _plan(ep, explained, output_node)
+    params = {}
+    sig = ep.graph_signature
+    state = ep.state_dict
+    for ph, target in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
+        params[ph] = state[target] if target in state else ep.constants[target]
+    for ph, target in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+        params[ph] = ep.constants[target]
+    graph = ModelGraph(ep, ex.dynamic, explained, plan, alias, params, input_name, output_node,
+                       tuple(x.shape[1:]))
+    cache[key] = (versions, graph, x.shape[0])
+    return graph
+
+
+# --------------------------------------------------------------------------------------------
+# running the plan: the explained pass
+# --------------------------------------------------------------------------------------------
+def _arg(node: Any, i: int, key: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(key, default)
+
+
+def _gate_of(node: Any, env: Callable) -> Gate:
+    name = _name(node)
+    if name == "relu":
+        return ReLUGate()
+    if name == "leaky_relu":
+        return LeakyReLUGate(_arg(node, 1, "negative_slope", 0.01))
+    if name == "relu6":
+        return ClampGate(0.0, 6.0)
+    if name == "hardtanh":
+        return ClampGate(_arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0))
+    if name == "clamp":
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        lo = -math.inf if lo is None else lo
+        hi = math.inf if hi is None else hi
+        if lo == 0 and hi == math.inf:
+            return ReLUGate()
+        return ClampGate(lo, hi)
+    if name == "gelu":
+        return GELUGate(1.0, _arg(node, 1, "approximate", "none"))
+    if name == "softplus":
+        beta = float(_arg(node, 1, "beta", 1.0))
+        if not beta > 0 or beta == math.inf:
+            raise UnsupportedOperation(f"softplus needs a finite beta > 0, got {beta} at {_where(node)}")
+        return SoftplusGate(1.0 / beta)
+    return FrozenGate(name)  # silu, tanh, sigmoid
+
+
+class _Runner:
+    def __init__(self, graph: ModelGraph, dtype: torch.dtype, lean: bool, gate_map: Callable | None) -> None:
+        self.g, self.dtype, self.lean, self.gate_map = graph, dtype, lean, gate_map
+        self.n_layers = 0
+
+    def const(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            a = a.detach()
+            if a.is_floating_point() and a.dtype != self.dtype:
+                return a.to(self.dtype)
+        return a
+
+    def run(self, x: Tensor) -> Trace:
+        g = self.g
+        env: dict = {}
+        ids: dict = {g.input_name: 0}  # fx node name -> tensor id
+        steps: list = []
+        self.env, self.ids, self.steps = env, ids, steps
+
+        def val(a: Any) -> Any:
+            if hasattr(a, "op"):
+                return env[g.alias.get(a.name, a.name)]
+            if isinstance(a, (list, tuple)):
+                return type(a)(val(b) for b in a)
+            return a
+
+        self.val = val
+        with torch.no_grad():
+            for node in g.program.graph.nodes:
+                if node.op == "placeholder":
+                    env[node.name] = x if node.name == g.input_name else self.const(g.params[node.name])
+                    continue
+                if node.op != "call_function":
+                    continue
+                if node.name in g.alias or _name(node) in _MULTI_LAYOUT and node.name in g.explained:
+                    continue
+                if node.name not in g.explained:
+                    out = node.target(*val(node.args), **val(node.kwargs))
+                    env[node.name] = self.const(out)
+                    continue
+                p = g.plan[node.name]
+                if p.kind == "layout":
+                    self.layout(node)
+                else:
+                    self.layer(p)
+        out_name = g.alias.get(g.output_node.name, g.output_node.name)
+        out = env[out_name]
+        if out.ndim != 2:
+            raise ReadError(f"the model's output has shape {tuple(out.shape)}; backplay explains a logit of "
+                            "an output [B, classes]: wrap the model so that it returns [B, classes] (e.g. "
+                            "select a position with out[:, -1] or flatten)")
+        surrogate = lambda eps: _Runner(g, self.dtype, False, lambda gt: gt.at_temperature(eps)).run(x)  # noqa: E731
+        return Trace(x, steps, ids[out_name], out, surrogate)
+
+    def where(self, node: Any) -> str:
+        return _where(node)
+
+    # -- layout steps ----------------------------------------------------------------------------
+    def layout(self, node: Any) -> None:
+        env, g = self.env, self.g
+        name = _name(node)
+        comp = node  # the node whose target computes the step (a split for its getitem)
+        if name == "getitem":
+            comp = node.args[0]
+        srcs = _explained_args(comp, g.explained)
+        src_names = [g.alias.get(s.name, s.name) for s in srcs]
+        values = [env[n] for n in src_names]
+        identity = _name(comp) in ("_to_copy", "dropout", "clone", "alias", "contiguous")
+
+        def fn(*ts: Tensor) -> Tensor:
+            if identity:
+                return ts[0]
+            sub = dict(zip(src_names, ts))
+
+            def v(a: Any) -> Any:
+                if hasattr(a, "op"):
+                    nm = g.alias.get(a.name, a.name)
+                    return sub[nm] if nm in sub else env[nm]
+                if isinstance(a, (list, tuple)):
+                    return type(a)(v(b) for b in a)
+                return a
+            out = comp.target(*v(comp.args), **{k: v(a) for k, a in comp.kwargs.items()})
+            return out[node.args[1]] if comp is not node else out
+
+        out = fn(*values)
+        env[node.name] = out
+        tid = len(self.ids)
+        self.ids[node.name] = tid
+        reshape = identity or name in ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze",
+                                       "unsqueeze")
+        self.steps.append(LayoutStep(fn, tuple(tuple(t.shape[1:]) for t in values),
+                                     tuple(self.ids[n] for n in src_names), tid, out, _where(node), reshape))
+
+    # -- layers ------------------------------------------------------------------------------------
+    def layer(self, p: _Plan) -> None:
+        node = p.node
+        name = _name(node)
+        g, env = self.g, self.env
+        srcs = _explained_args(node, g.explained)
+        if _is_sum_of_explained(node, g.explained):
+            srcs = list(node.args[:2])  # x + x reads x twice
+        src_names = [g.alias.get(s.name, s.name) for s in srcs]
+        ins = [env[n] for n in src_names]
+        if p.kind == "gate":
+            op, kind, y_in, gate = IdentityOp(), "gate", ins[0], _gate_of(node, self.val)
+        else:
+            op, kind, y_in = self.map_of(node, name, ins)
+            for m in p.merged:
+                op = self.merge(op, m)
+            gate = _gate_of(p.gate, self.val) if p.gate is not None else LinearGate()
+        if self.gate_map is not None and gate.activated:
+            gate = self.gate_map(gate)
+        op.bound(tuple(y_in.shape[1:]))
+        self.n_layers += 1
+        z = op.forward(y_in)
+        if type(gate) is LinearGate:
+            y, pv = z, (None if self.lean else torch.ones_like(z))
+        elif self.lean and type(gate) is ReLUGate:
+            y, pv = torch.relu(z), None
+        else:
+            y, pv = gate(z)
+        last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
+        self.env[node.name] = y
+        tid = len(self.ids)
+        self.ids[node.name] = tid
+        rec = LayerTrace(op, gate, y_in, None if self.lean else z, None if self.lean else pv, y,
+                         index=self.n_layers, kind=kind,
+                         sources=tuple(self.ids[n] for n in src_names), out=tid, where=_where(last),
+                         in_shapes=tuple(tuple(t.shape[1:]) for t in ins))
+        self.steps.append(rec)
+
+    def merge(self, op: LinearOp, node: Any) -> LinearOp:
+        """Merge the affine map ``node`` (BatchNorm, scale, bias; :func:`_merge_ok`) into the dense /
+        conv ``op``: a new op with the scaled weight and the combined bias."""
+        scale, shift = self.affine_of(node)
+        w, b = op.weight, op.bias
+        if scale is not None:
+            per = scale.reshape(-1)
+            if per.numel() == 1:
+                w, b = w * per[0], (None if b is None else b * per[0])
+            else:
+                w = w * per.view((-1,) + (1,) * (w.ndim - 1))
+                b = None if b is None else b * per.view((-1,) + (1,) * (b.ndim - 1))
+        if shift is not None:
+            if isinstance(op, ConvOp):
+                shift = shift.reshape(shift.shape[1:]) if shift.ndim == op.dims + 2 else shift
+                if shift.ndim < op.dims + 1:
+                    shift = shift.reshape((-1,) + (1,) * op.dims) if shift.numel() > 1 else shift
+            b = shift if b is None else b + shift
+        new = copy.copy(op)
+        new.drop_parts()
+        new.weight, new.bias = w, b
+        return new
+
+    def affine_of(self, node: Any, op_channels: bool = False) -> tuple:
+        """(scale, bias) of an elementwise affine node, shaped to broadcast against its output
+        (channel dim 1); either may be None."""
+        name = _name(node)
+        val = self.val
+        ex = self.g.explained
+        if name in ("_native_batch_norm_legit_no_training", "batch_norm"):
+            if name == "batch_norm":
+                w, b, mean, var = (val(node.args[i]) for i in (1, 2, 3, 4))
+                eps = node.args[7]
+            else:
+                w, b, mean, var = (val(node.args[i]) for i in (1, 2, 3, 4))
+                eps = node.args[6]
+            s = 1.0 / torch.sqrt(self.const(var) + eps)
+            if w is not None:
+                s = s * self.const(w)
+            t = -self.const(mean) * s
+            if b is not None:
+                t = t + self.const(b)
+            shape = (-1,) + (1,) * (len(_shape(node.args[0])) - 2)
+            return s.view(shape), t.view(shape)
+        a0, a1 = node.args[0], node.args[1] if len(node.args) > 1 else None
+        c = a1 if _is_const_arg(a1, ex) else a0
+        c = self.const(val(c))
+        if name == "neg":
+            return torch.tensor(-1.0, dtype=self.dtype, device=self.env_device()), None
+        if name == "mul":
+            return torch.as_tensor(c, dtype=self.dtype, device=self.env_device()), None
+        if name == "div":
+            return 1.0 / torch.as_tensor(c, dtype=self.dtype, device=self.env_device()), None
+        alpha = node.kwargs.get("alpha", 1)
+        ct = torch.as_tensor(c, dtype=self.dtype, device=self.env_device()) * alpha
+        if name == "add":
+            return None, ct
+        if name == "sub":
+            if _is_const_arg(a1, ex):
+                return None, -ct
+            return torch.tensor(-1.0, dtype=self.dtype, device=self.env_device()), \
+                torch.as_tensor(c, dtype=self.dtype, device=self.env_device())
+        if name == "rsub":  # rsub(x, c) = c - alpha x
+            return torch.tensor(-float(alpha), dtype=self.dtype, device=self.env_device()), \
+                torch.as_tensor(c, dtype=self.dtype, device=self.env_device())
+        raise AssertionError(name)
+
+    def env_device(self) -> torch.device:
+        return self.env[self.g.input_name].device
+
+    def map_of(self, node: Any, name: str, ins: list) -> tuple[LinearOp, str, Tensor]:
+        """(map, kind, map input) of a layer node."""
+        val, ex = self.val, self.g.explained
+        x = ins[0]
+        if name == "linear":
+            w, b = self.const(val(node.args[1])), self.const(val(_arg(node, 2, "bias")))
+            return DenseOp(w, b), "linear", x
+        if name == "addmm":
+            b, a, m = node.args[0], node.args[1], node.args[2]
+            if not _is_const_arg(a, ex) and _is_const_arg(m, ex):
+                return DenseOp(self.const(val(m)).t(), self.const(val(b))), "linear", x
+            return WeightOp(lambda y, w, c=self.const(val(a)): c @ y, self.const(val(m)), self.const(val(b)),
+                            "addmm"), "map", x
+        if name in ("matmul", "mm", "bmm"):
+            a, m = node.args[0], node.args[1]
+            if _is_const_arg(m, ex):
+                w = self.const(val(m))
+                if w.ndim == 2:
+                    return DenseOp(w.t(), None), "linear", x
+                return WeightOp(lambda y, w: torch.matmul(y, w), w, None, name), "map", x
+            w = self.const(val(a))
+            return WeightOp(lambda y, w: torch.matmul(w, y), w, None, name), "map", x
+        if name in ("conv1d", "conv2d", "conv3d"):
+            w, b = self.const(val(node.args[1])), self.const(val(_arg(node, 2, "bias")))
+            return ConvOp(w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                          _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)), "conv", x
+        if name == "convolution":
+            w, b = self.const(val(node.args[1])), self.const(val(node.args[2]))
+            stride, pad, dil, transposed, opad, groups = node.args[3:9]
+            if not transposed:
+                return ConvOp(w, b, stride, pad, dil, groups), "conv", x
+            d = w.ndim - 2
+            fnT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[d]
+            bias = None if b is None else b.view((-1,) + (1,) * d)
+            return WeightOp(lambda y, w: fnT(y, w, None, stride, pad, opad, groups, dil), w, bias,
+                            "conv_transpose"), "conv", x
+        if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                    "adaptive_avg_pool3d", "mean", "sum"):
+            return self.pool(node, name, x), ("pool"), x
+        if name in ("_native_batch_norm_legit_no_training", "batch_norm", "mul", "div", "neg", "add", "sub",
+                    "rsub"):
+            if name in ("add", "sub") and len(ins) == 2:
+                alpha = float(node.kwargs.get("alpha", 1))
+                a, b = ins
+                if a.shape != b.shape:
+                    shape = torch.broadcast_shapes(a.shape, b.shape)
+                    a, b = a.expand(shape), b.expand(shape)
+                stacked = torch.stack([a, b], dim=1)
+                return AddOp(tuple(stacked.shape[1:]), (1.0, alpha if name == "add" else -alpha)), "add", stacked
+            s, b = self.affine_of(node)
+            if s is None:
+                s = torch.ones((), dtype=self.dtype, device=x.device)
+            return ScaleOp(s, b, name), "scale", x
+        if name in ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_max_pool1d",
+                    "adaptive_max_pool2d", "amax", "max"):
+            return self.selection(node, name, x), "maxpool", x
+        if name in ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm"):
+            return self.norm(node, name, x), "norm", x
+        raise AssertionError(name)
+
+    def pool(self, node: Any, name: str, x: Tensor) -> PoolOp:
+        args = [self.val(a) for a in node.args[1:]]
+        kwargs = {k: self.val(v) for k, v in node.kwargs.items()}
+        if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+            d = int(name[-2])
+            names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+            kw = dict(zip(names, args))
+            kw.update(kwargs)
+            if not kw.get("stride"):
+                kw["stride"] = kw["kernel_size"]
+            k = kw["kernel_size"]
+            ks = list(k) if isinstance(k, (list, tuple)) else [k] * d
+            full = dict(kernel_size=ks, stride=kw["stride"], padding=kw.get("padding", 0),
+                        ceil_mode=kw.get("ceil_mode", False), count_include_pad=kw.get("count_include_pad", True))
+            if d == 1:  # through the 2d pool (avg_pool1d has no divisor_override)
+                def pool1(y, div=None, full=full):
+                    k1, s1 = full["kernel_size"][0], full["stride"]
+                    s1 = s1[0] if isinstance(s1, (list, tuple)) else s1
+                    p1 = full["padding"][0] if isinstance(full["padding"], (list, tuple)) else full["padding"]
+                    return F.avg_pool2d(y.unsqueeze(-1), (k1, 1), (s1, 1), (p1, 0), full["ceil_mode"],
+                                        full["count_include_pad"], div).squeeze(-1)
+                return PoolOp(lambda y: pool1(y, kw.get("divisor_override")), lambda y: pool1(y, 1), name)
+            fn = F.avg_pool2d if d == 2 else F.avg_pool3d
+            return PoolOp(lambda y: fn(y, **full, divisor_override=kw.get("divisor_override")),
+                          lambda y: fn(y, **full, divisor_override=1), name)
+        if name.startswith("adaptive_avg_pool"):
+            d = int(name[-2])
+            size = args[0]
+            fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[d]
+
+            def window_sum(y: Tensor) -> Tensor:
+                out = fn(y, size)
+                for i in range(d):  # bin i of n inputs to o outputs: [floor(i n/o), ceil((i+1) n/o))
+                    n, o = y.shape[-d + i], out.shape[-d + i]
+                    sz = torch.tensor([-(-((j + 1) * n) // o) - (j * n) // o for j in range(o)],
+                                      dtype=y.dtype, device=y.device)
+                    out = out * sz.view((-1,) + (1,) * (d - 1 - i))
+                return out
+            return PoolOp(lambda y: fn(y, size), window_sum, name)
+        dims = args[0] if args else None
+        keep = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            dims = list(range(1, x.ndim))
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if any(d % x.ndim == 0 for d in dims):
+            raise UnsupportedOperation(f"{name} over the batch dimension at {_where(node)}")
+        total = lambda y: y.sum(dims, keepdim=keep)  # noqa: E731
+        if name == "sum":
+            return PoolOp(total, total, name)
+        return PoolOp(lambda y: y.mean(dims, keepdim=keep), total, name)
+
+    def selection(self, node: Any, name: str, x: Tensor) -> Selection:
+        B = x.shape[0]
+        n_in = x[0].numel()
+        flat_ids = torch.arange(n_in, device=x.device, dtype=torch.long).view((1,) + tuple(x.shape[1:]))
+        args = [self.val(a) for a in node.args[1:]]
+        if name in ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices"):
+            d = 2 if name == "max_pool2d_with_indices" else int(name[-2])
+            names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+            kw = dict(zip(names, args))
+            kw.update({k: self.val(v) for k, v in node.kwargs.items()})
+            if not kw.get("stride"):
+                kw.pop("stride", None)
+            fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[d]
+            out, idx = fn(x, return_indices=True, **kw)
+            maximum = lambda y, fn=fn, kw=kw: fn(y, **kw)  # noqa: E731
+            # idx indexes the flattened spatial dims of each channel: add the channel offsets
+            spatial = math.prod(x.shape[2:])
+            C = x.shape[1] if x.ndim == d + 2 else 1
+            off = (torch.arange(C, device=x.device) * spatial).view((1, -1) + (1,) * d)
+            flat = (idx + off).reshape(B, -1)
+        elif name in ("adaptive_max_pool1d", "adaptive_max_pool2d"):
+            d = int(name[-2])
+            fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d}[d]
+            out, idx = fn(x, args[0], return_indices=True)
+            maximum = lambda y, fn=fn, size=args[0]: fn(y, size)  # noqa: E731
+            spatial = math.prod(x.shape[2:])
+            off = (torch.arange(x.shape[1], device=x.device) * spatial).view((1, -1) + (1,) * d)
+            flat = (idx + off).reshape(B, -1)
+        else:  # amax over dims / max along one dim
+            if name == "max":
+                dims, keep = [args[0]], (args[1] if len(args) > 1 else False)
+            else:
+                dims = args[0] if args else list(range(1, x.ndim))
+                dims = [dims] if isinstance(dims, int) else list(dims)
+                keep = args[1] if len(args) > 1 else False
+            dims = sorted(d % x.ndim for d in dims)
+            if 0 in dims:
+                raise UnsupportedOperation(f"{name} over the batch dimension at {_where(node)}")
+            rest = [d for d in range(x.ndim) if d not in dims]
+            xp = x.permute(rest + dims)
+            ip = flat_ids.expand(x.shape).permute(rest + dims)
+            lead = xp.shape[:len(rest)]
+            arg = xp.reshape(lead + (-1,)).argmax(-1, keepdim=True)
+            flat = ip.reshape(lead + (-1,)).gather(-1, arg).reshape(B, -1)
+            out_shape = list(x.shape)
+            for d in dims:
+                out_shape[d] = 1
+            out = xp.reshape(lead + (-1,)).gather(-1, arg).reshape(out_shape)
+            if not keep:
+                out = out.squeeze(dims) if len(dims) > 0 else out
+            maximum = lambda y, dims=dims, keep=keep: y.amax(dims, keepdim=keep)  # noqa: E731
+        return Selection(flat, tuple(x.shape[1:]), tuple(out.shape[1:]), maximum)
+
+    def norm(self, node: Any, name: str, x: Tensor) -> NormOp:
+        val = self.val
+        if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+            shape = list(val(node.args[1]))
+            k = len(shape)
+            n = math.prod(shape)
+            w = self.const(val(_arg(node, 2, "weight")))
+            if name == "rms_norm":
+                b, eps = None, _arg(node, 3, "eps")
+            else:
+                b, eps = self.const(val(_arg(node, 3, "bias"))), _arg(node, 4, "eps", 1e-5)
+            lead = tuple(x.shape[:x.ndim - k])
+            group = lambda t: t.reshape(tuple(t.shape[:t.ndim - k]) + (n,))  # noqa: E731
+            ungroup = lambda t: t.reshape(tuple(t.shape[:-1]) + tuple(shape))  # noqa: E731
+            xg = group(x)
+            if eps is None:
+                eps = torch.finfo(x.dtype).eps
+            if name == "rms_norm":
+                std = torch.sqrt((xg * xg).mean(-1, keepdim=True) + eps)
+            else:
+                xc = xg - xg.mean(-1, keepdim=True)
+                std = torch.sqrt((xc * xc).mean(-1, keepdim=True) + eps)
+            gamma = torch.ones(n, dtype=x.dtype, device=x.device) if w is None else w.reshape(n)
+            beta = None if b is None else b.reshape(shape)
+            del lead
+            return NormOp(gamma, beta, 1.0 / std, n, name != "rms_norm", group, ungroup, name)
+        # group norm: (x, G, w, b, eps) or native (x, w, b, N, C, HxW, G, eps)
+        if name == "group_norm":
+            G, w, b, eps = node.args[1], _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+        else:
+            w, b, G, eps = node.args[1], node.args[2], node.args[6], node.args[7]
+        w, b = self.const(val(w)), self.const(val(b))
+        C = x.shape[1]
+        spatial = tuple(x.shape[2:])
+        n = (C // G) * math.prod(spatial)
+        group = lambda t: t.reshape(t.shape[0], G, n)  # noqa: E731
+        ungroup = lambda t: t.reshape((t.shape[0], C) + spatial)  # noqa: E731
+        xg = group(x)
+        xc = xg - xg.mean(-1, keepdim=True)
+        std = torch.sqrt((xc * xc).mean(-1, keepdim=True) + eps)
+        ones = torch.ones((C,) + spatial, dtype=x.dtype, device=x.device)
+        gamma = (ones if w is None else ones * w.view((C,) + (1,) * len(spatial))).reshape(G, n)
+        beta = None if b is None else b.view((C,) + (1,) * len(spatial)).expand((C,) + spatial)
+        return NormOp(gamma, beta, 1.0 / std, n, True, group, ungroup, name)
+
+
