@@ -108,6 +108,13 @@ def _first_layer(module: nn.Module) -> nn.Module | None:
     return next((m for m in module.modules() if list(m.parameters(recurse=False))), None)
 
 
+def _first_op(module: nn.Module) -> nn.Module | None:
+    """The module that surely runs first: the first leaf of nested ``nn.Sequential`` (None otherwise)."""
+    while isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and len(module):
+        module = module[0]
+    return None if isinstance(module, nn.Sequential) else module
+
+
 def _sample_rank(first: nn.Module | None) -> int | None:
     """The rank of ONE sample the model takes, from its first layer if it is a Linear (1) or a
     convolution (channels + spatial dims); None: unknown."""
@@ -157,20 +164,22 @@ class Prepared:
         return self.graph.trace(self.x if x is None else x, self.dtype, lean=lean)
 
 
-def prepare(model: Any, x: Any, name: str = "x") -> Prepared:
+def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False) -> Prepared:
     """Validate ``x`` and read ``model`` for it (see the module docstring).
 
-    Batching: ``x`` is a batch [B, ...] unless it is 1-d or has the rank of ONE sample of a model
-    whose first layer is a convolution (channels + spatial dims): then it is one sample."""
+    Batching: ``x`` is a batch [B, ...] unless it is 1-d, or has the rank of ONE sample of a model
+    whose first layer is a convolution (channels + spatial dims), or ``one_sample`` is set: then it
+    is one sample."""
     x = float_tensor(x, name)
     module = _module(model, x)
     first = _first_layer(module)
     rank = _sample_rank(first)
-    squeeze = x.ndim == 1 or (rank is not None and rank > 1 and x.ndim == rank)
-    if x.ndim == 0 or (rank is not None and rank > 1 and x.ndim not in (rank, rank + 1)):
+    squeeze = one_sample or x.ndim == 1 or (rank is not None and rank > 1 and x.ndim == rank)
+    if x.ndim == 0 or (not one_sample and rank is not None and rank > 1 and x.ndim not in (rank, rank + 1)):
         raise ValueError(f"{name} must have shape [B, ...] with {rank} dimensions per sample (or one "
                          f"sample), got shape {tuple(x.shape)}")
-    _check_sample(first, x, name)
+    if _first_op(module) is first:  # checks that need the first operation, before the export
+        _check_sample(first, x, name)
     dtype = _compute_dtype(module, x)
     xb = x.detach().unsqueeze(0) if squeeze else x.detach()
     if not bool(torch.isfinite(xb).all()):

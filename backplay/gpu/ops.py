@@ -50,7 +50,8 @@ def vjp(fn: Callable[[Tensor], Tensor], in_shape: tuple, g: Tensor) -> Tensor:
         if not out.requires_grad:  # a zero map
             return torch.zeros_like(y0).detach()
         (gi,) = torch.autograd.grad(out, y0, g.reshape(out.shape), allow_unused=True)
-    return torch.zeros_like(y0).detach() if gi is None else gi.detach()
+    # a fresh, dense tensor (autograd may hand back an expanded view, e.g. for a mean)
+    return torch.zeros_like(y0).detach() if gi is None else gi.detach().contiguous()
 
 
 # --------------------------------------------------------------------------------------------

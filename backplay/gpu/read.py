@@ -73,8 +73,8 @@ def _register(kind: str, what: str, *names: str) -> None:
 
 _register("linear", "dense map (nn.Linear, F.linear)", "linear")
 _register("linear", "dense map with a constant operand (one operand constant)", "matmul", "mm", "bmm", "addmm")
-_register("linear", "convolution 1d-3d (groups, stride, dilation, zeros padding)",
-          "conv1d", "conv2d", "conv3d", "convolution")
+_register("linear", "convolution 1d-3d (groups, stride, dilation, zeros padding) and transposed",
+          "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 _register("linear", "average pool (positive weights)", "avg_pool1d", "avg_pool2d", "avg_pool3d",
           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
 _register("linear", "mean / sum over dimensions", "mean", "sum")
@@ -329,7 +329,7 @@ def _check_node(node: Any, explained: set) -> None:
     name = _name(node)
     if name not in SUPPORTED:
         raise UnsupportedOperation(
-            f"unsupported operation {name} (aten.{node.target}) at {_where(node)}: backplay's frozen graph "
+            f"unsupported operation {name} ({node.target}) at {_where(node)}: backplay's frozen graph "
             "has linear maps, sums, gates, selections, normalisers and layout steps (see the README's table "
             "of supported operations); rewrite this step with supported operations or explain a sub-model "
             "that excludes it")
@@ -421,6 +421,9 @@ def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
     alias: dict = {}
     for node in ep.graph.nodes:
         if node.op != "call_function" or node.name not in explained:
+            continue
+        if not node.users and node is not output_node:  # a dead output (e.g. unused pool indices)
+            alias[node.name] = node.name
             continue
         _check_node(node, explained)
         name = _name(node)
@@ -525,10 +528,31 @@ def _gate_of(node: Any, env: Callable) -> Gate:
     return FrozenGate(name)  # silu, tanh, sigmoid
 
 
+class _RepeatOp(LinearOp):
+    """A layout that repeats units (expand, nearest upsampling, repeat): a layer of copy rows, each
+    output unit a copy of one input unit (relevance passes by the transpose whatever the rule), so
+    that a later layer sees each copy as its own contribution (THEORY.md section 9: copy edges)."""
+
+    pass_through = True
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], out_shape: tuple) -> None:
+        self.fn, self.out_shape = fn, out_shape
+
+    def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        if part in ("neg", "ineg"):
+            return y.new_zeros((y.shape[0],) + self.out_shape)
+        return self.fn(y)
+
+    def __repr__(self) -> str:
+        return f"RepeatOp(-> {self.out_shape})"
+
+
 class _Runner:
     def __init__(self, graph: ModelGraph, dtype: torch.dtype, lean: bool, gate_map: Callable | None) -> None:
         self.g, self.dtype, self.lean, self.gate_map = graph, dtype, lean, gate_map
         self.n_layers = 0
+        self.units: dict = {}  # tensor -> the unit ids of one sample (float64: 1 + a running count; 0: a constant)
+        self.n_units = 0
 
     def const(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
@@ -541,6 +565,9 @@ class _Runner:
         g = self.g
         env: dict = {}
         ids: dict = {g.input_name: 0}  # fx node name -> tensor id
+        n0 = x[0].numel()
+        self.units[g.input_name] = torch.arange(1, n0 + 1, dtype=torch.float64).reshape((1,) + tuple(x.shape[1:]))
+        self.n_units = n0
         steps: list = []
         self.env, self.ids, self.steps = env, ids, steps
 
@@ -611,12 +638,32 @@ class _Runner:
 
         out = fn(*values)
         env[node.name] = out
-        tid = len(self.ids)
-        self.ids[node.name] = tid
+        where = _where(node)
+        in_shapes = tuple(tuple(t.shape[1:]) for t in values)
         reshape = identity or name in ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze",
                                        "unsqueeze")
-        self.steps.append(LayoutStep(fn, tuple(tuple(t.shape[1:]) for t in values),
-                                     tuple(self.ids[n] for n in src_names), tid, out, _where(node), reshape))
+        units = [self.units[n] for n in src_names]
+        if reshape:
+            self.units[node.name] = units[0].reshape((1,) + tuple(out.shape[1:]))
+        else:
+            try:
+                mapped = fn(*units)
+            except RuntimeError:  # an argument tied to the batch size: map the ids of the whole batch
+                mapped = fn(*[u.expand((out.shape[0],) + tuple(u.shape[1:])).contiguous() for u in units])[:1]
+            self.units[node.name] = mapped
+            seen = mapped[mapped > 0]
+            if seen.numel() != torch.unique(seen).numel():  # the layout repeats units (expand, upsample)
+                if len(set(src_names)) > 1:
+                    raise UnsupportedOperation(f"{name} repeats units of several tensors at {where}: repeat "
+                                               "each tensor on its own before combining them")
+                k = len(src_names)
+                op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), out_shape=tuple(out.shape[1:]))
+                self.record(op, "copy", values[0], out, LinearGate(), src_names[:1], where, node.name)
+                return
+        tid = len(self.ids)
+        self.ids[node.name] = tid
+        self.steps.append(LayoutStep(fn, in_shapes, tuple(self.ids[n] for n in src_names), tid, out, where,
+                                     reshape))
 
     # -- layers ------------------------------------------------------------------------------------
     def layer(self, p: _Plan) -> None:
@@ -624,8 +671,8 @@ class _Runner:
         name = _name(node)
         g, env = self.g, self.env
         srcs = _explained_args(node, g.explained)
-        if _is_sum_of_explained(node, g.explained):
-            srcs = list(node.args[:2])  # x + x reads x twice
+        if _is_sum_of_explained(node, g.explained) and node.args[0] is not node.args[1]:
+            srcs = list(node.args[:2])
         src_names = [g.alias.get(s.name, s.name) for s in srcs]
         ins = [env[n] for n in src_names]
         if p.kind == "gate":
@@ -638,22 +685,35 @@ class _Runner:
         if self.gate_map is not None and gate.activated:
             gate = self.gate_map(gate)
         op.bound(tuple(y_in.shape[1:]))
-        self.n_layers += 1
         z = op.forward(y_in)
         if type(gate) is LinearGate:
-            y, pv = z, (None if self.lean else torch.ones_like(z))
+            y = z
         elif self.lean and type(gate) is ReLUGate:
-            y, pv = torch.relu(z), None
+            y = torch.relu(z)
         else:
-            y, pv = gate(z)
+            y = None
         last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
-        self.env[node.name] = y
+        self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, y, ins)
+
+    def record(self, op: LinearOp, kind: str, y_in: Tensor, z: Tensor, gate: Gate, src_names: list, where: str,
+               name: str, y: Tensor | None = None, ins: list | None = None) -> None:
+        """Append the layer ``op`` + ``gate`` (its output: a new tensor with fresh unit ids)."""
+        op.bound(tuple(y_in.shape[1:]))
+        if y is None:
+            y, pv = gate(z)
+        else:
+            pv = None if self.lean else torch.ones_like(z)
+        self.n_layers += 1
+        self.env[name] = y
         tid = len(self.ids)
-        self.ids[node.name] = tid
+        self.ids[name] = tid
+        n = y[0].numel()
+        self.units[name] = torch.arange(self.n_units + 1, self.n_units + n + 1, dtype=torch.float64).reshape((1,) + tuple(y.shape[1:]))
+        self.n_units += n
+        ins = ins if ins is not None else [y_in]
         rec = LayerTrace(op, gate, y_in, None if self.lean else z, None if self.lean else pv, y,
-                         index=self.n_layers, kind=kind,
-                         sources=tuple(self.ids[n] for n in src_names), out=tid, where=_where(last),
-                         in_shapes=tuple(tuple(t.shape[1:]) for t in ins))
+                         index=self.n_layers, kind=kind, sources=tuple(self.ids[n] for n in src_names), out=tid,
+                         where=where, in_shapes=tuple(tuple(t.shape[1:]) for t in ins))
         self.steps.append(rec)
 
     def merge(self, op: LinearOp, node: Any) -> LinearOp:
@@ -752,6 +812,15 @@ class _Runner:
             w, b = self.const(val(node.args[1])), self.const(val(_arg(node, 2, "bias")))
             return ConvOp(w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
                           _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)), "conv", x
+        if name.startswith("conv_transpose"):  # (x, w, b, stride, padding, output_padding, groups, dilation)
+            w, b = self.const(val(node.args[1])), self.const(val(_arg(node, 2, "bias")))
+            d = w.ndim - 2
+            kw = dict(stride=_arg(node, 3, "stride", 1), padding=_arg(node, 4, "padding", 0),
+                      output_padding=_arg(node, 5, "output_padding", 0), groups=_arg(node, 6, "groups", 1),
+                      dilation=_arg(node, 7, "dilation", 1))
+            fnT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[d]
+            bias = None if b is None else b.view((-1,) + (1,) * d)
+            return WeightOp(lambda y, w: fnT(y, w, None, **kw), w, bias, name), "conv", x
         if name == "convolution":
             w, b = self.const(val(node.args[1])), self.const(val(node.args[2]))
             stride, pad, dil, transposed, opad, groups = node.args[3:9]
@@ -767,6 +836,10 @@ class _Runner:
             return self.pool(node, name, x), ("pool"), x
         if name in ("_native_batch_norm_legit_no_training", "batch_norm", "mul", "div", "neg", "add", "sub",
                     "rsub"):
+            if name in ("add", "sub") and _is_sum_of_explained(node, ex) and len(ins) == 1:  # x + x, x - x
+                alpha = float(node.kwargs.get("alpha", 1))
+                c = 1.0 + (alpha if name == "add" else -alpha)
+                return ScaleOp(torch.tensor(c, dtype=self.dtype, device=x.device), None, name), "scale", x
             if name in ("add", "sub") and len(ins) == 2:
                 alpha = float(node.kwargs.get("alpha", 1))
                 a, b = ins

@@ -31,7 +31,7 @@ class Unrolled:
 
 
 def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
-    """The forward pass of ``model`` at ONE input ``x`` (the shape of a single sample) as dense affine
+    """The forward pass of ``model`` at ONE input ``x`` (a single sample, no batch dimension) as dense affine
     layers in float64 (:func:`unroll_graph`). A :class:`backplay.gpu.vit.ViT` is unrolled by
     :func:`backplay.gpu.vit_explain.unroll_vit`."""
     from backplay.gpu.vit import ViT
@@ -59,9 +59,7 @@ def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrol
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
-    prep = prepare(model, x.detach().to(torch.float64))
-    if not prep.squeeze:
-        raise ValueError(f"unroll takes one input (the shape of a single sample), got shape {tuple(x.shape)}")
+    prep = prepare(model, x.detach().to(torch.float64), one_sample=True)
     with torch.no_grad():
         trace = prep.trace()
         if eps is not None:

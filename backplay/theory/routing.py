@@ -427,8 +427,11 @@ class RoutingLaw(TrajectoryLaw):
                     ur = {unit: pr * (one if unit == BIAS else u[(l - 1, unit)]) for unit, pr in r.items()}
                     tot = sum(ur.values(), A.num(0)) if r else one
                     mass[b] = pb * tot
-                    routing[b] = {unit: v / tot for unit, v in ur.items()}
+                    routing[b] = {unit: v / tot for unit, v in ur.items()} if tot != 0 else {}
                 u[(l, i)] = mass[1] + mass[-1]
+                if u[(l, i)] == 0:  # no path from here reaches an input with U > 0: the token stops
+                    out[(l, i)] = LocalLaw(k.p, k.q, None, True, k.routing, k.s_plus, k.s_minus, k.z)
+                    continue
                 p, q = mass[1] / u[(l, i)], mass[-1] / u[(l, i)]
                 if p == q:
                     out[(l, i)] = LocalLaw(p, q, None, True, routing, k.s_plus, k.s_minus, k.z)
