@@ -238,10 +238,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"({time.perf_counter() - t0:.1f} s)")
         return 1 if any("error" in r for r in res["rows"]) else 0
     rows = verify(args.seed, args.cases, args.solver, progress=not args.no_progress)
-    ok = all(r["passed"] for r in rows)
+    from .testing.arch_checks import architecture_table, verify_architectures
+
+    arch_rows = verify_architectures(progress=not args.no_progress)
+    ok_ids = all(r["passed"] for r in rows)
+    ok_arch = all(r["passed"] for r in arch_rows)
+    ok = ok_ids and ok_arch
     if args.json:
         print(json.dumps(dict(seed=args.seed, cases=args.cases, solver=args.solver, passed=ok,
-                              tol_torch=TOL_TORCH, tol_cvxpy=TOL_CVXPY, identities=rows), indent=2))
+                              tol_torch=TOL_TORCH, tol_cvxpy=TOL_CVXPY, identities=rows,
+                              architectures=arch_rows), indent=2))
     else:
         print(f"backplay verify: seed {args.seed}, {args.cases} random nets (ReLU and softplus), "
               f"solver {args.solver}; tolerances torch {TOL_TORCH:g}, cvxpy {TOL_CVXPY:g} "
@@ -250,7 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rows:
             for f in r["failures"][:3]:
                 print(f"  {r['identity']} FAILED on {f}")
-        print(f"{'all identities hold' if ok else 'FAILURES'} ({time.perf_counter() - t0:.1f} s)")
+        print(f"{'all identities hold' if ok_ids else 'IDENTITY FAILURES'}")
+        print()
+        print("every rule through bp.explain on a tiny instance of each architecture (backplay.testing.zoo), "
+              f"against the exact law / recursion on its unroll (docs: THEORY section 9); worst relative error "
+              f"per layer, tolerance {TOL_TORCH:g}")
+        print(architecture_table(arch_rows))
+        for r in arch_rows:
+            for f in r["failures"][:3]:
+                print(f"  {r['rule']} FAILED on {f}")
+        print(f"{'all architectures hold' if ok_arch else 'ARCHITECTURE FAILURES'}")
+        print(f"{'all checks hold' if ok else 'FAILURES'} ({time.perf_counter() - t0:.1f} s)")
     return 0 if ok else 1
 
 

@@ -1,9 +1,17 @@
 """Speed and peak memory of ``bp.explain`` per rule, relative to the plain autograd gradient.
 
-Two models, random init (seed 0), eval mode, float32 by default:
+Three models, random init (seed 0), eval mode, float32 by default, written as plain ``nn.Module``s
+with their own forward (read through torch.export like any user model):
   * cnn: VGG-like, conv64-relu-conv64-relu-maxpool-conv128-relu-conv128-relu-maxpool-conv256-relu-
-    maxpool-adaptiveavgpool(1)-flatten-linear256-relu-linear10; batch 16 at 3x64x64;
+    maxpool-adaptiveavgpool(1)-flatten-linear256-relu-linear10 (``F.relu``, ``F.max_pool2d``,
+    ``torch.flatten``); batch 16 at 3x64x64;
+  * resnet18: torchvision-style ResNet-18 (``backplay.testing.zoo.resnet18``, width 64, BasicBlocks
+    with ``out += identity`` and conv+BN downsample shortcuts, BatchNorm with random statistics),
+    10 classes; batch 16 at 3x64x64;
   * mlp: 784-512-512-10, batch 256.
+The reader's export is timed on its own ("read: first call" = torch.export + analysis, on a model
+not seen before; "cached call" = the cache lookup), and is not part of the per-rule times (every
+timed call after the warm-up hits the cache).
 For every rule it times ``bp.explain(model, x, target, rule=rule)`` and divides by the time of the
 plain autograd gradient of the same batch (forward + ``torch.autograd.grad`` of the summed target
 logits), measured in the same run: ``--warmup`` calls each, then ``--repeat`` interleaved rounds
@@ -46,6 +54,7 @@ import types
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import backplay as bp
 
@@ -73,17 +82,52 @@ TIME_TARGET, MEM_TARGET = 2.0, 1.5
 # ------------------------------------------------------------------------------------------------
 # models and methods
 # ------------------------------------------------------------------------------------------------
+class PlainCNN(nn.Module):
+    """The VGG-like CNN as people write it: modules for the weights, functional ReLU and pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(64, 128, 3, padding=1), nn.Conv2d(128, 128, 3, padding=1)
+        self.c5 = nn.Conv2d(128, 256, 3, padding=1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Linear(256, 256), nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)
+        x = F.max_pool2d(F.relu(self.c4(F.relu(self.c3(x)))), 2)
+        x = F.max_pool2d(F.relu(self.c5(x)), 2)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def time_read(model, x, repeat: int = 3) -> tuple[float, float]:
+    """(first call, cached call) of the reader, seconds: the first on a fresh deep copy each time
+    (the cache is keyed on the model object), median of ``repeat``."""
+    from backplay.gpu.read import read
+
+    firsts, cached = [], []
+    for _ in range(repeat):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        read(m, x)
+        t1 = time.perf_counter()
+        read(m, x)
+        t2 = time.perf_counter()
+        firsts.append(t1 - t0)
+        cached.append(t2 - t1)
+    return statistics.median(firsts), statistics.median(cached)
+
+
 def build(kind: str, device: str, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "cnn":
-        def conv(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
-        model = nn.Sequential(
-            *conv(3, 64), *conv(64, 64), nn.MaxPool2d(2),
-            *conv(64, 128), *conv(128, 128), nn.MaxPool2d(2),
-            *conv(128, 256), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10),
-        )
+        model = PlainCNN()
+        x = torch.randn(16, 3, 64, 64)
+    elif kind == "resnet18":
+        from backplay.testing.zoo import init_weights, resnet18
+
+        model = init_weights(resnet18(width=64, num_classes=10), seed)
         x = torch.randn(16, 3, 64, 64)
     elif kind == "mlp":
         model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
@@ -285,6 +329,9 @@ def run_model(kind: str, args, zennit) -> list[dict]:
     """Time every method (:func:`time_interleaved`), then measure each one's peak memory."""
     dtype = getattr(torch, args.dtype)
     model, x, t = build(kind, args.device, dtype)
+    first, cached = time_read(model, x)
+    print(f"{kind}: read (torch.export + analysis) first call {first * 1e3:.0f} ms, cached call "
+          f"{cached * 1e3:.2f} ms", flush=True)
     names = [GRAD, *RULES] + ([ZENNIT] if zennit is not None and kind in args.zennit_models else [])
     rows = {n: {"model": kind, "method": n, "times": []} for n in names}
     fns, closers = {}, []
@@ -362,7 +409,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--models", default="cnn,mlp")
+    parser.add_argument("--models", default="cnn,resnet18,mlp")
     parser.add_argument("--zennit-models", default="cnn,mlp", help="models on which zennit is timed")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)

@@ -2,8 +2,19 @@
 
 import json
 
+import pytest
+import torch
+
 import backplay.cli as cli
-from backplay.testing import identities, registry
+from backplay.gpu import ops
+from backplay.rules import GradientXInput
+from backplay.testing import arch_checks, identities, registry, zoo
+
+
+@pytest.fixture(autouse=True)
+def _few_architectures(monkeypatch):
+    """The identity tests run the architecture table on two zoo models (the main job runs all)."""
+    monkeypatch.setattr(arch_checks, "ZOO", {k: zoo.ZOO[k] for k in ("mlp_norm", "vgg11_bn")})
 
 
 def test_verify_json_passes(capsys):
@@ -18,6 +29,28 @@ def test_verify_table(capsys):
     assert cli.main(["verify", "--cases", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "seed 0" in out and "I13" in out and "PASS" in out and "FAIL" not in out
+    assert "vgg11_bn" in out and "AttributionEquilibriumLaw(2)" in out and "all architectures hold" in out
+
+
+def test_verify_catches_a_broken_rule_and_a_broken_max_pool_route(monkeypatch, capsys):
+    """GradientXInput returning the plain gradient, or a max pool routing to the wrong unit, fail the
+    architecture table (the exact side never runs the torch rule code) and the exit status is 1."""
+    monkeypatch.setattr(GradientXInput, "finish", lambda self, trace, lower: lower)
+    monkeypatch.setattr(GradientXInput, "view", lambda self, y, r: r)
+    assert cli.main(["verify", "--cases", "1", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "GradientXInput FAILED on mlp_norm" in out and "ARCHITECTURE FAILURES" in out
+    monkeypatch.undo()
+    monkeypatch.setattr(arch_checks, "ZOO", {"vgg11_bn": zoo.ZOO["vgg11_bn"]})
+    real = ops.Selection.transpose
+
+    def wrong_winner(self, g, part="W"):
+        return torch.roll(real(self, g, part), 1, dims=-1)
+
+    monkeypatch.setattr(ops.Selection, "transpose", wrong_winner)
+    rows = arch_checks.verify_architectures(progress=False)
+    failed = {r["rule"] for r in rows if not r["passed"]}
+    assert {"AlphaBeta(2, 1)", "GradientEquilibrium", "Gradient"} <= failed
 
 
 def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
