@@ -411,7 +411,6 @@ def test_zero_inputs_and_empty_branches():
 
 
 def test_errors():
-    x = torch.zeros(1, 3, dtype=F64)
     class Recurrent(nn.Module):  # an LSTM as people write it
         def __init__(self):
             super().__init__()

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import backplay as bp
 from backplay.gpu.vit import patch_relevance, vit_b_16, vit_tiny_test
-from backplay.gpu.vit_explain import LayerNormOp, unroll_vit
+from backplay.gpu.unroll import unroll_vit
+from backplay.gpu.vit_explain import LayerNormOp
 from backplay.gpu.vit_rules import ViTRule
 from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput, LayerRule, RGEq,

@@ -23,7 +23,7 @@ from backplay.rules import Gradient, Rule, _RoutingLaw, _routing_parts
 
 Tensor = torch.Tensor
 
-__all__ = ["ExplainReport", "Prepared", "explain", "prepare", "resolve_target", "float_tensor"]
+__all__ = ["ExplainReport", "Prepared", "compute_dtype", "explain", "prepare", "resolve_target", "float_tensor"]
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,8 @@ def _check_sample(first: nn.Module | None, x: Tensor, name: str) -> None:
             raise ValueError(f"{name} has {x.shape[-d]} channels, the model expects {first.in_channels}")
 
 
-def _compute_dtype(module: nn.Module, x: Tensor) -> torch.dtype:
+def compute_dtype(module: nn.Module, x: Tensor) -> torch.dtype:
+    """The promotion of x's and the parameters' dtypes; ValueError naming a parameter on another device."""
     dtype = x.dtype
     for pname, t in list(module.named_parameters()) + list(module.named_buffers()):
         if not t.is_floating_point():
@@ -180,7 +181,7 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False) -> Pr
                          f"sample), got shape {tuple(x.shape)}")
     if _first_op(module) is first:  # checks that need the first operation, before the export
         _check_sample(first, x, name)
-    dtype = _compute_dtype(module, x)
+    dtype = compute_dtype(module, x)
     xb = x.detach().unsqueeze(0) if squeeze else x.detach()
     if not bool(torch.isfinite(xb).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")

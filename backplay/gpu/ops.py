@@ -372,14 +372,10 @@ class ScaleOp(LinearOp):
         self.__dict__.pop("parts", None)
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
-        s = self.parts[part]
-        return (y * s).expand(y.shape) if s.ndim <= y.ndim else y * s
+        return y * self.parts[part]
 
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
-        return self.apply(g, part)
-
-    def bias_like(self, z: Tensor) -> Tensor | None:
-        return None if self.bias is None else self.bias.expand_as(z)
+        return g * self.parts[part]
 
     def __repr__(self) -> str:
         return f"ScaleOp({self.label})"

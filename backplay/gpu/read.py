@@ -28,6 +28,7 @@ when an error is raised midway; parameters, buffers, requires_grad flags and hoo
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import os
@@ -128,9 +129,21 @@ def _name(node: Any) -> str:
     return n
 
 
+@functools.lru_cache(maxsize=4096)
+def _where_of(trace: str, stack: tuple) -> str:
+    """:func:`_where` of a node's recorded stack trace and module stack (cached: a trace asks for it
+    at every layer of every call)."""
+    return _format_where(trace, stack)
+
+
 def _where(node: Any) -> str:
     """The model's source line that produced ``node`` (the last frame outside torch), and its module."""
-    trace = node.meta.get("stack_trace") or ""
+    stack = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                  for k, v in (node.meta.get("nn_module_stack") or {}).items())
+    return _where_of(node.meta.get("stack_trace") or "", stack)
+
+
+def _format_where(trace: str, stack_items: tuple) -> str:
     torch_dir = os.path.dirname(torch.__file__)
     best = ""
     lines = trace.strip().splitlines()
@@ -143,10 +156,9 @@ def _where(node: Any) -> str:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             ln = s.split("line ")[1].split(",")[0] if "line " in s else "?"
             best = f"{os.path.basename(path)}:{ln} `{code}`"
-    stack = node.meta.get("nn_module_stack") or {}
     mod = ""
-    if stack:
-        path, cls = list(stack.values())[-1]
+    if stack_items:
+        path, cls = stack_items[-1][1][:2]
         mod = f"module {path or '(root)'} ({str(cls).split('.')[-1].rstrip(chr(39) + '>')})"
     return ", ".join(p for p in (best, mod) if p) or "(source line not recorded)"
 
@@ -269,7 +281,7 @@ class ModelGraph:
     params: dict  # placeholder name -> tensor
     input_name: str
     output_node: Any
-    sample_shape: tuple
+    track_units: bool  # a layout step other than a reshape: the pass checks whether it repeats units
 
     def trace(self, x: Tensor, dtype: torch.dtype, lean: bool = False, gate_map: Callable | None = None
               ) -> Trace:
@@ -369,13 +381,21 @@ def _check_node(node: Any, explained: set) -> None:
             raise UnsupportedOperation(f"clamp with tensor bounds at {_where(node)}")
     if name == "max" and len(node.args) < 2:
         raise UnsupportedOperation(f"max over a whole tensor at {_where(node)} (use amax along dims)")
-    if name == "sum" and len(node.args) < 2:
-        pass  # the sum of every entry: a pool with one output per sample
 
 
 _LAYER_KINDS = {"linear": "layer", "sum": "layer", "selection": "layer", "norm": "layer", "gate": "gate",
                 "layout": "layout"}
-_MERGEABLE_INTO = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "addmm"}
+def _weight_layer(node: Any, explained: set) -> bool:
+    """Whether ``node`` becomes a dense or convolution map whose weight rows are its output channels
+    (the layers an affine map after them can be merged into)."""
+    name = _name(node)
+    if name in ("linear", "conv1d", "conv2d", "conv3d"):
+        return True
+    if name == "convolution":
+        return not node.args[6]  # not transposed
+    if name == "addmm":
+        return _is_const_arg(node.args[2], explained) and not _is_const_arg(node.args[1], explained)
+    return False
 
 
 def _is_sum_of_explained(node: Any, explained: set) -> bool:
@@ -384,6 +404,9 @@ def _is_sum_of_explained(node: Any, explained: set) -> bool:
 
 
 _MULTI_LAYOUT = {"split", "split_with_sizes", "chunk", "unbind"}
+#: layout steps that keep every unit once (the transpose is a reshape back)
+_RESHAPES = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "_to_copy",
+             "dropout", "clone", "alias", "contiguous"}
 
 
 def _shape(a: Any) -> tuple | None:
@@ -412,7 +435,7 @@ def _merge_ok(layer: Any, node: Any, explained: set) -> bool:
         return math.prod(shp) == 1
     shp = tuple(shp[1:]) if len(shp) == len(out) and shp[0] == 1 else tuple(shp)
     if _name(layer) in ("linear", "addmm"):
-        return shp == (out[-1],)
+        return shp == (out[-1],) and len(out) == 2
     return len(shp) == len(out) - 1 and shp[0] == out[1] and all(d == 1 for d in shp[1:])
 
 
@@ -444,7 +467,7 @@ def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
             src = _explained_args(node, explained)[0]
             owner = alias.get(src.name, src.name)
             p = plan.get(owner)
-            if p is not None and p.kind == "layer" and p.gate is None and _name(p.node) in _MERGEABLE_INTO \
+            if p is not None and p.kind == "layer" and p.gate is None and _weight_layer(p.node, explained) \
                     and len(_users(src)) == 1 and src is not output_node and _merge_ok(p.node, node, explained):
                 p.merged.append(node)
                 alias[node.name] = owner
@@ -486,8 +509,9 @@ def read(model: nn.Module, x: Tensor) -> ModelGraph:
         params[ph] = state[target] if target in state else ep.constants[target]
     for ph, target in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
         params[ph] = ep.constants[target]
-    graph = ModelGraph(ep, ex.dynamic, explained, plan, alias, params, input_name, output_node,
-                       tuple(x.shape[1:]))
+    track = any(p.kind == "layout" and _name(p.node.args[0] if _name(p.node) == "getitem" else p.node)
+                not in _RESHAPES for p in plan.values())
+    graph = ModelGraph(ep, ex.dynamic, explained, plan, alias, params, input_name, output_node, track)
     cache[key] = (versions, graph, x.shape[0])
     return graph
 
@@ -547,6 +571,11 @@ class _RepeatOp(LinearOp):
         return f"RepeatOp(-> {self.out_shape})"
 
 
+def _surrogate(graph: "ModelGraph", dtype: torch.dtype, x: Tensor) -> Callable[[float], Trace]:
+    """The pass of the SoftplusGame surrogate at temperature eps, on demand (holds no tensor but x)."""
+    return lambda eps: _Runner(graph, dtype, False, lambda gt: gt.at_temperature(eps)).run(x)
+
+
 class _Runner:
     def __init__(self, graph: ModelGraph, dtype: torch.dtype, lean: bool, gate_map: Callable | None) -> None:
         self.g, self.dtype, self.lean, self.gate_map = graph, dtype, lean, gate_map
@@ -565,9 +594,10 @@ class _Runner:
         g = self.g
         env: dict = {}
         ids: dict = {g.input_name: 0}  # fx node name -> tensor id
-        n0 = x[0].numel()
-        self.units[g.input_name] = torch.arange(1, n0 + 1, dtype=torch.float64).reshape((1,) + tuple(x.shape[1:]))
-        self.n_units = n0
+        if g.track_units:  # some layout may repeat units: follow the unit ids of one sample
+            n0 = x[0].numel()
+            self.units[g.input_name] = torch.arange(1, n0 + 1, dtype=torch.float64).reshape((1,) + tuple(x.shape[1:]))
+            self.n_units = n0
         steps: list = []
         self.env, self.ids, self.steps = env, ids, steps
 
@@ -603,11 +633,8 @@ class _Runner:
             raise ReadError(f"the model's output has shape {tuple(out.shape)}; backplay explains a logit of "
                             "an output [B, classes]: wrap the model so that it returns [B, classes] (e.g. "
                             "select a position with out[:, -1] or flatten)")
-        surrogate = lambda eps: _Runner(g, self.dtype, False, lambda gt: gt.at_temperature(eps)).run(x)  # noqa: E731
-        return Trace(x, steps, ids[out_name], out, surrogate)
-
-    def where(self, node: Any) -> str:
-        return _where(node)
+        self.env = self.units = self.val = None  # the trace alone holds the pass's tensors from here
+        return Trace(x, steps, ids[out_name], out, _surrogate(g, self.dtype, x))
 
     # -- layout steps ----------------------------------------------------------------------------
     def layout(self, node: Any) -> None:
@@ -620,6 +647,13 @@ class _Runner:
         src_names = [g.alias.get(s.name, s.name) for s in srcs]
         values = [env[n] for n in src_names]
         identity = _name(comp) in ("_to_copy", "dropout", "clone", "alias", "contiguous")
+        reshape = _name(comp) in _RESHAPES
+
+        consts = {}  # the constant arguments only (the step must not keep the pass's other tensors)
+        for a in list(comp.args) + list(comp.kwargs.values()):
+            for b in (a if isinstance(a, (list, tuple)) else [a]):
+                if hasattr(b, "op") and g.alias.get(b.name, b.name) not in src_names:
+                    consts[g.alias.get(b.name, b.name)] = env[g.alias.get(b.name, b.name)]
 
         def fn(*ts: Tensor) -> Tensor:
             if identity:
@@ -629,7 +663,7 @@ class _Runner:
             def v(a: Any) -> Any:
                 if hasattr(a, "op"):
                     nm = g.alias.get(a.name, a.name)
-                    return sub[nm] if nm in sub else env[nm]
+                    return sub[nm] if nm in sub else consts[nm]
                 if isinstance(a, (list, tuple)):
                     return type(a)(v(b) for b in a)
                 return a
@@ -640,12 +674,12 @@ class _Runner:
         env[node.name] = out
         where = _where(node)
         in_shapes = tuple(tuple(t.shape[1:]) for t in values)
-        reshape = identity or name in ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze",
-                                       "unsqueeze")
-        units = [self.units[n] for n in src_names]
-        if reshape:
-            self.units[node.name] = units[0].reshape((1,) + tuple(out.shape[1:]))
+        if not self.g.track_units:
+            pass
+        elif reshape:
+            self.units[node.name] = self.units[src_names[0]].reshape((1,) + tuple(out.shape[1:]))
         else:
+            units = [self.units[n] for n in src_names]
             try:
                 mapped = fn(*units)
             except RuntimeError:  # an argument tied to the batch size: map the ids of the whole batch
@@ -688,8 +722,8 @@ class _Runner:
         z = op.forward(y_in)
         if type(gate) is LinearGate:
             y = z
-        elif self.lean and type(gate) is ReLUGate:
-            y = torch.relu(z)
+        elif self.lean and type(gate) is ReLUGate and isinstance(op, (DenseOp, ConvOp)):
+            y = z.relu_()  # z is the map's fresh output and is not kept in a lean trace
         else:
             y = None
         last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
@@ -707,9 +741,11 @@ class _Runner:
         self.env[name] = y
         tid = len(self.ids)
         self.ids[name] = tid
-        n = y[0].numel()
-        self.units[name] = torch.arange(self.n_units + 1, self.n_units + n + 1, dtype=torch.float64).reshape((1,) + tuple(y.shape[1:]))
-        self.n_units += n
+        if self.g.track_units:
+            n = y[0].numel()
+            self.units[name] = torch.arange(self.n_units + 1, self.n_units + n + 1,
+                                            dtype=torch.float64).reshape((1,) + tuple(y.shape[1:]))
+            self.n_units += n
         ins = ins if ins is not None else [y_in]
         rec = LayerTrace(op, gate, y_in, None if self.lean else z, None if self.lean else pv, y,
                          index=self.n_layers, kind=kind, sources=tuple(self.ids[n] for n in src_names), out=tid,
@@ -739,7 +775,7 @@ class _Runner:
         new.weight, new.bias = w, b
         return new
 
-    def affine_of(self, node: Any, op_channels: bool = False) -> tuple:
+    def affine_of(self, node: Any) -> tuple:
         """(scale, bias) of an elementwise affine node, shaped to broadcast against its output
         (channel dim 1); either may be None."""
         name = _name(node)
@@ -974,7 +1010,6 @@ class _Runner:
                 b, eps = None, _arg(node, 3, "eps")
             else:
                 b, eps = self.const(val(_arg(node, 3, "bias"))), _arg(node, 4, "eps", 1e-5)
-            lead = tuple(x.shape[:x.ndim - k])
             group = lambda t: t.reshape(tuple(t.shape[:t.ndim - k]) + (n,))  # noqa: E731
             ungroup = lambda t: t.reshape(tuple(t.shape[:-1]) + tuple(shape))  # noqa: E731
             xg = group(x)
@@ -987,7 +1022,6 @@ class _Runner:
                 std = torch.sqrt((xc * xc).mean(-1, keepdim=True) + eps)
             gamma = torch.ones(n, dtype=x.dtype, device=x.device) if w is None else w.reshape(n)
             beta = None if b is None else b.reshape(shape)
-            del lead
             return NormOp(gamma, beta, 1.0 / std, n, name != "rms_norm", group, ungroup, name)
         # group norm: (x, G, w, b, eps) or native (x, w, b, N, C, HxW, G, eps)
         if name == "group_norm":

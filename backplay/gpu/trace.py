@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from backplay.gpu.ops import Gate, LinearOp, vjp
+from backplay.gpu.ops import Gate, LinearOp
 
 Tensor = torch.Tensor
 

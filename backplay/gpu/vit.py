@@ -475,12 +475,12 @@ def load_state_dict_any(state_dict: Any, config: ViTConfig | dict[str, Any] | No
 
 
 def __getattr__(name: str) -> Any:
-    """``unroll_vit`` lives in :mod:`backplay.gpu.vit_explain` and ``patch_relevance`` in
+    """``unroll_vit`` lives in :mod:`backplay.gpu.unroll` and ``patch_relevance`` in
     :mod:`backplay.gpu.vit_rules` (imported lazily: both import this module)."""
     if name == "unroll_vit":
-        from . import vit_explain
+        from . import unroll
 
-        return vit_explain.unroll_vit
+        return unroll.unroll_vit
     if name == "patch_relevance":
         from . import vit_rules
 

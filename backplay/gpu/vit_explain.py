@@ -47,10 +47,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backplay.gpu.engine import float_tensor, resolve_target
+from backplay.gpu.engine import compute_dtype, float_tensor, resolve_target
 from backplay.gpu.ops import AddOp, DenseOp, GELUGate, Gate, LinearGate, LinearOp, WeightOp
 from backplay.gpu.trace import LayerTrace, Trace
-from backplay.gpu.unroll import Unrolled, unroll_trace
 from backplay.gpu.vit import ViT
 from backplay.rules import (
     RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput, LRP0, RGEq, RiskAverse, Rule,
@@ -61,7 +60,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "EmbedOp", "LayerNormOp", "AttentionMixOp", "HeadOp", "ViTGraph", "GRAPH_RULES", "explain_vit",
-    "unroll_vit",
+    "prepare_vit",
 ]
 
 #: The rules that run on the frozen ViT graph (the ViT-only rules subclass ViTRule instead).
@@ -328,20 +327,7 @@ class ViTGraph:
 # --------------------------------------------------------------------------------------------
 # explain
 # --------------------------------------------------------------------------------------------
-def _check_model(model: ViT, x: Tensor) -> torch.dtype:
-    if model.config.num_classes < 1:
-        raise ValueError("the ViT has no classification head (num_classes = 0): nothing to explain")
-    dtype = None
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point():
-            if t.device != x.device:
-                raise ValueError(f"the model's parameters are on {t.device} ({name}) but the input is "
-                                 f"on {x.device}; move the model or the input so that they share one device")
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    return x.dtype if dtype is None else torch.promote_types(x.dtype, dtype)
-
-
-def _prepare(model: ViT, x: Any) -> tuple[Tensor, bool, torch.dtype]:
+def prepare_vit(model: ViT, x: Any) -> tuple[Tensor, bool, torch.dtype]:
     """(batch in the compute dtype, squeeze, the caller's dtype), with clear errors."""
     x = float_tensor(x, "x")
     cfg = model.config
@@ -349,7 +335,9 @@ def _prepare(model: ViT, x: Any) -> tuple[Tensor, bool, torch.dtype]:
     if x.ndim not in (3, 4) or tuple(x.shape[-3:]) != want:
         raise ValueError(f"x must have shape [B, {want[0]}, {want[1]}, {want[2]}] (or [{want[0]}, "
                          f"{want[1]}, {want[2]}] for one image) for this ViT, got shape {tuple(x.shape)}")
-    dtype = _check_model(model, x)
+    if cfg.num_classes < 1:
+        raise ValueError("the ViT has no classification head (num_classes = 0): nothing to explain")
+    dtype = compute_dtype(model, x)
     squeeze = x.ndim == 3
     xb = x.detach().unsqueeze(0) if squeeze else x.detach()
     if not bool(torch.isfinite(xb).all()):
@@ -376,7 +364,7 @@ def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: b
         names = ", ".join(c.__name__ for c in GRAPH_RULES)
         raise TypeError(f"rule {type(rule).__name__} is not supported on a ViT (graph rules: {names}; "
                         "or a backplay.gpu.vit_rules.ViTRule)")
-    xb, squeeze, in_dtype = _prepare(model, x)
+    xb, squeeze, in_dtype = prepare_vit(model, x)
     graph = ViTGraph(model, xb.dtype)
     n_out = model.config.num_classes
     layers = None
@@ -422,20 +410,3 @@ def explain_vit(model: ViT, x: Tensor, target: Any, rule: Rule, return_report: b
         if squeeze:
             fields = [f.squeeze(0) for f in fields]
     return out, ExplainReport(*fields, rule=rule.name, layers=layers)
-
-
-# --------------------------------------------------------------------------------------------
-# unroll: the extended graph of one input as a layered FrozenNet (skips carried by copy rows)
-# --------------------------------------------------------------------------------------------
-def unroll_vit(model: ViT, x: Tensor, eps: float = 1.0) -> Unrolled:
-    """The frozen extended graph of ``model`` at ONE image ``x`` [C, H, W] as a layered
-    :class:`backplay.nets.FrozenNet` in float64 (THEORY.md section 7), by the generic unroll of the
-    trace (:mod:`backplay.gpu.unroll`): per block the attention residual (norm1, v, attention mix,
-    proj, add) and the MLP residual (norm2, fc1 with its frozen GELU folded into the values, fc2,
-    add), the skip carried by ``"copy"`` rows; the attention layers carry ``anchors`` (each row's own
-    token). ``eps``: the GELU temperature (SoftplusGame's surrogate; 1 = the model)."""
-    xb, squeeze, _ = _prepare(model, x)
-    if not squeeze:
-        raise ValueError(f"unroll takes one image [C, H, W], got shape {tuple(x.shape)}")
-    xb = xb.to(torch.float64)
-    return unroll_trace(ViTGraph(model, torch.float64).trace(xb, eps=eps))

@@ -386,7 +386,6 @@ def _law_program(Ms: dict, stops: dict, frozen: Any, solver: str) -> tuple[Found
             continue
         M = Ms[l]  # (n_{l-1}, n_l): column i = F_l(e_i)
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
-        y = np.asarray(frozen.ys[l - 1], dtype=np.float64)
         Z = _contributions(frozen, l)  # (n_l, n_{l-1})
         n_up, n_low = W.shape
         ep, em = np.argwhere(Z > 0), np.argwhere(Z < 0)  # branch edges (i, k)

@@ -1,5 +1,5 @@
 """The exact reference for ``explain`` on any model (THEORY.md sections 7 and 9): the frozen extended
-graph of one input (:func:`backplay.gpu.unroll.unroll_graph`; :func:`backplay.gpu.vit_explain.unroll_vit`
+graph of one input (:func:`backplay.gpu.unroll.unroll_graph`; :func:`backplay.gpu.unroll.unroll_vit`
 for backplay's ViT: a layered FrozenNet whose skips are copy rows) with every rule computed on it
 independently of the torch code path:
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..gpu.unroll import Unrolled, unroll_graph
+from ..gpu.unroll import Unrolled, unroll_graph, unroll_vit
 from ..rules import LRP0, Gradient, GradientXInput, Rule, SoftplusGame
 from ..theory.arith import Arith
 from ..theory.routing import routing_law
@@ -62,8 +62,6 @@ def unrolled(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrolled:
     from ..gpu.vit import ViT
 
     if isinstance(model, ViT):
-        from ..gpu.vit_explain import unroll_vit
-
         return unroll_vit(model, x, eps=1.0 if eps is None else eps)
     return unroll_graph(model, x, eps=eps)
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from .strategies import dyadics
+
 __all__ = ["RandomModel", "random_models"]
 
 MAX_UNITS = 100          # entries of any intermediate tensor (one sample)
@@ -211,12 +213,6 @@ class RandomNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ value strategies
-
-
-def dyadics(max_abs: float = 2.0) -> st.SearchStrategy[float]:
-    """k/4 with |k/4| <= max_abs; shrinks towards 0."""
-    vals = sorted((k / 4 for k in range(-8, 9) if abs(k / 4) <= max_abs), key=abs)
-    return st.sampled_from(vals)
 
 
 @st.composite

@@ -19,7 +19,7 @@ from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput, RGEq, RiskAverse, SoftplusGame,
 )
 from backplay.testing.graph_exact import torch_error
-from backplay.testing.model_strategies import random_models
+from backplay.testing import random_models
 
 D = torch.float64
 RULES = [Gradient(), GradientXInput(), LRP0(), AlphaBeta(2, 1), RG(tau=0.5, route_temp=0.5), RGEq(0.3, 0.5),
@@ -222,3 +222,31 @@ def test_export_is_cached_per_model_and_signature(monkeypatch):
     model(xg)[:, 0].sum().backward()
     torch.testing.assert_close(R, xg.grad)
     assert model in _EXPORTS  # the cache holds the model weakly, keyed on the object
+
+
+def test_occupation_and_interval_bounds_on_a_cnn():
+    """The GV game's occupation measures and IBP on a model with its own forward (conv, BN, residual
+    sum, max pool): gradient = nu+ - nu- = autograd (I3), completeness (I4), rho + stopped + sink = 1,
+    and the box bounds hold at sampled points of the box (I13)."""
+    from backplay.testing.zoo import ZOO, zoo_input
+
+    case = ZOO["resnet18"]("tiny", seed=0, dtype=D)
+    x = zoo_input(case, batch=3, seed=4)
+    occ = bp.gpu.occupation(case.model, x, 1)
+    xg = x.clone().requires_grad_(True)
+    copy.deepcopy(case.model)(xg)[:, 1].sum().backward()
+    torch.testing.assert_close(occ.gradient, xg.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(occ.value, occ.gxi.flatten(1).sum(1) + occ.bias_share + occ.entropy_share,
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(occ.rho.flatten(1).sum(1) + occ.stopped + occ.sink, torch.ones(3, dtype=D),
+                               rtol=1e-10, atol=1e-12)
+    lo, hi = x - 0.05, x + 0.05
+    lower, upper = bp.gpu.interval_bounds(case.model, lo, hi)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pt = lo + (hi - lo) * torch.rand(x.shape, generator=g, dtype=D)
+        out = case.model(pt).detach()
+        assert bool((lower <= out + 1e-12).all() and (out <= upper + 1e-12).all())
+    with pytest.raises(TypeError, match="normaliser"):
+        bp.gpu.interval_bounds(ZOO["mlp_norm"]("tiny", dtype=D).model, torch.zeros(12, dtype=D),
+                               torch.ones(12, dtype=D))
