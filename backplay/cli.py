@@ -90,15 +90,15 @@ def load_rule(ref: str) -> Any:
 
 
 def load_model(path: str) -> Any:
-    """A file written by ``torch.save`` holding an ``nn.Sequential`` or a :class:`backplay.MLPSpec`
-    (unpickled: load only files you trust)."""
+    """A file written by ``torch.save`` holding an ``nn.Module`` (any model the reader takes) or a
+    :class:`backplay.MLPSpec` (unpickled: load only files you trust)."""
     import torch
 
     from .nets import MLPSpec
 
     obj = torch.load(path, weights_only=False)
     if not isinstance(obj, (torch.nn.Module, MLPSpec)):
-        raise ValueError(f"{path} holds a {type(obj).__name__}; expected an nn.Sequential or an MLPSpec "
+        raise ValueError(f"{path} holds a {type(obj).__name__}; expected an nn.Module or an MLPSpec "
                          "saved with torch.save")
     return obj
 
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--rule", metavar="MODULE:ATTR",
                    help="validate this rule instead (a backplay Rule, a Rule class, or a callable, see "
                         "backplay.numerics.validate_rule) on the random nets or on --model")
-    v.add_argument("--model", metavar="FILE", help="with --rule: a torch.save'd nn.Sequential or MLPSpec")
+    v.add_argument("--model", metavar="FILE", help="with --rule: a torch.save'd nn.Module or MLPSpec")
     v.add_argument("--input", metavar="FILE", help="with --model: a torch.save'd input (one sample or a "
                    "batch); default: --cases random dyadic inputs (MLPs)")
     v.add_argument("--target", type=int, help="with --model: the explained output (default: the argmax)")

@@ -253,10 +253,13 @@ def peak_cuda(fn, model, x, t, device: str) -> float:
     return float(torch.cuda.max_memory_allocated(device) - base)
 
 
-def print_peak_rss(fn, model, x, t) -> None:
-    """In a memory child: one call of fn after a 1-sample warm-up (lazy library initialisation);
-    prints the peak RSS delta of the call in bytes as JSON."""
+def print_peak_rss(fn, model, x, t, warm=None) -> None:
+    """In a memory child: one call of fn after a 1-sample warm-up (lazy library initialisation) and
+    ``warm()`` (e.g. the reader's export for x's signature, which is timed on its own); prints the
+    peak RSS delta of the call in bytes as JSON."""
     fn(model, x[:1], t[:1])
+    if warm is not None:
+        warm()
     if not _reset_hwm():
         raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
     base = _status_kib("VmRSS")
@@ -273,7 +276,9 @@ def peak_cpu_child(args) -> None:
     model, x, t = build(args.child_model, "cpu", dtype)
     zennit = load_zennit() if args.child_method == ZENNIT else None
     fn, close = method(args.child_method, zennit, model, t)
-    print_peak_rss(fn, model, x, t)
+    from backplay.gpu.engine import prepare
+
+    print_peak_rss(fn, model, x, t, warm=lambda: prepare(model, x))
     close()
 
 

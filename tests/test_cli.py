@@ -110,7 +110,7 @@ def test_verify_rule_bad_arguments(tmp_path, capsys):
 
     torch.save({"not": "a model"}, tmp_path / "bad.pt")
     assert cli.main(["verify", "--rule", "backplay.rules:RG", "--model", str(tmp_path / "bad.pt"), "--no-progress"]) == 2
-    assert "expected an nn.Sequential or an MLPSpec" in capsys.readouterr().err
+    assert "expected an nn.Module or an MLPSpec" in capsys.readouterr().err
     import pytest
 
     with pytest.raises(SystemExit):

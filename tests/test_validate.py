@@ -297,3 +297,11 @@ def test_assert_matches_law_without_a_named_law_and_on_cnns():
     spec, x = _mlp()
     with pytest.raises(AssertionError, match="not a Markov routing law"):
         assert_matches_law(AttributionEquilibrium(2), spec, x, 0)
+
+
+def test_models_with_skips_are_refused_with_the_reason():
+    from backplay.testing.zoo import ZOO, zoo_input
+
+    case = ZOO["resnet18"]("tiny", dtype=torch.float64)
+    with pytest.raises(ValueError, match="skips or branches"):
+        validate_rule(AlphaBeta(2, 1), case.model, zoo_input(case), 0)

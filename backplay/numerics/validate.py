@@ -570,8 +570,8 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
 
     Args:
         rule: a :class:`backplay.rules.LayerRule` or a callable (two forms, module docstring).
-        spec_or_model: an :class:`backplay.MLPSpec` or an ``nn.Sequential`` that
-            :func:`backplay.gpu.unroll` can read (no Residual blocks); run in float64, never modified.
+        spec_or_model: an :class:`backplay.MLPSpec` or an ``nn.Module`` the reader takes whose layers
+            form a chain (no residual sum, no branch: ValueError); run in float64, never modified.
         x: ONE input (the shape of a single sample).
         target: the explained output.
         tol: relative tolerance (times max(1, |scale|)) of the float64 checks.
@@ -600,6 +600,11 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
         raise ValueError(f"target {target} out of range for {frozen.widths[-1]} outputs")
     target = int(target)
     probe = _Probe(rule, model, xt[None], target)
+    chain = probe.trace(1)
+    if frozen.depth != len(chain.layers) or len(chain.cuts) != len(chain.layers) - 1:
+        raise ValueError("validate_rule probes the layer maps of a chain of layers (MLPs, VGG-like CNNs); "
+                         f"{net_name} has skips or branches (a residual sum, a cat): check the rule on it with "
+                         "backplay.testing.torch_error (a law of backplay's) or validate it on a chain")
     name = rule.name if isinstance(rule, Rule) else getattr(rule, "__name__", type(rule).__name__)
     rel, stopped_total = probe.sweep()
     L = frozen.depth
