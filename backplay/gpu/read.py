@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import linecache
 import math
 import operator
 import os
@@ -153,8 +154,10 @@ def _format_where(trace: str, stack_items: tuple) -> str:
             path = s.split('"')[1]
             if path.startswith(torch_dir) or os.sep + "backplay" + os.sep + "gpu" + os.sep in path:
                 continue
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             ln = s.split("line ")[1].split(",")[0] if "line " in s else "?"
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if not code or code.startswith('File "'):  # the trace kept no source text: read the file
+                code = linecache.getline(path, int(ln)).strip() if ln.isdigit() else ""
             best = f"{os.path.basename(path)}:{ln} `{code}`"
     mod = ""
     if stack_items:

@@ -478,9 +478,9 @@ def __getattr__(name: str) -> Any:
     """``unroll_vit`` lives in :mod:`backplay.gpu.unroll` and ``patch_relevance`` in
     :mod:`backplay.gpu.vit_rules` (imported lazily: both import this module)."""
     if name == "unroll_vit":
-        from . import unroll
+        from .unroll import unroll_vit
 
-        return unroll.unroll_vit
+        return unroll_vit
     if name == "patch_relevance":
         from . import vit_rules
 
