@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 
 import backplay as bp
 from backplay.gpu.engine import prepare
@@ -34,6 +34,21 @@ def _piecewise_linear(model, x) -> bool:
                for l in trace.layers)
 
 
+def _near_tie(model, xb) -> bool:
+    """Some pre-activation of a ReLU-family gate lies within round-off of a kink without sitting on it:
+    which side it falls on depends on the summation order (a batched product against a single one),
+    so a batch and its single runs may legitimately disagree there (exact ties z = 0 are fine)."""
+    for layer in prepare(model, xb).trace().layers:
+        g = layer.gate
+        kinks = [0.0] if isinstance(g, (ReLUGate, LeakyReLUGate)) else (
+            [g.lo, g.hi] if isinstance(g, ClampGate) else [])
+        z = layer.z
+        tol = 1e-9 * max(1.0, float(z.abs().max())) if z.numel() else 0.0
+        if any(bool((((z - k).abs() <= tol) & (z != k)).any()) for k in kinks):
+            return True
+    return False
+
+
 def _snapshot(model):
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},
             [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
@@ -56,6 +71,7 @@ def test_random_models_exact_conservative_batched_unchanged(case):
     for rule in RULES:
         assert torch_error(model, x, t, rule) <= 1e-9, (rule.name, case.description)
     xb = torch.stack([x, -x, x / 2, x + 0.25])
+    assume(not _near_tie(model, xb))
     for rule in CONSERVATIVE[:3] + [GradientXInput()]:
         R, rep = bp.explain(model, xb, t, rule=rule, return_report=True)
         if rule in CONSERVATIVE:
@@ -63,10 +79,11 @@ def test_random_models_exact_conservative_batched_unchanged(case):
             assert ((rep.relevance_sum + rep.stopped - rep.logit).abs() / scale).max() <= 1e-9
         singles = torch.cat([bp.explain(model, xb[i:i + 1], t, rule=rule) for i in range(4)])
         torch.testing.assert_close(R, singles, rtol=1e-9, atol=1e-12 * float(R.abs().max() + 1))
-    if _piecewise_linear(model, x):
-        xg = xb.clone().requires_grad_(True)
-        copy.deepcopy(model)(xg)[:, t].sum().backward()
-        torch.testing.assert_close(bp.explain(model, xb, t, rule=GradientXInput()), xb * xg.grad,
+    if _piecewise_linear(model, x):  # autograd of the functionalised model (its `out += h` may
+        # overwrite a ReLU output that eager autograd would need)
+        m = copy.deepcopy(model)
+        grad = torch.func.grad(torch.func.functionalize(lambda inp: m(inp)[:, t].sum()))(xb).detach()
+        torch.testing.assert_close(bp.explain(model, xb, t, rule=GradientXInput()), xb * grad,
                                    rtol=1e-10, atol=1e-10)
     assert _unchanged(model, snap)
 
