@@ -721,7 +721,6 @@ class _Runner:
             gate = _gate_of(p.gate, self.val) if p.gate is not None else LinearGate()
         if self.gate_map is not None and gate.activated:
             gate = self.gate_map(gate)
-        op.bound(tuple(y_in.shape[1:]))
         z = op.forward(y_in)
         if type(gate) is LinearGate:
             y = z
