@@ -2,7 +2,7 @@
 
 Protocol (the paper's transfer setting). Each rule *family* has a grid of hyperparameters (RG: tau x
 route temperature; RGEq: kappa x nu; Anchor: lam; on a ViT also the token anchor: lam; RiskAverse:
-theta; SoftplusGame: eps; the others, among them the ViT-only AttnLRP, CPLRP, Rollout and
+theta; SoftplusGame: eps; the others, among them the transformer rules AttnLRP, CPLRP, Rollout and
 TransformerAttribution, a single member). On split A every member is scored and the member with the
 highest mean :data:`SELECTION_METRIC` (relevance mass accuracy) is chosen (ties: the first in grid
 order); the chosen member is then evaluated unchanged on split B, and the table reports split B. On the digit
@@ -52,7 +52,7 @@ __all__ = ["METRICS", "SELECTION_METRIC", "VIT_ONLY_RULES", "RuleFamily", "EvalS
 METRICS = (("pointing_game", "pointing game"), ("rma", "rel. mass acc."), ("rra", "rel. rank acc."),
            ("auroc", "AUROC"), ("topk", "top-k inters."))
 SELECTION_METRIC = "rma"
-#: ViT-only rules looked up by name (in backplay.rules or backplay.gpu.vit_rules) when they exist
+#: transformer rules looked up by name (in backplay.rules) when they exist
 VIT_ONLY_RULES = ("AttnLRP", "CPLRP", "Rollout", "TransformerAttribution")
 
 

@@ -2,7 +2,7 @@
 
 :func:`parse_rules` splits a comma list at depth 0 and builds each rule; a name is looked up (case
 insensitive) among the :class:`backplay.rules.Rule` classes of :mod:`backplay.rules` and
-:mod:`backplay.gpu.vit_rules`; arguments are Python literals or nested rules. :func:`rule_label`
+:mod:`backplay.rules`; arguments are Python literals or nested rules. :func:`rule_label`
 writes a rule back in that syntax (numbers with 4 significant digits).
 """
 
@@ -22,14 +22,11 @@ _HIDDEN_FIELDS = ("conservative", "anchor", "sigma")  # shown only when not at t
 
 def available_rules() -> dict[str, type]:
     """``{lower-case name: class}`` of every public concrete rule class found."""
-    from backplay.gpu import vit_rules
-
     out: dict[str, type] = {}
-    for mod in (rules_mod, vit_rules):
-        for name, obj in vars(mod).items():
-            if (inspect.isclass(obj) and issubclass(obj, Rule) and not name.startswith("_")
-                    and name not in ("Rule", "LayerRule", "ViTRule")):
-                out[name.lower()] = obj
+    for name, obj in vars(rules_mod).items():
+        if (inspect.isclass(obj) and issubclass(obj, Rule) and not name.startswith("_")
+                and name not in ("Rule", "LayerRule", "TransformerRule")):
+            out[name.lower()] = obj
     return out
 
 

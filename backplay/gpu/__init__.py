@@ -4,8 +4,10 @@ One reader (:mod:`backplay.gpu.read`) turns any torch model into its operation g
 section 9); ``explain`` runs a rule (:mod:`backplay.rules`) on it for a batch; ``unroll`` writes the
 explained pass of one input as a :class:`backplay.nets.FrozenNet` (the exact law runs on it);
 ``occupation`` returns the occupation measures of the GV game / entropic game (THEORY.md sections
-2-3); ``interval_bounds`` is IBP, the game's monotone bound on a box (I13). A
-:class:`backplay.gpu.vit.ViT` runs on its frozen graph (:mod:`backplay.gpu.vit_explain`).
+2-3); ``interval_bounds`` is IBP, the game's monotone bound on a box (I13). Transformers (backplay's
+ViT, Hugging Face ViT / BERT / GPT-2 objects, models with ``nn.MultiheadAttention``) are read the
+same way: attention is a layer of token-mixing edges with the frozen weights (THEORY.md section 7);
+the transformer rules run on those nodes (:mod:`backplay.gpu.transformer`).
 """
 
 from backplay.gpu.engine import ExplainReport, explain

@@ -10,7 +10,8 @@ and a float64 model is never rounded down). The model is read by :func:`backplay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -151,26 +152,94 @@ def compute_dtype(module: nn.Module, x: Tensor) -> torch.dtype:
 
 @dataclass
 class Prepared:
-    """A validated call: the model read for the batch, the batch in the compute dtype, bookkeeping."""
+    """A validated call: the model read for the batch, the batch in the compute dtype, bookkeeping.
+    For a language model (integer token ids) ``x`` holds the ids, the explained tensor is the input
+    embeddings, ``inputs`` the keyword inputs (attention mask) and ``position`` the explained
+    position per sample."""
 
     graph: ModelGraph
-    x: Tensor  # batched, compute dtype, detached
+    x: Tensor  # batched, compute dtype (token ids: long), detached
     dtype: torch.dtype
     squeeze: bool  # the caller passed one sample
     in_dtype: torch.dtype  # the caller's dtype (relevance is returned in it)
     in_shape: tuple  # the caller's shape
+    inputs: dict = field(default_factory=dict)
+    position: Tensor | None = None
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the model is explained with respect to its input embeddings (integer input)."""
+        return not self.x.is_floating_point()
 
     def trace(self, lean: bool = False, x: Tensor | None = None) -> Trace:
         """The explained pass of the batch (or of ``x``, same sample shape) in the compute dtype."""
-        return self.graph.trace(self.x if x is None else x, self.dtype, lean=lean)
+        return self.graph.trace(self.x if x is None else x, self.dtype, lean=lean, inputs=self.inputs,
+                                position=self.position)
 
 
-def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False) -> Prepared:
+def _token_ids(x: Any, name: str) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be a floating point tensor, or integer token ids [B, T]")
+    if x.ndim not in (1, 2):
+        raise ValueError(f"token ids must have shape [B, T] (or [T] for one sequence), got {tuple(x.shape)}")
+    return x.long()
+
+
+def _lm_inputs(module: nn.Module, ids: Tensor, attention_mask: Any) -> dict:
+    """The keyword inputs of a language model call: the attention mask, no key/value cache."""
+    kwargs: dict = {}
+    params = inspect.signature(module.forward).parameters
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask, device=ids.device)
+        mask = mask.unsqueeze(0) if mask.ndim == 1 else mask
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask must have the token ids' shape {tuple(ids.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        if "attention_mask" not in params:
+            raise ValueError(f"{type(module).__name__}.forward takes no attention_mask")
+        kwargs["attention_mask"] = mask.long()
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _positions(position: Any, ids: Tensor, mask: Tensor | None) -> Tensor:
+    """The explained position per sample: ``position`` (an int, negative from the end, or one per
+    sample), by default the last position the attention mask keeps (the last one without a mask)."""
+    B, T = ids.shape
+    if position is None:
+        if mask is None:
+            return torch.full((B,), T - 1, dtype=torch.long, device=ids.device)
+        keep = (mask != 0).long() * torch.arange(1, T + 1, device=ids.device)
+        last = keep.amax(1) - 1
+        if bool((last < 0).any()):
+            raise ValueError("a sequence has no unmasked token (attention_mask all 0)")
+        return last
+    pos = torch.as_tensor(position, device=ids.device)
+    if pos.is_floating_point() or pos.ndim > 1 or (pos.ndim == 1 and pos.shape[0] != B):
+        raise ValueError(f"position must be an int or one int per sample ([{B}]), got {position!r}")
+    pos = pos.long().expand(B)
+    if bool(((pos < -T) | (pos >= T)).any()):
+        raise ValueError(f"position out of range for {T} tokens: {position!r}")
+    return (pos % T).contiguous()
+
+
+def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False, attention_mask: Any = None,
+            position: Any = None) -> Prepared:
     """Validate ``x`` and read ``model`` for it (see the module docstring).
 
     Batching: ``x`` is a batch [B, ...] unless it is 1-d, or has the rank of ONE sample of a model
     whose first layer is a convolution (channels + spatial dims), or ``one_sample`` is set: then it
-    is one sample."""
+    is one sample. Integer ``x``: token ids [B, T] (or [T]) of a language model, explained with
+    respect to its input embeddings; ``attention_mask`` ([B, T]) is passed to the model and
+    ``position`` picks the position whose logits are explained when the output is [B, T, vocab]."""
+    if isinstance(x, (torch.Tensor, np.ndarray)) and not (x.dtype.is_floating_point if isinstance(x, torch.Tensor)
+                                                          else np.issubdtype(x.dtype, np.floating)):
+        return _prepare_tokens(model, _token_ids(x, name), attention_mask, position)
+    if attention_mask is not None or position is not None:
+        raise ValueError("attention_mask and position are for language models (integer token ids)")
     x = float_tensor(x, name)
     module = _module(model, x)
     first = _first_layer(module)
@@ -190,67 +259,120 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False) -> Pr
     return Prepared(graph, xb, dtype, squeeze, x.dtype, tuple(x.shape))
 
 
+def _prepare_tokens(model: Any, ids: Tensor, attention_mask: Any, position: Any) -> Prepared:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"token ids need a torch nn.Module language model, got {type(model).__name__}")
+    squeeze = ids.ndim == 1
+    idb = ids.unsqueeze(0) if squeeze else ids
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(emb, nn.Embedding) and idb.numel() and (int(idb.min()) < 0 or int(idb.max()) >= emb.num_embeddings):
+        raise ValueError(f"token ids must lie in [0, {emb.num_embeddings}) (the model's vocabulary), got "
+                         f"[{int(idb.min())}, {int(idb.max())}]")
+    float_params = [p for p in model.parameters() if p.is_floating_point()]
+    if float_params and float_params[0].device != idb.device:
+        raise ValueError(f"the model's parameters are on {float_params[0].device} but the token ids are on "
+                         f"{idb.device}; move the model or the ids so that they share one device")
+    dtype = compute_dtype(model, torch.zeros((), dtype=float_params[0].dtype if float_params else
+                                             torch.get_default_dtype(), device=idb.device))
+    kwargs = _lm_inputs(model, idb, attention_mask)
+    graph = read(model, idb, kwargs)
+    pos = None
+    out_shape = graph.output_shape()
+    if out_shape is not None and len(out_shape) == 3:
+        pos = _positions(position, idb, kwargs.get("attention_mask"))
+    elif position is not None:
+        raise ValueError(f"position= picks a position of an output [B, T, vocab]; this model's output has "
+                         f"shape {tuple(out_shape or ())}")
+    return Prepared(graph, idb, dtype, squeeze, dtype, tuple(ids.shape), kwargs, pos)
+
+
 def explain(
     model: Any,
     x: Tensor,
     target: Any,
     rule: Rule = Gradient(),
     return_report: bool = False,
+    *,
+    attention_mask: Any = None,
+    position: Any = None,
 ) -> Tensor | tuple[Tensor, ExplainReport]:
     """Relevance of every input feature for ``target`` under ``rule``.
 
     Args:
         model: any ``nn.Module`` whose forward ``torch.export`` can capture, made of the operations of
             :data:`backplay.gpu.read.SUPPORTED` (ResNets, VGGs, MobileNets, DenseNets, U-Nets, MLPs
-            with norms and gates, written as you write them), or a :class:`backplay.MLPSpec`; a
-            :class:`backplay.gpu.vit.ViT` runs on its frozen graph (and by the ViT rules). The model
-            returns logits [B, classes]; its parameters must be on x's device.
-        x: a batch (or one sample, see :func:`prepare`), floating, finite.
-        target: an int, or an integer tensor of one class per sample ([B]).
+            with norms and gates, vision transformers, Hugging Face ViT / BERT / GPT-2 objects, written
+            as you write them), or a :class:`backplay.MLPSpec`. The model returns logits [B, classes]
+            (or an output object with ``logits``); its parameters must be on x's device.
+        x: a batch (or one sample, see :func:`prepare`), floating, finite; or integer token ids
+            [B, T] of a language model (explained with respect to its input embeddings).
+        target: an int, or an integer tensor of one class per sample ([B]); for a causal language
+            model the token id whose logit at ``position`` is explained.
         rule: a :class:`backplay.rules.Rule` (default :class:`~backplay.rules.Gradient`).
         return_report: also return an :class:`ExplainReport`.
+        attention_mask: token ids only: the padding mask [B, T], passed to the model.
+        position: token ids of a model with logits [B, T, vocab] only: the explained position (an int,
+            negative from the end, or one per sample); default the last unmasked position.
 
     Returns:
-        The relevance, in x's shape, dtype and device (detached); with ``return_report`` a pair
-        ``(R, report)``. One batched forward pass and one backward sweep, in the compute dtype.
+        The relevance, in x's shape, dtype and device (detached); for token ids the relevance per
+        token [B, T] (summed over the embedding dimension; the report's ``layers[0]`` has it per
+        dimension [B, T, D]). With ``return_report`` a pair ``(R, report)``. One batched forward
+        pass and one backward sweep, in the compute dtype.
     """
-    from backplay.gpu.vit import ViT
-    from backplay.gpu.vit_rules import ViTRule
+    from backplay.rules import TransformerRule
 
-    if isinstance(model, ViT):  # the frozen ViT graph (THEORY.md section 7)
-        from backplay.gpu.vit_explain import explain_vit
-
-        return explain_vit(model, x, target, rule, return_report)
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a backplay.rules.Rule, got {type(rule).__name__}")
-    if isinstance(rule, ViTRule):
-        raise TypeError(f"{type(rule).__name__} is a ViT rule: it needs a backplay.gpu.vit.ViT model")
+    prep = prepare(model, x, attention_mask=attention_mask, position=position)
+    if isinstance(rule, TransformerRule):
+        from backplay.gpu.transformer import transformer_relevance
+
+        with torch.no_grad():
+            trace = _trace(prep, lean=True)
+        t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)
+        relevance = transformer_relevance(rule, prep, trace, t)
+        logit = trace.logit(t)
+        return _finish(prep, rule, relevance, logit, None, None, return_report)
     anchor = _routing_parts(rule)[1]
-    if anchor is not None and anchor.anchor == "token":
-        raise ValueError("Anchor(anchor='token') acts at attention layers: it needs a backplay.gpu.vit.ViT")
-    prep = prepare(model, x)
-    xb = prep.x
     with torch.no_grad():
-        try:
-            trace = prep.trace(lean=isinstance(rule, _RoutingLaw))
-        except RuntimeError as e:  # shapes that do not chain
-            raise ReadError(f"the model cannot be applied to x of shape {prep.in_shape}: {e}") from e
-        t = resolve_target(target, xb.shape[0], trace.output.shape[1], xb.device)
+        trace = _trace(prep, lean=isinstance(rule, _RoutingLaw))
+        if anchor is not None and anchor.anchor == "token" and trace.n_blocks == 0:
+            raise ValueError("Anchor(anchor='token') acts at attention layers: this model has none")
+        t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)
         logit = trace.logit(t) if return_report else None
         sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
         del trace
-        relevance = sweep.relevance.reshape(xb.shape)
-        out = relevance.to(prep.in_dtype)
+        return _finish(prep, rule, sweep.relevance, logit, sweep.stopped, sweep.layers, return_report)
+
+
+def _trace(prep: Prepared, lean: bool) -> Trace:
+    try:
+        return prep.trace(lean=lean)
+    except RuntimeError as e:  # shapes that do not chain
+        raise ReadError(f"the model cannot be applied to x of shape {prep.in_shape}: {e}") from e
+
+
+def _finish(prep: Prepared, rule: Rule, relevance: Tensor, logit: Tensor | None, stopped: Tensor | None,
+            layers: list | None, return_report: bool) -> Tensor | tuple[Tensor, ExplainReport]:
+    """The caller's view of a result: shapes, dtype, one sample squeezed; the report."""
+    with torch.no_grad():
+        total = relevance.flatten(1).sum(1)
+        if prep.tokens:  # per token: summed over the embedding dimension
+            out = relevance.reshape(relevance.shape[:2] + (-1,)).sum(-1)
+        else:
+            out = relevance.reshape(prep.x.shape)
+        out = out.to(prep.in_dtype)
         if prep.squeeze:
             out = out.squeeze(0)
         if not return_report:
             return out
-        total = relevance.flatten(1).sum(1)
-        stopped = sweep.stopped if sweep.stopped is not None else logit - total
+        stopped = stopped if stopped is not None else logit - total
         fields = [f.to(prep.in_dtype) for f in (logit, total, stopped)]
-        layers = [r.to(prep.in_dtype) for r in sweep.layers]
-        layers[0] = layers[0].reshape(xb.shape)
+        if layers is not None:
+            layers = [r.to(prep.in_dtype) for r in layers]
+            layers[0] = layers[0].reshape(relevance.shape)
         if prep.squeeze:
-            layers = [r.squeeze(0) for r in layers]
+            layers = None if layers is None else [r.squeeze(0) for r in layers]
             fields = [f.squeeze(0) for f in fields]
     return out, ExplainReport(*fields, rule=rule.name, layers=layers)

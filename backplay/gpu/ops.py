@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 __all__ = [
     "LinearOp", "DenseOp", "ConvOp", "WeightOp", "PoolOp", "ScaleOp", "NormOp", "AddOp", "Selection",
     "IdentityOp", "Gate", "LinearGate", "ReLUGate", "LeakyReLUGate", "ClampGate", "SoftplusGate",
-    "GELUGate", "FrozenGate", "PARTS",
+    "GELUGate", "FrozenGate", "FunctionGate", "AttentionOp", "PARTS",
 ]
 
 PARTS = ("W", "pos", "neg", "abs", "ipos", "ineg")
@@ -502,6 +502,43 @@ class Selection(LinearOp):
         return f"Selection({self.in_shape} -> {self.out_shape})"
 
 
+class AttentionOp(WeightOp):
+    """Attention out = A v with the frozen attention matrix A (THEORY.md sections 7 and 9): token-
+    mixing edges of weight A_qt >= 0 (a softmax), per head; ``v`` [B, ..., T_k, d] -> [B, ..., T_q, d],
+    A [B, ..., T_q, T_k] (per sample). No bias; W = W+ = |W| = A, W- = 0. ``own_*``: the query's own
+    token (the token anchor of ``Anchor(..., anchor="token")``), defined when T_q = T_k."""
+
+    def __init__(self, attn: Tensor) -> None:
+        self.weight, self.bias, self.label = attn, None, "attention"
+
+    def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        return torch.matmul(self.parts[part], y)
+
+    def transpose(self, g: Tensor, part: str = "W") -> Tensor:
+        out = torch.matmul(self.parts[part].transpose(-2, -1), g)
+        return out.sum_to_size((g.shape[0],) + tuple(self.in_shape)) if out.shape[1:] != self.in_shape else out
+
+    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
+        return self.apply(y, "ipos" if ind else "pos"), None  # A >= 0: no negative part
+
+    def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
+        return self.transpose(g, "ipos" if ind else "pos")
+
+    def own_contribution(self, y: Tensor) -> Tensor:
+        """A_qq v_qd: the contribution of the query's own token to output (q, d)."""
+        return self.weight.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * y
+
+    @staticmethod
+    def own_gather(u: Tensor) -> Tensor:
+        """The lower layer's values at each output's own unit (the same position)."""
+        return u
+
+    @staticmethod
+    def own_scatter(c: Tensor) -> Tensor:
+        """Transpose of :meth:`own_gather`."""
+        return c
+
+
 class IdentityOp(LinearOp):
     """The identity map: the layer of a gate that follows no linear map (relevance passes)."""
 
@@ -690,3 +727,38 @@ class FrozenGate(Gate):
 
     def __repr__(self) -> str:
         return f"FrozenGate({self.name!r})" if self.eps == 1.0 else f"FrozenGate({self.name!r}, eps={self.eps})"
+
+
+class FunctionGate(Gate):
+    """An elementwise subgraph y = f(z) of one explained tensor z read as one frozen gate (THEORY.md
+    section 9; e.g. a tanh-approximate GELU the exporter decomposed into pow / mul / tanh / add):
+    p = f(z)/z, 0/0 := f'(0); where z = 0 and f(0) != 0 the value f(0) is the reward c, so
+    y = p z + c everywhere (the convention of :class:`FrozenGate`). ``f`` is evaluated by the
+    model's own operations; ``label`` names them."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor], label: str) -> None:
+        self.f, self.label = f, label
+
+    def _at_zero(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(f(0), f'(0)) per unit (elementwise: one vector-Jacobian product of ones at zeros)."""
+        with torch.enable_grad():
+            z0 = torch.zeros_like(z, requires_grad=True)
+            y0 = self.f(z0)
+            (d0,) = torch.autograd.grad(y0, z0, torch.ones_like(y0), allow_unused=True)
+        return y0.detach(), (torch.zeros_like(z) if d0 is None else d0.detach())
+
+    def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.f(z)
+        nz = z != 0
+        p = y / torch.where(nz, z, torch.ones_like(z))
+        if not bool(nz.all()):
+            p = torch.where(nz, p, self._at_zero(z)[1])
+        return y, p
+
+    def offset(self, z: Tensor, p: Tensor) -> Tensor | None:
+        if bool((z != 0).all()):
+            return None
+        return torch.where(z == 0, self._at_zero(z)[0], torch.zeros_like(z))
+
+    def __repr__(self) -> str:
+        return f"FunctionGate({self.label})"

@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backplay.gpu.ops import (
-    AddOp, ClampGate, ConvOp, DenseOp, FrozenGate, Gate, GELUGate, IdentityOp, LeakyReLUGate, LinearGate,
-    LinearOp, NormOp, PoolOp, ReLUGate, ScaleOp, Selection, SoftplusGate, WeightOp,
+    AddOp, AttentionOp, ClampGate, ConvOp, DenseOp, FrozenGate, FunctionGate, Gate, GELUGate, IdentityOp,
+    LeakyReLUGate, LinearGate, LinearOp, NormOp, PoolOp, ReLUGate, ScaleOp, Selection, SoftplusGate, WeightOp,
 )
 from backplay.gpu.trace import LayerTrace, LayoutStep, Trace
 
@@ -96,6 +96,15 @@ _register("selection", "max pool / adaptive max pool / amax / max along a dim (w
           "adaptive_max_pool2d", "amax", "max")
 _register("norm", "frozen normaliser (1/std frozen, centring linear)", "layer_norm", "native_layer_norm",
           "group_norm", "native_group_norm", "rms_norm")
+_register("attention", "softmax: the frozen attention weights A (THEORY 9: A in A v is frozen, q k^T carries "
+          "no relevance); A v is a layer of token-mixing edges", "softmax", "_softmax", "_safe_softmax")
+_register("attention", "fused scaled-dot-product attention: token mixing of v with the frozen softmax(q k^T)",
+          "scaled_dot_product_attention")
+_register("embedding", "the token embedding lookup of a language model (integer input): the explained tensor "
+          "is the input embeddings", "embedding")
+_register("elementwise", "inside an elementwise subgraph of one explained tensor z (e.g. a decomposed tanh "
+          "GELU): the subgraph is one frozen gate y = f(z)", "pow", "exp", "erf", "sqrt", "rsqrt", "reciprocal",
+          "log", "log1p", "expm1", "abs", "square", "sin", "cos")
 _register("layout", "layout (copy / selection edges of weight 1)",
           "view", "_unsafe_view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "expand",
           "cat", "slice", "select", "squeeze", "unsqueeze", "pad", "constant_pad_nd", "reflection_pad1d",
@@ -221,25 +230,59 @@ def _plain_inplace(ep: Any) -> bool:
     return True
 
 
-def _export(model: nn.Module, example: Tensor, dynamic: bool) -> _Export:
-    """torch.export of ``model`` at ``example`` (batch first), in eval mode, the model's hooks
+def _batch_first_attention(mha: nn.MultiheadAttention) -> Callable:
+    """The forward of a batch-first ``nn.MultiheadAttention`` written with the batch first throughout
+    (torch's own forward moves the sequence first, which the reader cannot follow through its layers):
+    the same math (packed in-projection, scaled dot-product attention, out-projection), used while
+    the model is exported; other calls (masks, returned weights) go to torch's forward."""
+    original = nn.MultiheadAttention.forward
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Any = None, need_weights: bool = True,
+                attn_mask: Any = None, average_attn_weights: bool = True, is_causal: bool = False) -> tuple:
+        if need_weights or key_padding_mask is not None or attn_mask is not None or is_causal or query.ndim != 3:
+            return original(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
+                            average_attn_weights, is_causal)
+        B, T, E = query.shape
+        H = mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        bs = (None, None, None) if b is None else b.chunk(3)
+        if query is key and key is value:
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        else:
+            q, k, v = (F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), w.chunk(3), bs))
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], H, E // H).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, T, E)
+        return F.linear(out, mha.out_proj.weight, mha.out_proj.bias), None
+    return forward
+
+
+def _export(model: nn.Module, example: Tensor, kwargs: dict, dynamic: bool) -> _Export:
+    """torch.export of ``model`` at ``example`` (batch first; ``kwargs`` passed by name: tensors such as
+    an attention mask become inputs, other values are fixed), in eval mode, the model's hooks
     silenced; flags and hooks restored, also on an error. ``dynamic``: a dynamic batch dimension
-    (falls back to the static export where the model does not allow it)."""
+    (falls back to the static export where the model does not allow it; never with tensor kwargs)."""
     flags = [(m, m.training) for m in model.modules()]
     hooks = [(m, {a: getattr(m, a) for a in _HOOK_DICTS if hasattr(m, a)}) for m in model.modules()]
     errors = []
+    dynamic = dynamic and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.batch_first
+                 and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
+                 and "forward" not in vars(m)]
     try:
         model.eval()
         for m, saved in hooks:  # the model's own hooks do not fire on the exporter's fake tensors
             for a, d in saved.items():
                 setattr(m, a, type(d)())
+        for m in attention:
+            m.forward = _batch_first_attention(m)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ex = example if example.shape[0] >= 2 else example.expand((2,) + tuple(example.shape[1:]))
             tries = ((False, True), (False, False), (True, False)) if dynamic else ((False, False), (True, False))
             for strict, dyn in tries:
                 try:
-                    ep = torch.export.export(model, (ex if dyn else example,), strict=strict,
+                    ep = torch.export.export(model, (ex if dyn else example,), dict(kwargs), strict=strict,
                                              dynamic_shapes=({0: torch.export.Dim("batch")},) if dyn else None)
                     if not _plain_inplace(ep):
                         ep = ep.run_decompositions({})
@@ -247,6 +290,8 @@ def _export(model: nn.Module, example: Tensor, dynamic: bool) -> _Export:
                 except Exception as e:  # noqa: BLE001 - the exporter's reason is reported below
                     errors.append(e)
     finally:
+        for m in attention:
+            vars(m).pop("forward", None)
         for m, t in flags:
             m.training = t
         for m, saved in hooks:
@@ -278,18 +323,56 @@ class ModelGraph:
 
     program: Any
     dynamic: bool
-    explained: set  # fx node names that depend on the input
+    explained: set  # fx node names on an explained path from the input to the output
+    frozen: set  # fx node names that depend on the input but carry no relevance (q, k, softmax, ...)
     plan: dict  # fx node name -> _Plan (the nodes that are steps)
     alias: dict  # fx node name -> the name of the step whose output it is (fused / merged nodes)
     params: dict  # placeholder name -> tensor
-    input_name: str
+    input_names: list  # the user inputs' placeholders: the model's input first, then the tensor kwargs
+    root: str  # the explained tensor: the input, or the embedding lookup of a language model's ids
     output_node: Any
     track_units: bool  # a layout step other than a reshape: the pass checks whether it repeats units
+    regions: dict  # fused gate (exit node name) -> (root node, the region's nodes in order)
+    internal: dict  # nodes inside a fused gate -> whether the pass also computes them as constants
+    kwarg_names: tuple = ()  # the keyword inputs, in the order of input_names[1:]
 
-    def trace(self, x: Tensor, dtype: torch.dtype, lean: bool = False, gate_map: Callable | None = None
-              ) -> Trace:
-        """The explained pass of the batch ``x`` (already in ``dtype``) as a :class:`Trace`."""
-        return _Runner(self, dtype, lean, gate_map).run(x)
+    def replay(self, x: Tensor, dtype: torch.dtype, inputs: dict | None = None, position: Tensor | None = None,
+               *, frozen: bool = True, eps: float = 0.0, freeze_softmax: bool = False,
+               uniform_products: bool = False) -> Replay:
+        """The model's pass re-run with autograd from the explained tensor, modified as the
+        transformer rules read it (THEORY.md section 7): ``frozen``: normaliser std and gates frozen
+        (the identity rule: y = p z + c with p, c detached); ``eps > 0``: every dense / convolution
+        output z's backward signal scaled by z / (z + eps sign z) (the epsilon rule, sign(0) = +1);
+        ``freeze_softmax``: attention weights detached (no relevance into q, k); ``uniform_products``:
+        a product of two tensors that depend on the input passes half the gradient to each factor
+        (q k^T, A v). Then input x gradient is the rule's relevance (LRP as a modified gradient)."""
+        return _Runner(self, dtype, False, None).replay(x, inputs or {}, position, frozen, eps, freeze_softmax,
+                                                        uniform_products)
+
+    def output_shape(self) -> tuple | None:
+        """The shape of the model's output at the exported input."""
+        return _shape(self.output_node)
+
+    def trace(self, x: Tensor, dtype: torch.dtype, lean: bool = False, gate_map: Callable | None = None,
+              inputs: dict | None = None, position: Tensor | None = None) -> Trace:
+        """The explained pass of the batch ``x`` (float inputs: already in ``dtype``) as a
+        :class:`Trace`; ``inputs``: the tensor keyword inputs (attention mask); ``position``: the
+        position per sample whose logits are explained when the output is [B, T, V]."""
+        if tuple(inputs or {}) and set(inputs) != set(self.kwarg_names):
+            raise ValueError(f"the model was read with the keyword inputs {self.kwarg_names}, got {tuple(inputs)}")
+        return _Runner(self, dtype, lean, gate_map).run(x, inputs or {}, position)
+
+
+@dataclass
+class Replay:
+    """:meth:`ModelGraph.replay`'s result: the explained tensor (a leaf that requires grad), the
+    output [B, classes] and, per attention (token mixing) of the pass, its weights A [B, ..., T, T]
+    and its output A v (both in the autograd graph)."""
+
+    x: Tensor
+    output: Tensor
+    attention: list
+    attention_out: list
 
 
 def _users(node: Any) -> list:
@@ -309,39 +392,163 @@ def _explained_args(node: Any, explained: set) -> list:
     return out
 
 
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+_LAYOUT_NAMES = {"_to_copy", "to", "dropout", "clone", "alias", "contiguous", "type_as"}
+
+
+def _softmax_source(node: Any) -> bool:
+    """Whether ``node`` is a softmax seen through identity steps (a cast, dropout in eval)."""
+    while hasattr(node, "op") and _name(node) in _LAYOUT_NAMES:
+        node = node.args[0]
+    return hasattr(node, "op") and _name(node) in _SOFTMAX
+
+
+def _output_of(ep: Any, outs: list) -> Any:
+    """The logits among the exported outputs: the one output, or the ``logits`` field of an output
+    object (Hugging Face ``ModelOutput``, a dict)."""
+    if len(outs) == 1:
+        return outs[0]
+    spec = ep.call_spec.out_spec
+    obj = torch.utils._pytree.tree_unflatten(list(range(len(outs))), spec)
+    idx = obj.get("logits") if isinstance(obj, dict) else getattr(obj, "logits", None)
+    if not isinstance(idx, int):
+        raise ReadError(f"the model returns {len(outs)} values; backplay explains a model whose forward "
+                        "returns one tensor of logits [B, classes] or an output object with a `logits` "
+                        "field (wrap it and return the logits)")
+    return outs[idx]
+
+
 def _analyse(ep: Any) -> tuple:
+    """(explained, frozen, output node, user input names, root): the explained tensor flows from the
+    root (the input, or the embedding lookup of integer token ids) through every operation except a
+    softmax (attention weights are frozen); a tensor that depends on it is explained when it lies on
+    a path to the output (the path into a fused attention goes through v only)."""
     g = ep.graph
-    sig = ep.graph_signature
-    user_inputs = list(sig.user_inputs)
-    if len(user_inputs) != 1:
-        raise ReadError(f"the model's forward takes {len(user_inputs)} tensor inputs; backplay explains "
-                        "models of one input tensor (wrap the model so that the other inputs are fixed)")
-    explained = {user_inputs[0]}
+    user_inputs = list(ep.graph_signature.user_inputs)
+    nodes = {n.name: n for n in g.nodes}
+    x = nodes[user_inputs[0]]
+    root = x.name
+    val = x.meta.get("val")
+    if isinstance(val, torch.Tensor) and not val.is_floating_point():
+        ids = {x.name}  # the ids and what is computed from them (views)
+        for n in g.nodes:
+            if n.op == "call_function" and _explained_args(n, ids) and _name(n) != "embedding":
+                ids.add(n.name)
+        lookups = [n for n in g.nodes if n.op == "call_function" and _name(n) == "embedding"
+                   and len(n.args) > 1 and hasattr(n.args[1], "name") and n.args[1].name in ids]
+        if len(lookups) != 1:
+            raise ReadError(f"the model takes integer input ({val.dtype}) but looks its ids up in "
+                            f"{len(lookups)} embedding tables; backplay explains a language model with "
+                            "respect to its input embeddings: one nn.Embedding lookup of the ids")
+        root = lookups[0].name
+    taint = {root}
     output_node = None
+    softmax_seen = False
     for node in g.nodes:
         if node.op == "output":
             outs = node.args[0]
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            if len(outs) != 1:
-                raise ReadError(f"the model returns {len(outs)} values; backplay explains a model whose "
-                                "forward returns one tensor of logits [B, classes] (wrap it and return the "
-                                "logits)")
-            output_node = outs[0]
+            outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            output_node = _output_of(ep, outs)
             continue
-        if node.op != "call_function":
+        if node.op != "call_function" or node.name == root:
             continue
         name = _name(node)
-        if name in _SHAPE_ONLY:
+        if name in _SHAPE_ONLY or not _explained_args(node, taint):
             continue
-        if _explained_args(node, explained):
-            explained.add(node.name)
-    if output_node is None or not hasattr(output_node, "name") or output_node.name not in explained:
+        if name in _SOFTMAX:  # frozen attention weights
+            softmax_seen = True
+            continue
+        taint.add(node.name)
+    if output_node is None or not hasattr(output_node, "name") or output_node.name not in taint:
+        if softmax_seen:
+            raise ReadError("the model's output depends on its input only through a softmax: backplay "
+                            "reads a softmax as frozen attention weights; explain the logits (return the "
+                            "scores before the softmax)")
         raise ReadError("the model's output does not depend on its input: nothing to explain")
-    return explained, output_node, user_inputs[0]
+    explained = {output_node.name}
+    for node in reversed(list(g.nodes)):
+        if node.name not in explained or node.name == root:
+            continue
+        args = _explained_args(node, taint)
+        if _name(node) == "scaled_dot_product_attention":  # q, k: frozen weights; v: the edges
+            args = [a for a in args if a is node.args[2]]
+        explained.update(a.name for a in args)
+    return explained, taint - explained, output_node, user_inputs, root
+
+
+#: elementwise operations: a subgraph of them that depends on one explained tensor is one gate
+_ELEMENTWISE = {"mul", "div", "add", "sub", "rsub", "neg", "tanh", "sigmoid", "relu", "gelu", "silu", "softplus",
+                "leaky_relu", "hardtanh", "relu6", "clamp", "to", "_to_copy"} | {
+    n for n, (k, _) in SUPPORTED.items() if k == "elementwise"}
+
+
+def _needs_gate(node: Any, explained: set) -> bool:
+    """Whether ``node`` cannot be a step of its own (a product of two explained tensors, a
+    nonlinear function that is not a gate of the table)."""
+    name = _name(node)
+    if SUPPORTED.get(name, ("",))[0] == "elementwise":
+        return True
+    return name in ("mul", "div") and len(_explained_args(node, explained)) > 1
+
+
+def _regions(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
+    """Elementwise subgraphs of one explained tensor z that must be read as one gate y = f(z)
+    (THEORY 9): {exit node name: (root node, region nodes in order)} and the nodes inside those
+    gates that are no step of their own ({name: whether something outside the explained graph
+    reads it, so that the pass computes it as a constant too})."""
+    root: dict = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.name not in explained or _name(node) not in _ELEMENTWISE:
+            continue
+        args = _explained_args(node, explained)
+        roots = {root.get(a.name, a) for a in args}
+        if len(roots) == 1:
+            r = next(iter(roots))
+            if _shape(node) is not None and _shape(node) == _shape(r):
+                root[node.name] = r
+
+    def region(node: Any) -> list:
+        r, seen, todo = root[node.name], {node.name: node}, [node]
+        while todo:
+            for a in _explained_args(todo.pop(), explained):
+                if root.get(a.name) is r and a.name not in seen:
+                    seen[a.name] = todo.append(a) or a
+        order = {n: i for i, n in enumerate(ep.graph.nodes)}
+        return sorted(seen.values(), key=order.__getitem__)
+
+    exits = [n for n in ep.graph.nodes if n.name in root and (n is output_node or any(
+        u.name in explained and root.get(u.name) is not root[n.name] for u in n.users))]
+    fused, normal = {}, set()
+    for e in exits:
+        nodes = region(e)
+        if any(_needs_gate(n, explained) for n in nodes):
+            fused[e.name] = (root[e.name], nodes)
+        else:
+            normal.update(n.name for n in nodes)
+    inside = {n.name for _, nodes in fused.values() for n in nodes}
+    internal = inside - normal - set(fused)
+    # an internal node that something outside the explained graph reads is computed too (with what it reads)
+    nodes = {n.name: n for n in ep.graph.nodes}
+    plain = [n for n in internal if any(u.name not in explained for u in nodes[n].users)]
+    needed = set()
+    while plain:
+        n = plain.pop()
+        if n not in needed:
+            needed.add(n)
+            plain.extend(a.name for a in _explained_args(nodes[n], explained) if a.name in internal)
+    return fused, {n: n in needed for n in internal}
 
 
 def _check_node(node: Any, explained: set) -> None:
     name = _name(node)
+    if SUPPORTED.get(name, ("",))[0] == "elementwise":
+        raise UnsupportedOperation(
+            f"{name} at {_where(node)} combines several explained tensors or changes the shape: an "
+            "elementwise function is read as a gate only when it depends on one explained tensor of the "
+            "same shape (e.g. GELU written by hand)")
+    if name == "scaled_dot_product_attention" and (_arg(node, 4, "dropout_p", 0.0) or _arg(node, 7, "enable_gqa", False)):
+        raise UnsupportedOperation(f"scaled_dot_product_attention with dropout or grouped-query heads at "
+                                   f"{_where(node)} (dropout: put the model in eval mode)")
     if name not in SUPPORTED:
         raise UnsupportedOperation(
             f"unsupported operation {name} ({node.target}) at {_where(node)}: backplay's frozen graph "
@@ -387,7 +594,10 @@ def _check_node(node: Any, explained: set) -> None:
 
 
 _LAYER_KINDS = {"linear": "layer", "sum": "layer", "selection": "layer", "norm": "layer", "gate": "gate",
-                "layout": "layout"}
+                "layout": "layout", "attention": "layer"}
+
+
+
 def _weight_layer(node: Any, explained: set) -> bool:
     """Whether ``node`` becomes a dense or convolution map whose weight rows are its output channels
     (the layers an affine map after them can be merged into)."""
@@ -442,19 +652,49 @@ def _merge_ok(layer: Any, node: Any, explained: set) -> bool:
     return len(shp) == len(out) - 1 and shp[0] == out[1] and all(d == 1 for d in shp[1:])
 
 
-def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
+def _folds_batch(node: Any, explained: set) -> bool:
+    """A view [B, ..., D] -> [B * ..., D] read only by dense maps (addmm / mm with a constant weight,
+    e.g. Hugging Face's Conv1D) whose outputs are viewed back to [B, ..., D']: the view is
+    transparent and the dense map acts on the last dimension (the batch stays first)."""
+    if _name(node) not in ("view", "_unsafe_view", "reshape"):
+        return False
+    shp_in, shp_out = _shape(node.args[0]), _shape(node)
+    if shp_in is None or shp_out is None or not all(isinstance(d, int) for d in shp_in + shp_out):
+        return False
+    if len(shp_in) < 3 or shp_out != (math.prod(shp_in[:-1]), shp_in[-1]):
+        return False
+    for u in node.users:
+        arg = 1 if _name(u) == "addmm" else 0 if _name(u) == "mm" else None
+        if arg is None or u.args[arg] is not node or not _is_const_arg(u.args[arg + 1], explained):
+            return False
+        d_out = _shape(u)[-1]
+        if not all(_name(w) in ("view", "_unsafe_view", "reshape") and _shape(w) == shp_in[:-1] + (d_out,)
+                   for w in u.users):
+            return False
+    return True
+
+
+def _plan(ep: Any, explained: set, output_node: Any, root: str, regions: dict, internal: dict
+          ) -> tuple[dict, dict]:
     plan: dict = {}
     alias: dict = {}
     for node in ep.graph.nodes:
-        if node.op != "call_function" or node.name not in explained:
+        if node.op != "call_function" or node.name not in explained or node.name == root \
+                or node.name in internal:
             continue
         if not node.users and node is not output_node:  # a dead output (e.g. unused pool indices)
             alias[node.name] = node.name
             continue
-        _check_node(node, explained)
+        if _folds_batch(node, explained):  # transparent: the dense map reads the unfolded tensor
+            src = node.args[0]
+            alias[node.name] = alias.get(src.name, src.name)
+            continue
+        region = regions.get(node.name)
+        if region is None:
+            _check_node(node, explained)
         name = _name(node)
-        kind = _LAYER_KINDS[SUPPORTED[name][0]]
-        if name in _MULTI_LAYOUT:  # computed by each getitem that reads it
+        kind = "gate" if region is not None else _LAYER_KINDS[SUPPORTED[name][0]]
+        if name in _MULTI_LAYOUT and region is None:  # computed by each getitem that reads it
             continue
         if name == "getitem":
             src = node.args[0]
@@ -463,10 +703,8 @@ def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
                 alias[node.name] = owner
                 continue
             kind = "layout"
-        if name in ("add", "sub", "rsub") and not _is_sum_of_explained(node, explained):
-            kind = "layer"  # a constant added: a bias (a diagonal map)
         # canonise: an affine map right after a dense / conv layer that feeds nothing else is merged
-        if name in _AFFINE_AFTER and not _is_sum_of_explained(node, explained):
+        if region is None and name in _AFFINE_AFTER and not _is_sum_of_explained(node, explained):
             src = _explained_args(node, explained)[0]
             owner = alias.get(src.name, src.name)
             p = plan.get(owner)
@@ -477,11 +715,12 @@ def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
                 continue
         # a gate right after a layer that feeds nothing else is that layer's gate
         if kind == "gate":
-            src = node.args[0]
+            src = node.args[0] if region is None else region[0]
+            inside = {node.name} if region is None else {n.name for n in region[1]}
             owner = alias.get(src.name, src.name)
             p = plan.get(owner)
-            if p is not None and p.kind == "layer" and p.gate is None and len(_users(src)) == 1 \
-                    and src is not output_node:
+            if p is not None and p.kind == "layer" and p.gate is None and src is not output_node \
+                    and all(u.name in inside for u in _users(src)):
                 p.gate = node
                 alias[node.name] = owner
                 continue
@@ -489,11 +728,16 @@ def _plan(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
     return plan, alias
 
 
-def read(model: nn.Module, x: Tensor) -> ModelGraph:
-    """The model graph of ``model`` for inputs like the batch ``x`` (cached; see the module docstring)."""
+def read(model: nn.Module, x: Tensor, kwargs: dict | None = None) -> ModelGraph:
+    """The model graph of ``model`` for inputs like the batch ``x`` (cached; see the module docstring).
+    ``kwargs``: passed to the forward by name (tensors, e.g. an attention mask, become inputs of the
+    graph; other values are fixed)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module or a backplay.MLPSpec, got {type(model).__name__}")
-    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    kwargs = dict(kwargs or {})
+    kw_key = tuple((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v))
+                   for k, v in kwargs.items())
+    key = (tuple(x.shape[1:]), x.dtype, x.device, kw_key)
     versions = _state_versions(model)
     cache = _EXPORTS.setdefault(model, {})
     hit = cache.get(key)
@@ -501,10 +745,11 @@ def read(model: nn.Module, x: Tensor) -> ModelGraph:
         return hit[1]
     # the first export is static (fast); a second batch size exports once with a dynamic batch
     # dimension, which every later batch size reuses
-    ex = _export(model, x, dynamic=hit is not None and hit[0] == versions)
+    ex = _export(model, x, kwargs, dynamic=hit is not None and hit[0] == versions)
     ep = ex.program
-    explained, output_node, input_name = _analyse(ep)
-    plan, alias = _plan(ep, explained, output_node)
+    explained, frozen, output_node, input_names, root = _analyse(ep)
+    regions, internal = _regions(ep, explained, output_node)
+    plan, alias = _plan(ep, explained, output_node, root, regions, internal)
     params = {}
     sig = ep.graph_signature
     state = ep.state_dict
@@ -514,7 +759,10 @@ def read(model: nn.Module, x: Tensor) -> ModelGraph:
         params[ph] = ep.constants[target]
     track = any(p.kind == "layout" and _name(p.node.args[0] if _name(p.node) == "getitem" else p.node)
                 not in _RESHAPES for p in plan.values())
-    graph = ModelGraph(ep, ex.dynamic, explained, plan, alias, params, input_name, output_node, track)
+    spec = ep.call_spec.in_spec  # ((args), {kwargs}): the kwargs in the exporter's order
+    kw_order = tuple(spec.children_specs[1].context) if kwargs else ()
+    graph = ModelGraph(ep, ex.dynamic, explained, frozen, plan, alias, params, input_names, root, output_node,
+                       track, regions, internal, kw_order)
     cache[key] = (versions, graph, x.shape[0])
     return graph
 
@@ -556,35 +804,46 @@ def _gate_of(node: Any, env: Callable) -> Gate:
 
 
 class _RepeatOp(LinearOp):
-    """A layout that repeats units (expand, nearest upsampling, repeat): a layer of copy rows, each
-    output unit a copy of one input unit (relevance passes by the transpose whatever the rule), so
-    that a later layer sees each copy as its own contribution (THEORY.md section 9: copy edges)."""
+    """A layout that repeats units (expand, nearest upsampling, repeat) or writes constants (a cls
+    token concatenated to the patch tokens): a layer of copy rows, each output unit a copy of one
+    input unit (relevance passes by the transpose whatever the rule), so that a later layer sees
+    each copy as its own contribution (THEORY.md section 9: copy edges); the constant entries are
+    the bias (a unit made of a constant only: its relevance goes to the bias sink)."""
 
     pass_through = True
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], out_shape: tuple) -> None:
-        self.fn, self.out_shape = fn, out_shape
+    def __init__(self, fn: Callable[[Tensor], Tensor], out_shape: tuple, const: Tensor | None = None) -> None:
+        self.fn, self.out_shape, self.bias = fn, out_shape, const
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
         if part in ("neg", "ineg"):
             return y.new_zeros((y.shape[0],) + self.out_shape)
-        return self.fn(y)
+        out = self.fn(y)
+        return out if self.bias is None else out - self.bias
 
     def __repr__(self) -> str:
-        return f"RepeatOp(-> {self.out_shape})"
+        return f"RepeatOp(-> {self.out_shape}{', constants' if self.bias is not None else ''})"
 
 
-def _surrogate(graph: "ModelGraph", dtype: torch.dtype, x: Tensor) -> Callable[[float], Trace]:
-    """The pass of the SoftplusGame surrogate at temperature eps, on demand (holds no tensor but x)."""
-    return lambda eps: _Runner(graph, dtype, False, lambda gt: gt.at_temperature(eps)).run(x)
+def _surrogate(graph: "ModelGraph", dtype: torch.dtype, x: Tensor, inputs: dict, position: Tensor | None
+               ) -> Callable[[float], Trace]:
+    """The pass of the SoftplusGame surrogate at temperature eps, on demand (holds only the inputs)."""
+    return lambda eps: _Runner(graph, dtype, False, lambda gt: gt.at_temperature(eps)).run(x, inputs, position)
+
+
+def _select_position(position: Tensor) -> Callable[[Tensor], Tensor]:
+    """logits [B, T, V] -> [B, V] at one position per sample."""
+    return lambda y: y[torch.arange(y.shape[0], device=y.device), position.to(y.device)]
 
 
 class _Runner:
     def __init__(self, graph: ModelGraph, dtype: torch.dtype, lean: bool, gate_map: Callable | None) -> None:
         self.g, self.dtype, self.lean, self.gate_map = graph, dtype, lean, gate_map
         self.n_layers = 0
+        self.n_blocks = 0
         self.units: dict = {}  # tensor -> the unit ids of one sample (float64: 1 + a running count; 0: a constant)
         self.n_units = 0
+        self.pending: dict = {}  # layout outputs whose batch is not first -> (fn of origins, origin names)
 
     def const(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
@@ -593,14 +852,12 @@ class _Runner:
                 return a.to(self.dtype)
         return a
 
-    def run(self, x: Tensor) -> Trace:
+    def run(self, x: Tensor, inputs: dict, position: Tensor | None) -> Trace:
         g = self.g
         env: dict = {}
-        ids: dict = {g.input_name: 0}  # fx node name -> tensor id
-        if g.track_units:  # some layout may repeat units: follow the unit ids of one sample
-            n0 = x[0].numel()
-            self.units[g.input_name] = torch.arange(1, n0 + 1, dtype=torch.float64).reshape((1,) + tuple(x.shape[1:]))
-            self.n_units = n0
+        ids: dict = {g.root: 0}  # fx node name -> tensor id
+        feed = {g.input_names[0]: x}
+        feed.update((n, inputs[n] if n in inputs else inputs[k]) for n, k in zip(g.input_names[1:], g.kwarg_names))
         steps: list = []
         self.env, self.ids, self.steps = env, ids, steps
 
@@ -612,16 +869,27 @@ class _Runner:
             return a
 
         self.val = val
+        xe = x
         with torch.no_grad():
             for node in g.program.graph.nodes:
                 if node.op == "placeholder":
-                    env[node.name] = x if node.name == g.input_name else self.const(g.params[node.name])
+                    env[node.name] = self.const(g.params[node.name]) if node.name in g.params else \
+                        feed[node.name] if node.name in feed else inputs[node.name]
+                    if node.name == g.root:
+                        self.start(x)
                     continue
                 if node.op != "call_function":
                     continue
-                if node.name in g.alias or _name(node) in _MULTI_LAYOUT and node.name in g.explained:
+                if node.name == g.root:  # the embedding lookup of the ids: the explained tensor
+                    xe = env[node.name] = self.const(node.target(*val(node.args), **val(node.kwargs)))
+                    self.start(xe)
                     continue
-                if node.name not in g.explained:
+                if node.name in g.internal and not g.internal[node.name]:
+                    continue  # computed inside its fused gate only
+                if node.name in g.alias:
+                    continue
+                if node.name not in g.explained or node.name in g.internal or _name(node) in _MULTI_LAYOUT:
+                    # (a split's pieces: layout steps each; the split itself for frozen readers, views)
                     out = node.target(*val(node.args), **val(node.kwargs))
                     env[node.name] = self.const(out)
                     continue
@@ -632,15 +900,144 @@ class _Runner:
                     self.layer(p)
         out_name = g.alias.get(g.output_node.name, g.output_node.name)
         out = env[out_name]
+        if position is not None:
+            if out.ndim != 3:
+                raise ReadError(f"position= picks a position of an output [B, T, vocab]; this model's output "
+                                f"has shape {tuple(out.shape)}")
+            fn = _select_position(position)
+            sel = fn(out)
+            tid = len(ids)
+            steps.append(LayoutStep(fn, (tuple(out.shape[1:]),), (ids[out_name],), tid, sel, "the explained position"))
+            out_id, out = tid, sel
+        else:
+            out_id = ids[out_name]
         if out.ndim != 2:
             raise ReadError(f"the model's output has shape {tuple(out.shape)}; backplay explains a logit of "
-                            "an output [B, classes]: wrap the model so that it returns [B, classes] (e.g. "
-                            "select a position with out[:, -1] or flatten)")
+                            "an output [B, classes] (a language model's [B, T, vocab] at one position: give "
+                            "integer token ids, or wrap the model so that it returns [B, classes])")
         self.env = self.units = self.val = None  # the trace alone holds the pass's tensors from here
-        return Trace(x, steps, ids[out_name], out, _surrogate(g, self.dtype, x))
+        return Trace(xe, steps, out_id, out, _surrogate(g, self.dtype, x, inputs, position))
+
+    def replay(self, x: Tensor, inputs: dict, position: Tensor | None, frozen: bool, eps: float,
+               freeze_softmax: bool, uniform_products: bool) -> Replay:
+        """See :meth:`ModelGraph.replay`."""
+        g = self.g
+        env: dict = {}
+        self.env = env
+        feed = {g.input_names[0]: x}
+        feed.update((n, inputs[n] if n in inputs else inputs[k]) for n, k in zip(g.input_names[1:], g.kwarg_names))
+        live: set = set()  # nodes that depend on the explained tensor
+        attention, attention_out = [], []
+
+        def val(a: Any) -> Any:
+            if hasattr(a, "op"):
+                return env[a.name]
+            if isinstance(a, (list, tuple)):
+                return type(a)(val(b) for b in a)
+            return a
+
+        def stabilised(z: Tensor) -> Tensor:
+            if eps == 0 or not z.requires_grad:
+                return z
+            s = (z / (z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))).detach()
+            return z.detach() + (z - z.detach()) * s
+
+        def product(fn: Callable, a: Tensor, b: Tensor) -> Tensor:
+            if uniform_products and a.requires_grad and b.requires_grad:
+                return 0.5 * fn(a, b.detach()) + 0.5 * fn(a.detach(), b)
+            return fn(a, b)
+
+        self.val = val
+        xe = None
+        with torch.enable_grad():
+            for node in g.program.graph.nodes:
+                if node.op == "placeholder":
+                    env[node.name] = self.const(g.params[node.name]) if node.name in g.params else \
+                        feed[node.name] if node.name in feed else inputs[node.name]
+                    if node.name == g.root:
+                        xe = env[node.name] = x.detach().requires_grad_(True)
+                        live.add(node.name)
+                    continue
+                if node.op != "call_function":
+                    continue
+                name = _name(node)
+                if node.name == g.root:
+                    v = self.const(node.target(*val(node.args), **val(node.kwargs)))
+                    xe = env[node.name] = v.detach().requires_grad_(True)
+                    live.add(node.name)
+                    continue
+                args = [a for a in _explained_args(node, live)]
+                if not args or name in _SHAPE_ONLY:
+                    with torch.no_grad():
+                        env[node.name] = self.const(node.target(*val(node.args), **val(node.kwargs)))
+                    continue
+                live.add(node.name)
+                region = g.regions.get(node.name)
+                if frozen and node.name in g.internal and not g.internal[node.name]:
+                    continue  # inside a fused gate
+                if frozen and (region is not None or SUPPORTED.get(name, ("",))[0] == "gate"):
+                    z = env[(region[0] if region is not None else node.args[0]).name]
+                    gate = self.gate_of(node)
+                    _, p = gate(z.detach())
+                    c = gate.offset(z.detach(), p)
+                    y = p * z
+                    env[node.name] = y if c is None else y + c
+                elif frozen and name in ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm",
+                                         "rms_norm"):
+                    z = env[node.args[0].name]
+                    op = self.norm(node, name, z.detach())
+                    y = op.forward(z)
+                    env[node.name] = (y, None, None) if name.startswith("native") else y
+                elif name in _SOFTMAX:
+                    A = node.target(*val(node.args), **val(node.kwargs))
+                    env[node.name] = A.detach() if freeze_softmax else A
+                elif name == "scaled_dot_product_attention":
+                    q, k, v = (env[a.name] if hasattr(a, "op") else a for a in node.args[:3])
+                    scale = _arg(node, 6, "scale")
+                    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+                    S = product(torch.matmul, q * scale, k.transpose(-2, -1))
+                    if _arg(node, 5, "is_causal", False):
+                        keep = torch.ones(S.shape[-2:], dtype=torch.bool, device=S.device).tril()
+                        S = S.masked_fill(~keep, -math.inf)
+                    mask = val(_arg(node, 3, "attn_mask"))
+                    if mask is not None:
+                        S = S.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else S + mask
+                    A = torch.softmax(S, dim=-1)
+                    A = A.detach() if freeze_softmax else A
+                    out = product(torch.matmul, A, v)
+                    attention.append(A)
+                    attention_out.append(out)
+                    env[node.name] = out
+                elif name in ("matmul", "mm", "bmm", "mul") and len(args) == 2:
+                    a0, a1 = val(node.args[0]), val(node.args[1])
+                    out = product(node.target, a0, a1)
+                    if name != "mul" and _softmax_source(node.args[0]) and node.name in g.explained:
+                        attention.append(a0)
+                        attention_out.append(out)
+                    env[node.name] = out
+                else:
+                    out = node.target(*val(node.args), **val(node.kwargs))
+                    if _weight_layer(node, live) or (name in ("matmul", "mm", "bmm") and len(args) == 1):
+                        out = stabilised(out)
+                    env[node.name] = out
+        out = env[g.output_node.name]
+        if position is not None:
+            out = _select_position(position)(out)
+        self.env = self.val = None
+        return Replay(xe, out, attention, attention_out)
+
+    def start(self, x: Tensor) -> None:
+        """The explained tensor ``x`` (tensor id 0)."""
+        if self.g.track_units:  # some layout may repeat units: follow the unit ids of one sample
+            n0 = x[0].numel()
+            self.units[self.g.root] = torch.arange(1, n0 + 1, dtype=torch.float64).reshape((1,) + tuple(x.shape[1:]))
+            self.n_units = n0
 
     # -- layout steps ----------------------------------------------------------------------------
     def layout(self, node: Any) -> None:
+        """A layout step. One whose output does not keep the batch first (timm's
+        ``qkv.permute(2, 0, 3, 1, 4)``) is no step of its own: it is composed into the layouts that
+        read it, until the batch is first again (a layer may not read it)."""
         env, g = self.env, self.g
         name = _name(node)
         comp = node  # the node whose target computes the step (a split for its getitem)
@@ -648,9 +1045,16 @@ class _Runner:
             comp = node.args[0]
         srcs = _explained_args(comp, g.explained)
         src_names = [g.alias.get(s.name, s.name) for s in srcs]
-        values = [env[n] for n in src_names]
         identity = _name(comp) in ("_to_copy", "dropout", "clone", "alias", "contiguous")
-        reshape = _name(comp) in _RESHAPES
+        reshape = _name(comp) in _RESHAPES and not any(n in self.pending for n in src_names)
+        # the batch-first tensors the step reads (through pending layouts)
+        origin: list = []
+        for n in src_names:
+            for o in (self.pending[n][1] if n in self.pending else [n]):
+                if o not in origin:
+                    origin.append(o)
+        inner = [self.pending.get(n) for n in src_names]
+        values = [env[n] for n in origin]
 
         consts = {}  # the constant arguments only (the step must not keep the pass's other tensors)
         for a in list(comp.args) + list(comp.kwargs.values()):
@@ -658,7 +1062,7 @@ class _Runner:
                 if hasattr(b, "op") and g.alias.get(b.name, b.name) not in src_names:
                     consts[g.alias.get(b.name, b.name)] = env[g.alias.get(b.name, b.name)]
 
-        def fn(*ts: Tensor) -> Tensor:
+        def own(*ts: Tensor, consts: dict = consts) -> Tensor:
             if identity:
                 return ts[0]
             sub = dict(zip(src_names, ts))
@@ -673,33 +1077,68 @@ class _Runner:
             out = comp.target(*v(comp.args), **{k: v(a) for k, a in comp.kwargs.items()})
             return out[node.args[1]] if comp is not node else out
 
+        def fn(*ts: Tensor, own: Callable = own) -> Tensor:
+            if not any(inner):
+                return own(*ts)
+            sub = dict(zip(origin, ts))
+            return own(*[sub[n] if f is None else f[0](*[sub[o] for o in f[1]]) for n, f in zip(src_names, inner)])
+
         out = fn(*values)
         env[node.name] = out
         where = _where(node)
+        B = values[0].shape[0]
+        if not identity and not reshape and B > 0:
+            # where the batch goes: each sample's index through the map (constants as zeros)
+            zero_consts = {k: torch.zeros_like(c) if isinstance(c, Tensor) and c.is_floating_point() else c
+                           for k, c in consts.items()}
+            probe = [torch.arange(1, B + 1, dtype=v.dtype if v.is_floating_point() else torch.float64,
+                                  device=v.device).view((B,) + (1,) * (v.ndim - 1)).expand(v.shape) for v in values]
+            mapped = fn(*probe, own=functools.partial(own, consts=zero_consts)) if not any(inner) else None
+            if mapped is None:  # composed: the inner layouts' constants stay (an index map of the probe)
+                mapped = fn(*probe)
+            rows = torch.arange(1, B + 1, dtype=mapped.dtype, device=mapped.device).view((B,) + (1,) * (mapped.ndim - 1))
+            first = mapped.shape[0] == B and bool(((mapped == rows) | (mapped == 0)).all())
+        else:
+            first = out.shape[0] == B
+        if not first:
+            self.pending[node.name] = (fn, origin)
+            return
         in_shapes = tuple(tuple(t.shape[1:]) for t in values)
+        if any(isinstance(c, Tensor) and c.is_floating_point() for c in consts.values()):
+            const = fn(*[torch.zeros_like(v) for v in values])  # the constant entries (a cls token)
+            if bool((const != 0).any()):
+                if len(set(origin)) > 1:
+                    raise UnsupportedOperation(f"{name} combines several explained tensors with constants at "
+                                               f"{where}: add the constants in a step of their own")
+                k = len(origin)
+                op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), tuple(out.shape[1:]), const)
+                self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name)
+                return
         if not self.g.track_units:
             pass
         elif reshape:
-            self.units[node.name] = self.units[src_names[0]].reshape((1,) + tuple(out.shape[1:]))
+            self.units[node.name] = self.units[origin[0]].reshape((1,) + tuple(out.shape[1:]))
         else:
-            units = [self.units[n] for n in src_names]
+            units = [self.units[n] for n in origin]
             try:
                 mapped = fn(*units)
+                if mapped.shape[1:] != out.shape[1:]:
+                    raise RuntimeError("batch-sized")
             except RuntimeError:  # an argument tied to the batch size: map the ids of the whole batch
-                mapped = fn(*[u.expand((out.shape[0],) + tuple(u.shape[1:])).contiguous() for u in units])[:1]
+                mapped = fn(*[u.expand((B,) + tuple(u.shape[1:])).contiguous() for u in units])[:1]
             self.units[node.name] = mapped
             seen = mapped[mapped > 0]
             if seen.numel() != torch.unique(seen).numel():  # the layout repeats units (expand, upsample)
-                if len(set(src_names)) > 1:
+                if len(set(origin)) > 1:
                     raise UnsupportedOperation(f"{name} repeats units of several tensors at {where}: repeat "
                                                "each tensor on its own before combining them")
-                k = len(src_names)
+                k = len(origin)
                 op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), out_shape=tuple(out.shape[1:]))
-                self.record(op, "copy", values[0], out, LinearGate(), src_names[:1], where, node.name)
+                self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name)
                 return
         tid = len(self.ids)
         self.ids[node.name] = tid
-        self.steps.append(LayoutStep(fn, in_shapes, tuple(self.ids[n] for n in src_names), tid, out, where,
+        self.steps.append(LayoutStep(fn, in_shapes, tuple(self.ids[n] for n in origin), tid, out, where,
                                      reshape))
 
     # -- layers ------------------------------------------------------------------------------------
@@ -708,17 +1147,24 @@ class _Runner:
         name = _name(node)
         g, env = self.g, self.env
         srcs = _explained_args(node, g.explained)
-        if _is_sum_of_explained(node, g.explained) and node.args[0] is not node.args[1]:
+        if node.name in g.regions:  # a fused elementwise gate reads its region's root
+            srcs = [g.regions[node.name][0]]
+        elif _is_sum_of_explained(node, g.explained) and node.args[0] is not node.args[1]:
             srcs = list(node.args[:2])
         src_names = [g.alias.get(s.name, s.name) for s in srcs]
+        if any(n in self.pending for n in src_names):
+            raise UnsupportedOperation(f"{name} at {_where(node)} reads a tensor whose first dimension is not "
+                                       "the batch (a permute / transpose of the batch dimension): backplay reads "
+                                       "layers on batch-first tensors; keep the batch first (e.g. "
+                                       "nn.MultiheadAttention(batch_first=True) with need_weights=False)")
         ins = [env[n] for n in src_names]
         if p.kind == "gate":
-            op, kind, y_in, gate = IdentityOp(), "gate", ins[0], _gate_of(node, self.val)
+            op, kind, y_in, gate = IdentityOp(), "gate", ins[0], self.gate_of(node)
         else:
             op, kind, y_in = self.map_of(node, name, ins)
             for m in p.merged:
                 op = self.merge(op, m)
-            gate = _gate_of(p.gate, self.val) if p.gate is not None else LinearGate()
+            gate = self.gate_of(p.gate) if p.gate is not None else LinearGate()
         if self.gate_map is not None and gate.activated:
             gate = self.gate_map(gate)
         z = op.forward(y_in)
@@ -730,6 +1176,34 @@ class _Runner:
             y = None
         last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
         self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, y, ins)
+
+    def gate_of(self, node: Any) -> Gate:
+        """The gate of a gate node, or of a fused elementwise subgraph (:class:`FunctionGate`)."""
+        region = self.g.regions.get(node.name)
+        if region is None:
+            return _gate_of(node, self.val)
+        root, nodes = region
+        inside = {n.name for n in nodes}
+        consts = {}
+        for n in nodes:
+            for a in list(n.args) + list(n.kwargs.values()):
+                for b in (a if isinstance(a, (list, tuple)) else [a]):
+                    if hasattr(b, "op") and b.name not in inside and b is not root:
+                        consts[b.name] = self.val(b)
+
+        def f(z: Tensor) -> Tensor:
+            sub = {root.name: z}
+
+            def v(a: Any) -> Any:
+                if hasattr(a, "op"):
+                    return sub[a.name] if a.name in sub else consts[a.name]
+                if isinstance(a, (list, tuple)):
+                    return type(a)(v(b) for b in a)
+                return a
+            for n in nodes:
+                sub[n.name] = n.target(*v(n.args), **{k: v(a) for k, a in n.kwargs.items()})
+            return sub[node.name]
+        return FunctionGate(f, " ".join(_name(n) for n in nodes))
 
     def record(self, op: LinearOp, kind: str, y_in: Tensor, z: Tensor, gate: Gate, src_names: list, where: str,
                name: str, y: Tensor | None = None, ins: list | None = None) -> None:
@@ -749,9 +1223,12 @@ class _Runner:
                                             dtype=torch.float64).reshape((1,) + tuple(y.shape[1:]))
             self.n_units += n
         ins = ins if ins is not None else [y_in]
+        block = None
+        if isinstance(op, AttentionOp):
+            block, self.n_blocks = self.n_blocks, self.n_blocks + 1
         rec = LayerTrace(op, gate, y_in, None if self.lean else z, None if self.lean else pv, y,
                          index=self.n_layers, kind=kind, sources=tuple(self.ids[n] for n in src_names), out=tid,
-                         where=where, in_shapes=tuple(tuple(t.shape[1:]) for t in ins))
+                         where=where, in_shapes=tuple(tuple(t.shape[1:]) for t in ins), block=block)
         self.steps.append(rec)
 
     def merge(self, op: LinearOp, node: Any) -> LinearOp:
@@ -822,7 +1299,7 @@ class _Runner:
         raise AssertionError(name)
 
     def env_device(self) -> torch.device:
-        return self.env[self.g.input_name].device
+        return self.env[self.g.root].device
 
     def map_of(self, node: Any, name: str, ins: list) -> tuple[LinearOp, str, Tensor]:
         """(map, kind, map input) of a layer node."""
@@ -845,7 +1322,11 @@ class _Runner:
                     return DenseOp(w.t(), None), "linear", x
                 return WeightOp(lambda y, w: torch.matmul(y, w), w, None, name), "map", x
             w = self.const(val(a))
+            if _softmax_source(a):  # frozen attention weights (a softmax) times v
+                return AttentionOp(w), "attention", x
             return WeightOp(lambda y, w: torch.matmul(w, y), w, None, name), "map", x
+        if name == "scaled_dot_product_attention":
+            return AttentionOp(self.attention_weights(node)), "attention", x
         if name in ("conv1d", "conv2d", "conv3d"):
             w, b = self.const(val(node.args[1])), self.const(val(_arg(node, 2, "bias")))
             return ConvOp(w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
@@ -896,6 +1377,20 @@ class _Runner:
         if name in ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm"):
             return self.norm(node, name, x), "norm", x
         raise AssertionError(name)
+
+    def attention_weights(self, node: Any) -> Tensor:
+        """softmax(q k^T scale + mask) of a fused attention (q, k: frozen), as torch's math form."""
+        q, k = self.val(node.args[0]), self.val(node.args[1])
+        mask = self.val(_arg(node, 3, "attn_mask"))
+        scale = _arg(node, 6, "scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        s = torch.matmul(q, k.transpose(-2, -1)) * scale
+        if _arg(node, 5, "is_causal", False):
+            keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+            s = s.masked_fill(~keep, -math.inf)
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + self.const(mask)
+        return torch.softmax(s, dim=-1)
 
     def pool(self, node: Any, name: str, x: Tensor) -> PoolOp:
         args = [self.val(a) for a in node.args[1:]]

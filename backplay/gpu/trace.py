@@ -46,6 +46,7 @@ class LayerTrace:
     out: int = -1
     where: str = ""
     in_shapes: tuple = ()  # per-sample shapes of the sources of a sum node (broadcast ones are summed back)
+    block: int | None = None  # attention layers (token mixing): their number, 0 first (the token anchor)
     _offset: Any = field(default=None, repr=False)
 
     def offset(self) -> Tensor | None:
@@ -107,6 +108,7 @@ class Trace:
         self._surrogate = surrogate
         self.layers = [s for s in steps if isinstance(s, LayerTrace)]
         self.n_layers = len(self.layers)
+        self.n_blocks = sum(1 for s in self.layers if s.block is not None)  # attention layers
         self.cuts = _cuts(steps, output_id)
         self._source_ids = [s.sources for s in steps]
 

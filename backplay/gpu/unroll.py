@@ -15,7 +15,7 @@ import torch
 
 from backplay.nets import FrozenNet
 
-__all__ = ["Unrolled", "unroll", "unroll_graph", "unroll_trace", "unroll_vit"]
+__all__ = ["Unrolled", "unroll", "unroll_graph", "unroll_trace"]
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,7 @@ class Unrolled:
 
 def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
     """The forward pass of ``model`` at ONE input ``x`` (a single sample, no batch dimension) as dense affine
-    layers in float64 (:func:`unroll_graph`). A :class:`backplay.gpu.vit.ViT` is unrolled by
-    :func:`unroll_vit`."""
-    from backplay.gpu.vit import ViT
-
-    if isinstance(model, ViT):
-        return unroll_vit(model, x).net
+    layers in float64 (:func:`unroll_graph`)."""
     return unroll_graph(model, x).net
 
 
@@ -179,19 +174,3 @@ def unroll_trace(trace: Any) -> Unrolled:
     boundaries = [0] + [boundary_of[c] for c in trace.cuts] + [len(weights)]
     net = FrozenNet(weights, biases, [np.array(values[:trace.x[0].numel()])] + ys, kinds, anchors)
     return Unrolled(net, boundaries, gates)
-
-
-def unroll_vit(model: Any, x: torch.Tensor, eps: float = 1.0) -> Unrolled:
-    """The frozen extended graph of ``model`` at ONE image ``x`` [C, H, W] as a layered
-    :class:`backplay.nets.FrozenNet` in float64 (THEORY.md section 7), by the generic unroll of the
-    trace (:mod:`backplay.gpu.unroll`): per block the attention residual (norm1, v, attention mix,
-    proj, add) and the MLP residual (norm2, fc1 with its frozen GELU folded into the values, fc2,
-    add), the skip carried by ``"copy"`` rows; the attention layers carry ``anchors`` (each row's own
-    token). ``eps``: the GELU temperature (SoftplusGame's surrogate; 1 = the model)."""
-    from backplay.gpu.vit_explain import ViTGraph, prepare_vit
-
-    xb, squeeze, _ = prepare_vit(model, x)
-    if not squeeze:
-        raise ValueError(f"unroll takes one image [C, H, W], got shape {tuple(x.shape)}")
-    xb = xb.to(torch.float64)
-    return unroll_trace(ViTGraph(model, torch.float64).trace(xb, eps=eps))

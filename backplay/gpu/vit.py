@@ -59,6 +59,7 @@ __all__ = [
     "vit_tiny_test",
     "load",
     "load_state_dict_any",
+    "patch_relevance",
 ]
 
 #: The quantities :meth:`ViT.forward_explain` can freeze (detach).
@@ -474,15 +475,16 @@ def load_state_dict_any(state_dict: Any, config: ViTConfig | dict[str, Any] | No
                                                num_classes=num_classes, dtype=dtype, **kwargs)
 
 
-def __getattr__(name: str) -> Any:
-    """``unroll_vit`` lives in :mod:`backplay.gpu.unroll` and ``patch_relevance`` in
-    :mod:`backplay.gpu.vit_rules` (imported lazily: both import this module)."""
-    if name == "unroll_vit":
-        from .unroll import unroll_vit
-
-        return unroll_vit
-    if name == "patch_relevance":
-        from . import vit_rules
-
-        return vit_rules.patch_relevance
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def patch_relevance(R_pixels: Tensor, patch_size: int) -> Tensor:
+    """Sum pooling of a pixel relevance [B, C, H, W] (or one image [C, H, W]) over the channels and
+    the non-overlapping ``patch_size x patch_size`` patches -> [B, H / p, W / p] (or [H / p, W / p])."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not isinstance(R_pixels, Tensor) or R_pixels.dim() not in (3, 4):
+        raise ValueError(f"R_pixels must be a tensor [B, C, H, W] or [C, H, W], got "
+                         f"{tuple(getattr(R_pixels, 'shape', ()))}")
+    h, w = R_pixels.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image {h}x{w} is not a multiple of patch_size {patch_size}")
+    s = R_pixels.sum(-3)
+    return s.reshape(s.shape[:-2] + (h // patch_size, patch_size, w // patch_size, patch_size)).sum((-3, -1))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..gpu.unroll import Unrolled, unroll_graph, unroll_vit
+from ..gpu.unroll import Unrolled, unroll_graph
 from ..rules import LRP0, Gradient, GradientXInput, Rule, SoftplusGame
 from ..theory.arith import Arith
 from ..theory.routing import routing_law
@@ -59,10 +59,6 @@ def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
 
 def unrolled(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrolled:
     """The unrolled graph of ``model`` at ONE input (``eps``: the SoftplusGame surrogate)."""
-    from ..gpu.vit import ViT
-
-    if isinstance(model, ViT):
-        return unroll_vit(model, x, eps=1.0 if eps is None else eps)
     return unroll_graph(model, x, eps=eps)
 
 
