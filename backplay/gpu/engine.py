@@ -105,8 +105,13 @@ def _module(model: Any, x: Tensor) -> nn.Module:
 
 
 def _first_layer(module: nn.Module) -> nn.Module | None:
-    """The first module (registration order) that holds parameters: usually the first layer."""
-    return next((m for m in module.modules() if list(m.parameters(recurse=False))), None)
+    """The first module (registration order) that holds parameters: usually the first layer; when
+    that is no Linear / convolution (a cls token, a norm), the first Linear / convolution (a
+    transformer's patch embedding)."""
+    first = next((m for m in module.modules() if list(m.parameters(recurse=False))), None)
+    if first is None or _sample_rank(first) is not None:
+        return first
+    return next((m for m in module.modules() if _sample_rank(m) is not None), first)
 
 
 def _first_op(module: nn.Module) -> nn.Module | None:

@@ -760,7 +760,7 @@ def read(model: nn.Module, x: Tensor, kwargs: dict | None = None) -> ModelGraph:
     track = any(p.kind == "layout" and _name(p.node.args[0] if _name(p.node) == "getitem" else p.node)
                 not in _RESHAPES for p in plan.values())
     spec = ep.call_spec.in_spec  # ((args), {kwargs}): the kwargs in the exporter's order
-    kw_order = tuple(spec.children_specs[1].context) if kwargs else ()
+    kw_order = tuple(spec.child(1).context) if kwargs else ()
     graph = ModelGraph(ep, ex.dynamic, explained, frozen, plan, alias, params, input_names, root, output_node,
                        track, regions, internal, kw_order)
     cache[key] = (versions, graph, x.shape[0])
@@ -812,12 +812,15 @@ class _RepeatOp(LinearOp):
 
     pass_through = True
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], out_shape: tuple, const: Tensor | None = None) -> None:
-        self.fn, self.out_shape, self.bias = fn, out_shape, const
+    def __init__(self, fn: Callable[[Tensor], Tensor], out_shape: tuple, const: Tensor | None = None,
+                 batch: int = 1) -> None:
+        self.fn, self.out_shape, self.bias, self.batch = fn, out_shape, const, batch
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
         if part in ("neg", "ineg"):
             return y.new_zeros((y.shape[0],) + self.out_shape)
+        if y.shape[0] != self.batch:  # the layout's constants have the pass's batch size: chunks of it
+            return torch.cat([self.apply(c, part) for c in y.split(self.batch)])
         out = self.fn(y)
         return out if self.bias is None else out - self.bias
 
@@ -1111,7 +1114,7 @@ class _Runner:
                     raise UnsupportedOperation(f"{name} combines several explained tensors with constants at "
                                                f"{where}: add the constants in a step of their own")
                 k = len(origin)
-                op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), tuple(out.shape[1:]), const)
+                op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), tuple(out.shape[1:]), const, B)
                 self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name)
                 return
         if not self.g.track_units:
@@ -1133,7 +1136,7 @@ class _Runner:
                     raise UnsupportedOperation(f"{name} repeats units of several tensors at {where}: repeat "
                                                "each tensor on its own before combining them")
                 k = len(origin)
-                op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), out_shape=tuple(out.shape[1:]))
+                op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), tuple(out.shape[1:]), None, B)
                 self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name)
                 return
         tid = len(self.ids)

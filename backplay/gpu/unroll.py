@@ -36,7 +36,8 @@ def unroll(model: Any, x: torch.Tensor) -> FrozenNet:
     return unroll_graph(model, x).net
 
 
-def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrolled:
+def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None, attention_mask: Any = None,
+                 position: Any = None) -> Unrolled:
     """The frozen extended graph of ``model`` at ONE input as a layered FrozenNet.
 
     Layer l of the result is layer l of the explained pass (torch order, ``LayerTrace.index``): its
@@ -47,12 +48,19 @@ def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrol
     rows (weight 1, relevance passed unchanged whatever the rule); selection rows and the identity
     rows of a standalone gate are ``"copy"`` rows too. Gates are folded into the recorded values
     ``ys``. When the output is a layout of the last layer's output, one last layer of copy rows
-    writes it. ``eps``: the SoftplusGame surrogate's pass (every gate at temperature eps)."""
+    writes it. ``eps``: the SoftplusGame surrogate's pass (every gate at temperature eps). Token ids
+    ``x`` [T] of a language model: the graph starts at the input embeddings [T, D] (``attention_mask``
+    [T] and ``position`` as in :func:`backplay.explain`); the model's dtype is kept."""
     from backplay.gpu.engine import prepare
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
-    prep = prepare(model, x.detach().to(torch.float64), one_sample=True)
+    if x.is_floating_point():
+        prep = prepare(model, x.detach().to(torch.float64), one_sample=True)
+    else:
+        if x.ndim != 1:
+            raise ValueError(f"unroll takes the token ids of ONE sequence [T], got shape {tuple(x.shape)}")
+        prep = prepare(model, x, attention_mask=attention_mask, position=position)
     with torch.no_grad():
         trace = prep.trace()
         if eps is not None:

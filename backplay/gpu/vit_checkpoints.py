@@ -492,6 +492,8 @@ def load_state_dict_any(state_dict: Mapping[str, Any],
     if drop_head and cfg.num_classes != 0:
         cfg = cfg.replace(num_classes=0)
     model = ViT(cfg)
+    if dtype is not None:  # before the copy: a float64 checkpoint is not rounded through float32
+        model = model.to(dtype=dtype)
     expected = model.state_dict()
     missing = [k for k in expected if k not in canonical]
     hint = None

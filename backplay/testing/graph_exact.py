@@ -57,13 +57,14 @@ def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
     return [y * g for y, g in zip(ys, grads)], ys[-1][target]
 
 
-def unrolled(model: Any, x: torch.Tensor, eps: float | None = None) -> Unrolled:
-    """The unrolled graph of ``model`` at ONE input (``eps``: the SoftplusGame surrogate)."""
-    return unroll_graph(model, x, eps=eps)
+def unrolled(model: Any, x: torch.Tensor, eps: float | None = None, **inputs: Any) -> Unrolled:
+    """The unrolled graph of ``model`` at ONE input (``eps``: the SoftplusGame surrogate; ``inputs``:
+    a language model's ``attention_mask`` / ``position``)."""
+    return unroll_graph(model, x, eps=eps, **inputs)
 
 
-def exact_report(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None
-                 ) -> tuple[list, Any, Any]:
+def exact_report(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None,
+                 **inputs: Any) -> tuple[list, Any, Any]:
     """(relevance at every report layer of ``explain`` (flat arrays), stopped mass, logit) of
     ``rule`` on the frozen graph of ``model`` at ONE image ``x``. For the routing laws the stopped
     mass is the law's (cemetery and bias sink); for the other rules logit - sum R^0. ``field``:
@@ -71,7 +72,7 @@ def exact_report(model: Any, x: torch.Tensor, target: int, rule: Rule, field: st
     if field not in (None, "mpmath"):
         raise ValueError(f"field must be None or 'mpmath', got {field!r}")
     A = Arith(50 if field == "mpmath" else None)
-    u = unrolled(model, x, rule.eps if isinstance(rule, SoftplusGame) else None)
+    u = unrolled(model, x, rule.eps if isinstance(rule, SoftplusGame) else None, **inputs)
     if isinstance(rule, (Gradient, LRP0, SoftplusGame)):
         rel, logit = _recursions(u, target, GradientXInput() if isinstance(rule, SoftplusGame) else rule, A)
         stopped = logit - sum(rel[0])
@@ -79,18 +80,21 @@ def exact_report(model: Any, x: torch.Tensor, target: int, rule: Rule, field: st
         law = routing_law(u.net, target=target, rule=rule, field=field)
         rel, stopped, logit = law.relevance(), law.stopped()["total"], law.w0
     if isinstance(rule, SoftplusGame):  # the logit is the model's, not the surrogate's
-        logit = A.num(float(unrolled(model, x).net.ys[-1][target]))
+        logit = A.num(float(unrolled(model, x, **inputs).net.ys[-1][target]))
         stopped = logit - sum(rel[0])
     return [rel[b] for b in u.boundaries], stopped, logit
 
 
-def torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None) -> float:
+def torch_error(model: Any, x: torch.Tensor, target: int, rule: Rule, field: str | None = None,
+                **inputs: Any) -> float:
     """Worst relative error (:func:`backplay.testing.err`) of ``explain``'s per-layer relevance,
-    stopped mass and logit against :func:`exact_report` at ONE input ``x`` (float64 model)."""
+    stopped mass and logit against :func:`exact_report` at ONE input ``x`` (float64 model; token ids
+    [T] with a language model's ``attention_mask`` [T] / ``position``)."""
     from ..gpu.engine import explain
 
-    layers, stopped, logit = exact_report(model, x, target, rule, field)
-    _, rep = explain(model, x[None], target, rule=rule, return_report=True)
+    layers, stopped, logit = exact_report(model, x, target, rule, field, **inputs)
+    batched = {k: (v[None] if isinstance(v, torch.Tensor) and k == "attention_mask" else v) for k, v in inputs.items()}
+    _, rep = explain(model, x[None], target, rule=rule, return_report=True, **batched)
     if len(rep.layers) != len(layers):
         return float("inf")
     worst = max(err(rep.layers[k][0].reshape(-1), layers[k]) for k in range(len(layers)))

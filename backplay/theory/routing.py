@@ -324,8 +324,12 @@ class RoutingLaw(TrajectoryLaw):
     def _base_local(self, rule: Rule, l: int, i: int) -> LocalLaw:
         A = self.arith
         if self.net.selects(l, i):  # max-pool / copy row: winner takes all, whatever the rule
-            (winner,) = [j for j, w in enumerate(self.net.weights[l - 1][i]) if w != 0]
+            winners = [j for j, w in enumerate(self.net.weights[l - 1][i]) if w != 0]
             one = A.num(1)
+            if not winners:  # a copy of a constant (a cls token): the bias unit, its mass is stopped
+                b = A.num(self.net.biases[l - 1][i]) if self.net.biases[l - 1] is not None else A.num(0)
+                return LocalLaw(one, A.num(0), one, False, {1: {BIAS: one}, -1: {}}, b, A.num(0), b)
+            (winner,) = winners
             y = A.num(self.net.ys[l - 1][winner])
             return LocalLaw(one, A.num(0), one, False, {1: {winner: one}, -1: {}}, y, A.num(0), y)
         lam, own = A.num(0), None
