@@ -1,18 +1,22 @@
 """Speed and peak memory of ``bp.explain`` on ViT-B/16 per rule, relative to the plain gradient.
 
-ViT-B/16 (``bp.gpu.vit.vit_b_16(seed=0)``, random init, eval mode), a batch of ``--batch`` images at
-224 x 224 (default 8), float32 by default. The graph rules run on the frozen extended graph
-(THEORY.md section 7, :mod:`backplay.gpu.vit_explain`); the baseline is the plain autograd gradient
-of the model's own forward (fused attention) for the same batch: forward + ``torch.autograd.grad``
-of the summed target logits. Timing and memory as in ``benchmarks/rules_speed.py``: ``--warmup``
-calls each, then ``--repeat`` interleaved rounds (one call of every method per round); "ms" is the
-median over the rounds, "x grad" the median of the per-round ratios. Peak memory: on CUDA
-``max_memory_allocated`` above what is allocated before the call; on CPU one fresh subprocess per
-method (VmHWM reset, minus VmRSS before the call; glibc serving large tensors by mmap).
-Targets (the project's): every graph rule within 2.0x the gradient's time and 1.5x its peak memory.
+ViT-B/16 as users hold it: the Hugging Face ``transformers.ViTForImageClassification`` object
+(``ViTConfig()``: 12 layers, dim 768, 12 heads, patch 16, 1000 classes; random init, seed 0, eval,
+its default sdpa attention), read by the one reader (THEORY.md sections 7 and 9: attention as
+token-mixing edges with the frozen weights); ``--model backplay`` takes backplay's own ViT
+(``bp.gpu.vit.vit_b_16(seed=0)``) instead. A batch of ``--batch`` images at 224 x 224 (default 8),
+float32 by default. The baseline is the plain autograd gradient of the model's own forward for the
+same batch: forward + ``torch.autograd.grad`` of the summed target logits. The reader's export is
+paid once per model and input signature: it is timed on its own (first call on a fresh copy, and the
+cached call) and warmed before the rule timings. Timing and memory as in
+``benchmarks/rules_speed.py``: ``--warmup`` calls each, then ``--repeat`` interleaved rounds (one call
+of every method per round); "ms" is the median over the rounds, "x grad" the median of the per-round
+ratios. Peak memory: on CUDA ``max_memory_allocated`` above what is allocated before the call; on CPU
+one fresh subprocess per method (VmHWM reset, minus VmRSS before the call). Targets (the project's):
+every graph rule within 2.0x the gradient's time and 1.5x its peak memory.
 
     python benchmarks/vit_speed.py                        # device: cuda if available, else cpu
-    python benchmarks/vit_speed.py --device cpu --batch 1 --repeat 1 --warmup 0 --rules 'AlphaBeta(2,1);GradientXInput'
+    python benchmarks/vit_speed.py --device cpu --batch 1 --repeat 1 --warmup 0 --rules 'AttnLRP;GradientXInput'
 """
 
 from __future__ import annotations
@@ -28,21 +32,48 @@ import backplay as bp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rules_speed import (  # noqa: E402
-    GRAD, MEM_TARGET, TIME_TARGET, _err, autograd_gradient, peak_cuda, print_peak_rss, run_peak_child,
-    time_interleaved,
+    GRAD, MEM_TARGET, TIME_TARGET, _err, peak_cuda, print_peak_rss, run_peak_child, time_interleaved, time_read,
 )
 from rules_speed import RULES as _CNN_RULES  # noqa: E402
 
 R = bp.rules
-RULES = {**_CNN_RULES, "Anchor(RG(),0.1,token)": lambda: R.Anchor(R.RG(), 0.1, anchor="token")}
+RULES = {**_CNN_RULES, "Anchor(RG(),0.1,token)": lambda: R.Anchor(R.RG(), 0.1, anchor="token"),
+         "AttnLRP": lambda: R.AttnLRP(), "CPLRP": lambda: R.CPLRP()}
 
 
-def build(device: str, dtype: torch.dtype, batch: int):
-    model = bp.gpu.vit.vit_b_16(seed=0, dtype=dtype, device=device)
+class Logits(torch.nn.Module):
+    """The baseline's view of a model returning an output object: its logits (the gradient of the
+    model's own forward; backplay reads the HF object itself)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def build(device: str, dtype: torch.dtype, batch: int, kind: str = "hf"):
+    if kind == "hf":
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=1000))
+        model = model.to(device=device, dtype=dtype).eval()
+    else:
+        model = bp.gpu.vit.vit_b_16(seed=0, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 224, 224, generator=g).to(device=device, dtype=dtype)
     t = torch.arange(batch, device=device) % 1000
     return model, x, t
+
+
+def autograd_gradient(model, x, t):
+    xx = x.detach().requires_grad_(True)
+    out = Logits(model)(xx)
+    (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xx)
+    return g
 
 
 def method(name: str):
@@ -55,17 +86,21 @@ def method(name: str):
 def peak_cpu_child(args) -> None:
     """Child process: one method, one call; prints the peak RSS delta in bytes as JSON."""
     torch.set_num_threads(args.threads)
-    model, x, t = build("cpu", getattr(torch, args.dtype), args.batch)
-    print_peak_rss(method(args.child_method), model, x, t)
+    model, x, t = build("cpu", getattr(torch, args.dtype), args.batch, args.model)
+    print_peak_rss(method(args.child_method), model, x, t, warm=lambda: bp.gpu.engine.prepare(model, x))
 
 
 def peak_cpu(name: str, args) -> float:
     return run_peak_child(__file__, ["--child-method", name, "--dtype", args.dtype, "--threads",
-                                     str(args.threads), "--batch", str(args.batch)])
+                                     str(args.threads), "--batch", str(args.batch), "--model", args.model])
 
 
 def run(args) -> list[dict]:
-    model, x, t = build(args.device, getattr(torch, args.dtype), args.batch)
+    model, x, t = build(args.device, getattr(torch, args.dtype), args.batch, args.model)
+    first, cached = time_read(model, x)
+    print(f"reader: export {first * 1e3:.0f} ms on the first call (once per model and input signature), "
+          f"{cached * 1e3:.1f} ms cached")
+    bp.gpu.engine.prepare(model, x)  # the export is paid before the rule timings
     names = [GRAD] + args.rules
     rows = {n: {"method": n, "times": []} for n in names}
     fns = {}
@@ -112,6 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--model", default="hf", choices=["hf", "backplay"],
+                        help="hf: the transformers ViTForImageClassification object; backplay: bp.gpu.vit.vit_b_16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rules", default=";".join(RULES),
                         help="';'-separated subset of: " + "; ".join(RULES))
@@ -134,7 +171,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"device: {args.device} ({dev}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"ViT-B/16, batch {args.batch} at 224, {args.dtype}; median of {args.repeat} interleaved "
+          f"ViT-B/16 ({args.model}), batch {args.batch} at 224, {args.dtype}; median of {args.repeat} interleaved "
           f"rounds after {args.warmup} warm-up")
     print("peak memory: " + ("torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda")
                              else "VmHWM (reset) - VmRSS before the call, one fresh subprocess per method"))

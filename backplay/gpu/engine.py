@@ -265,8 +265,10 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False, atten
 
 
 def _prepare_tokens(model: Any, ids: Tensor, attention_mask: Any, position: Any) -> Prepared:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"token ids need a torch nn.Module language model, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) or not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        raise TypeError(f"x must be a floating point tensor, or integer token ids of a language model (an "
+                        f"nn.Module with an nn.Embedding of the ids); got dtype {ids.dtype} for a "
+                        f"{type(model).__name__}")
     squeeze = ids.ndim == 1
     idb = ids.unsqueeze(0) if squeeze else ids
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -887,8 +887,8 @@ class _Runner:
                     xe = env[node.name] = self.const(node.target(*val(node.args), **val(node.kwargs)))
                     self.start(xe)
                     continue
-                if node.name in g.internal and not g.internal[node.name]:
-                    continue  # computed inside its fused gate only
+                if node.name in g.internal and not g.internal[node.name] or not node.users:
+                    continue  # computed inside its fused gate only; a dead value (unused pool indices)
                 if node.name in g.alias:
                     continue
                 if node.name not in g.explained or node.name in g.internal or _name(node) in _MULTI_LAYOUT:

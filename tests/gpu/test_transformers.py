@@ -278,7 +278,7 @@ def _check_large(model, x, target, rules, kw=None, tol=1e-9):
     assert _same_state(before, _state(model))
 
 
-LARGE_RULES = [GradientXInput(), AlphaBeta(2, 1), RG(tau=0.5, route_temp=0.7), GradientEquilibrium(),
+LARGE_RULES = [GradientXInput(), AlphaBeta(2, 1), RG(tau=0.5, route_temp=0.7),
                Anchor(RG(), 0.3, anchor="token"), AttnLRP(), CPLRP()]
 
 
