@@ -507,7 +507,7 @@ def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
     base, anchor, risk = _routing_parts(rule)
     depth = trace.n_layers
     ctx = {"stopped": torch.zeros_like(trace.output[:, 0]), "base": base, "anchor": anchor,
-           "depth": depth, "blocks": getattr(trace, "n_blocks", 0), "local": {}, "U": {},
+           "depth": depth, "blocks": trace.n_blocks, "local": {}, "U": {},
            "lrp0_form": isinstance(base, GradientEquilibrium) and anchor is None and risk is None}
     if risk is not None:
         x = trace.x
@@ -548,7 +548,7 @@ def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
         if anchor is None:
             lam = 0.0
         elif own:  # the token anchor acts at the attention (token-mixing) layers only, lam per block
-            block = getattr(layer, "block", None)
+            block = layer.block
             lam = 0.0 if block is None else anchor.lam_at(block + 1, ctx["blocks"])
         else:
             lam = anchor.lam_at(getattr(layer, "index", 1), ctx["depth"])

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from backplay.gpu.read import ModelGraph, ReadError, read
 from backplay.gpu.trace import Trace
-from backplay.rules import Gradient, Rule, _RoutingLaw, _routing_parts
+from backplay.gpu.transformer import transformer_relevance
+from backplay.rules import Gradient, Rule, TransformerRule, _RoutingLaw, _routing_parts
 
 Tensor = torch.Tensor
 
@@ -327,14 +328,10 @@ def explain(
         dimension [B, T, D]). With ``return_report`` a pair ``(R, report)``. One batched forward
         pass and one backward sweep, in the compute dtype.
     """
-    from backplay.rules import TransformerRule
-
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a backplay.rules.Rule, got {type(rule).__name__}")
     prep = prepare(model, x, attention_mask=attention_mask, position=position)
     if isinstance(rule, TransformerRule):
-        from backplay.gpu.transformer import transformer_relevance
-
         with torch.no_grad():
             trace = _trace(prep, lean=True)
         t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)

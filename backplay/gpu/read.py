@@ -324,7 +324,6 @@ class ModelGraph:
     program: Any
     dynamic: bool
     explained: set  # fx node names on an explained path from the input to the output
-    frozen: set  # fx node names that depend on the input but carry no relevance (q, k, softmax, ...)
     plan: dict  # fx node name -> _Plan (the nodes that are steps)
     alias: dict  # fx node name -> the name of the step whose output it is (fused / merged nodes)
     params: dict  # placeholder name -> tensor
@@ -419,7 +418,7 @@ def _output_of(ep: Any, outs: list) -> Any:
 
 
 def _analyse(ep: Any) -> tuple:
-    """(explained, frozen, output node, user input names, root): the explained tensor flows from the
+    """(explained, output node, user input names, root): the explained tensor flows from the
     root (the input, or the embedding lookup of integer token ids) through every operation except a
     softmax (attention weights are frozen); a tensor that depends on it is explained when it lies on
     a path to the output (the path into a fused attention goes through v only)."""
@@ -473,7 +472,7 @@ def _analyse(ep: Any) -> tuple:
         if _name(node) == "scaled_dot_product_attention":  # q, k: frozen weights; v: the edges
             args = [a for a in args if a is node.args[2]]
         explained.update(a.name for a in args)
-    return explained, taint - explained, output_node, user_inputs, root
+    return explained, output_node, user_inputs, root
 
 
 #: elementwise operations: a subgraph of them that depends on one explained tensor is one gate
@@ -747,7 +746,7 @@ def read(model: nn.Module, x: Tensor, kwargs: dict | None = None) -> ModelGraph:
     # dimension, which every later batch size reuses
     ex = _export(model, x, kwargs, dynamic=hit is not None and hit[0] == versions)
     ep = ex.program
-    explained, frozen, output_node, input_names, root = _analyse(ep)
+    explained, output_node, input_names, root = _analyse(ep)
     regions, internal = _regions(ep, explained, output_node)
     plan, alias = _plan(ep, explained, output_node, root, regions, internal)
     params = {}
@@ -761,7 +760,7 @@ def read(model: nn.Module, x: Tensor, kwargs: dict | None = None) -> ModelGraph:
                 not in _RESHAPES for p in plan.values())
     spec = ep.call_spec.in_spec  # ((args), {kwargs}): the kwargs in the exporter's order
     kw_order = tuple(spec.child(1).context) if kwargs else ()
-    graph = ModelGraph(ep, ex.dynamic, explained, frozen, plan, alias, params, input_names, root, output_node,
+    graph = ModelGraph(ep, ex.dynamic, explained, plan, alias, params, input_names, root, output_node,
                        track, regions, internal, kw_order)
     cache[key] = (versions, graph, x.shape[0])
     return graph

@@ -19,15 +19,12 @@ a torchvision-style ViT with ``nn.MultiheadAttention``, a DeiT-style model with 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backplay as bp
-from backplay.gpu.read import ReadError
 from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, AttnLRP, AttributionEquilibriumLaw, CPLRP, Gradient, GradientEquilibrium,
     GradientXInput, RGEq, RiskAverse, Rollout, SoftplusGame, TransformerAttribution,
