@@ -133,7 +133,8 @@ class Gradient(LayerRule):
         return trace.onehot(target)
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        return layer.map.transpose(upper * layer.p)
+        p = layer.p
+        return layer.map.transpose(upper if isinstance(p, float) and p == 1.0 else upper * p)
 
 
 @dataclass(frozen=True)
