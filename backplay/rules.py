@@ -133,8 +133,7 @@ class Gradient(LayerRule):
         return trace.onehot(target)
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        p = layer.p
-        return layer.map.transpose(upper if isinstance(p, float) and p == 1.0 else upper * p)
+        return layer.map.transpose(upper * layer.p)
 
 
 @dataclass(frozen=True)
@@ -562,6 +561,8 @@ def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
     U = U.reshape(layer.input.shape)
     if layer.map.pass_through:
         U_self = layer.map.apply(U)
+        if layer.map.bias is not None:  # a unit made of a constant only (a cls token): the bias unit, U = 1
+            U_self = U_self + (1 - layer.map.apply(torch.ones_like(U)))
     else:  # only U is kept per layer: the local law and the weight parts are rebuilt in the
         # backward sweep (one more pair of branch products per layer instead of holding the
         # model's weights twice over and every layer's buffers)

@@ -10,7 +10,7 @@ import backplay as bp
 import backplay.cli as cli
 from backplay.bench.commands import explain_image
 from backplay.bench.models import load_model, save_checkpoint, small_cnn
-from backplay.rules import LRP0, RG, Gradient
+from backplay.rules import LRP0, RG, AlphaBeta, AttnLRP, Gradient, Rollout
 
 
 @pytest.fixture
@@ -90,7 +90,8 @@ def test_explain_missing_files(ckpt, tmp_path, capsys):
 
 
 def test_explain_vit_checkpoint(tmp_path, capsys):
-    """A ViT checkpoint loads; the heatmap is drawn once bp.explain runs on ViTs, else a clear error."""
+    """A ViT checkpoint loads and is explained like any model (bp.explain reads the ViT through the one
+    reader): the heatmap is drawn for graph rules and transformer rules, and the maps are bp.explain's."""
     # dim 192: the loader infers 3 heads (the ViT-Ti default) from the weights alone
     vit = bp.gpu.vit.vit_tiny_test(num_classes=4, image_size=8, patch_size=4, in_channels=3, dim=192,
                                    heads=3, depth=1, mlp_dim=32)
@@ -100,13 +101,20 @@ def test_explain_vit_checkpoint(tmp_path, capsys):
     assert loaded.kind == "vit" and loaded.size == 8 and loaded.in_channels == 3
     img = tmp_path / "c.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(img)
-    try:
-        bp.explain(vit, torch.rand(1, 3, 8, 8), 0, Gradient())
-        engine = True
-    except TypeError:
-        engine = False
-    code = cli.main(["explain", str(img), "--model", str(path), "--out", str(tmp_path / "v.png")])
-    if engine:
-        assert code == 0 and (tmp_path / "v.png").is_file()
-    else:
-        assert code == 2 and "does not run on this model" in capsys.readouterr().err
+    out = tmp_path / "v.png"
+    assert cli.main(["explain", str(img), "--model", str(path), "--rule", "Gradient, AlphaBeta(2, 1), AttnLRP, Rollout",
+                     "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    pic = mpimg.imread(out)
+    assert pic.ndim == 3 and pic.shape[1] > 4 * pic.shape[0]  # image + 4 rules side by side
+    loaded = load_model(path, dtype=torch.float64)
+    rules = [Gradient(), AlphaBeta(2, 1), AttnLRP(), Rollout()]
+    x, target, logit, maps = explain_image(loaded, img, rules)
+    assert x.shape == (1, 3, 8, 8)
+    with torch.no_grad():
+        logits = loaded.model(x)[0]
+    assert target == int(logits.argmax()) and logit == pytest.approx(float(logits.max()), abs=1e-12)
+    assert list(maps) == ["Gradient", "AlphaBeta(alpha=2, beta=1)", "AttnLRP(eps=1e-06)", "Rollout"]
+    for rule, R in zip(rules, maps.values()):
+        assert R.shape == (3, 8, 8)
+        assert torch.equal(R, bp.explain(loaded.model, x, target, rule)[0]), rule.name

@@ -1,8 +1,12 @@
-"""``explain`` on a ViT: the frozen extended graph of THEORY.md section 7.
+"""``explain`` on backplay's ViT, read by the one reader like any model: the frozen extended graph of
+THEORY.md sections 7 and 9.
 
-* exactness: on tiny ViTs the torch code path equals, at the input and at every block boundary, the
-  exact laws run on the unrolled extended graph (``backplay.testing.graph_exact``), float64, 1e-9;
-* the unrolled graph reproduces the model (so the exact reference describes the model's own pass);
+* exactness: on tiny ViTs the torch code path equals, at the input and at every report layer (the
+  cuts of the reader's graph), the exact laws run on the unrolled extended graph
+  (``backplay.testing.graph_exact``), float64, 1e-9;
+* the unrolled graph reproduces the model (so the exact reference describes the model's own pass),
+  and its report layers are the model's own tensors (patch embedding, cls concat, + position
+  embedding, each residual add, final norm, logits);
 * the frozen-graph gradient is the gradient of the detached model (GradientXInput = Input x Gradient
   of ``forward_explain(freeze=True)``);
 * the contract of ``explain``: batching, targets, report, errors, the model left unchanged;
@@ -16,13 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backplay as bp
+from backplay.gpu.engine import prepare
+from backplay.gpu.unroll import unroll_graph
 from backplay.gpu.vit import patch_relevance, vit_b_16, vit_tiny_test
-from backplay.gpu.unroll import unroll_vit
-from backplay.gpu.vit_explain import LayerNormOp
-from backplay.gpu.vit_rules import ViTRule
 from backplay.rules import (
-    LRP0, RG, AlphaBeta, Anchor, Gradient, GradientEquilibrium, GradientXInput, LayerRule, RGEq,
-    RiskAverse, SoftplusGame,
+    LRP0, RG, AlphaBeta, Anchor, AttnLRP, CPLRP, Gradient, GradientEquilibrium, GradientXInput, LayerRule,
+    RGEq, RiskAverse, Rollout, SoftplusGame, TransformerAttribution,
 )
 from backplay.testing import ROUTING_RULES
 from backplay.testing.graph_exact import torch_error
@@ -35,6 +38,14 @@ TOKEN_RULES = [
 ]
 GRAPH_RULES = [Gradient(), GradientXInput(), LRP0(), SoftplusGame(0.5)] + ROUTING_RULES + TOKEN_RULES
 CONSERVATIVE = ROUTING_RULES + TOKEN_RULES
+TRANSFORMER_RULES = [CPLRP(), AttnLRP(), Rollout(), TransformerAttribution()]
+
+
+def _n_report_layers(depth):
+    """The report layers of a ViT (the cuts of the reader's graph): the image, the patch-embedding
+    conv output, the cls-concat copy layer, the + position embedding, two residual adds per block,
+    the final norm, the logits."""
+    return 4 + 2 * depth + 2
 
 
 def _tiny(**kw):
@@ -79,40 +90,64 @@ def test_random_tiny_vits_torch_equals_exact_law(case):
 
 
 def test_unrolled_graph_reproduces_the_model():
-    """Every layer of the unrolled FrozenNet: y = gate * (W y + b); the block boundaries are the
-    residual stream of forward_explain; the last layer is the model's logits."""
+    """Every layer of the unrolled FrozenNet: y = gate * (W y + b); the report layers (the cuts of the
+    reader's graph) are the model's own tensors: the patch-embedding conv output, the cls-token
+    concat, the stream after + position embedding, after each residual add (forward_explain's
+    resid1 / out), the final LayerNorm on every token; the last layer is the model's logits."""
     model = _tiny(depth=2)
     x = _image(model)
-    u = unroll_vit(model, x)
+    u = unroll_graph(model, x)
     net = u.net
     for l in range(1, net.depth + 1):
         z = net.weights[l - 1] @ net.ys[l - 1] + (0 if net.biases[l - 1] is None else net.biases[l - 1])
         assert np.max(np.abs(u.gates[l - 1] * z - net.ys[l])) <= 1e-12
     with torch.no_grad():
         tr = model.forward_explain(x[None])
-    stream = [tr.tokens] + [t for b in tr.blocks for t in (b.resid1, b.out)]
+        conv = model.patch_embed(x[None])
+        final = model.norm(tr.norm_in)
+    cat = tr.tokens - model.pos_embed.detach()
+    assert torch.equal(cat[0, 0], model.cls_token.detach()[0, 0])  # the cls token is a constant
+    stream = [conv, cat, tr.tokens] + [t for b in tr.blocks for t in (b.resid1, b.out)] + [final]
+    assert len(u.boundaries) == _n_report_layers(2) == len(stream) + 2
+    assert u.boundaries[0] == 0 and u.boundaries[-1] == net.depth
+    assert np.array_equal(net.ys[0], x.reshape(-1).numpy())
     for k, s in enumerate(stream, start=1):
         assert np.max(np.abs(net.ys[u.boundaries[k]] - s[0].reshape(-1).numpy())) <= 1e-12
     assert np.max(np.abs(net.ys[-1] - tr.logits[0].numpy())) <= 1e-12
 
 
-def test_layer_norm_op_is_the_centred_scaled_map():
-    """The frozen LayerNorm's matrix, every part: diag(gamma/std)(I - 11^T/n) entrywise."""
-    n = 5
-    gamma = torch.tensor([1.5, -0.5, 0.0, 2.0, -1.0], dtype=torch.float64)
-    std = torch.tensor([[[0.5], [2.0]]], dtype=torch.float64)  # [1, 2 tokens, 1]
-    op = LayerNormOp(gamma, None, std, n)
+def test_frozen_layer_norm_is_the_centred_scaled_map():
+    """The frozen LayerNorm the reader builds (block 0's norm1, as the rules see it: ``LayerTrace.map``),
+    every part: per token t, diag(gamma / std_t) (I - 11^T / n) entrywise, std_t = sqrt(var + eps)
+    of its input; gamma with zero and negative entries."""
+    model = _tiny(depth=1)
+    n = model.config.dim
+    gamma = torch.tensor([1.5, -0.5, 0.0, 2.0, -1.0, 0.7, 1.0, -2.0], dtype=torch.float64)
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.copy_(gamma)
+    x = _image(model)
+    trace = prepare(model, x, one_sample=True).trace()
+    layer = next(layer for layer in trace.layers if layer.kind == "norm")
+    y = layer.input  # [1, T, n]: the stream entering block 0
+    T = y.shape[1]
+    with torch.no_grad():
+        tr = model.forward_explain(x[None])
+        torch.testing.assert_close(y, tr.blocks[0].x, rtol=0, atol=1e-13)
+        torch.testing.assert_close(layer.y, tr.blocks[0].attn_in, rtol=0, atol=1e-13)  # the map reproduces it
+    std = torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + model.config.ln_eps)[0]  # [T, 1]
+    M = layer.map
     eye = torch.eye(n, dtype=torch.float64)
-    for t in range(2):
-        W = (gamma / std[0, t]).view(-1, 1) * (eye - 1.0 / n)
-        for part, f in (("W", lambda w: w), ("pos", lambda w: w.clamp_min(0)), ("neg", lambda w: w.clamp_max(0)),
-                        ("ipos", lambda w: (w > 0).double()), ("ineg", lambda w: (w < 0).double())):
-            y = torch.zeros(n, 1, 2, n, dtype=torch.float64)
-            y[:, 0, t] = eye
-            cols = op.apply(y.squeeze(1), part)[:, t]  # [basis, n]
-            assert torch.allclose(cols.T, f(W), atol=1e-15, rtol=0)
-            g = torch.randn(1, 2, n, dtype=torch.float64)
-            assert torch.allclose(op.transpose(g, part)[0, t], f(W).T @ g[0, t], atol=1e-14, rtol=0)
+    g = torch.randn(1, T, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for part, f in (("W", lambda w: w), ("pos", lambda w: w.clamp_min(0)), ("neg", lambda w: w.clamp_max(0)),
+                    ("ipos", lambda w: (w > 0).double()), ("ineg", lambda w: (w < 0).double())):
+        for t in range(T):
+            W = (gamma / std[t]).view(-1, 1) * (eye - 1.0 / n)
+            basis = torch.zeros(n, T, n, dtype=torch.float64)  # basis vectors of token t
+            basis[:, t] = eye
+            cols = M.apply(basis, part)[:, t]  # [basis, n]
+            assert torch.allclose(cols.T, f(W), atol=1e-15, rtol=0), (part, t)
+            assert torch.all(M.apply(basis, part)[:, [s for s in range(T) if s != t]] == 0)  # per token
+            assert torch.allclose(M.transpose(g, part)[0, t], f(W).T @ g[0, t], atol=1e-14, rtol=0), (part, t)
 
 
 # -- the frozen-graph gradient ------------------------------------------------------------------
@@ -168,7 +203,11 @@ def test_tiny_vit_batch_equals_single_runs_and_report(rule):
     with torch.no_grad():
         assert torch.allclose(rep.logit, model(x)[torch.arange(3), t], atol=1e-12, rtol=0)
     assert torch.allclose(rep.relevance_sum, R.flatten(1).sum(1), atol=1e-12, rtol=0)
-    assert len(rep.layers) == 2 + 2 * 2 + 2 and rep.layers[0].shape == x.shape
+    c = model.config
+    assert len(rep.layers) == _n_report_layers(2) and rep.layers[0].shape == x.shape
+    assert rep.layers[1].shape == (3, c.dim, c.grid, c.grid)  # the patch-embedding conv output
+    assert all(r.shape == (3, c.n_tokens, c.dim) for r in rep.layers[2:-1])  # cls concat ... final norm
+    assert rep.layers[-1].shape == (3, c.num_classes)
     assert torch.equal(rep.layers[0], R)
     if rule in CONSERVATIVE:  # I14: the law's own stopped mass
         scale = 1 + rep.stopped.abs() + R.abs().flatten(1).sum(1)
@@ -200,6 +239,7 @@ def _unchanged(model, before):
     assert sd.keys() == before[0].keys()
     assert all(torch.equal(sd[k], before[0][k]) and sd[k].dtype == before[0][k].dtype for k in sd)
     assert rg == before[1] and training == before[2] and hooks == before[3]
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_the_model_is_left_unchanged():
@@ -208,7 +248,7 @@ def test_the_model_is_left_unchanged():
     model.train()  # the explained function is the eval-mode net whatever the flag (no dropout here)
     before = _fingerprint(model)
     x = _image(model, batch=2)
-    for rule in GRAPH_RULES:
+    for rule in GRAPH_RULES + TRANSFORMER_RULES:
         bp.explain(model, x, 1, rule=rule, return_report=True)
     _unchanged(model, before)
 
@@ -216,7 +256,7 @@ def test_the_model_is_left_unchanged():
 def test_errors_name_the_problem():
     model = _tiny()
     x = _image(model, batch=2)
-    with pytest.raises(ValueError, match=r"shape \[B, 3, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, 8, 8\), got \(2, 2, 8, 8\)"):
         bp.explain(model, x[:, :2], 0, rule=AlphaBeta(2, 1))
     with pytest.raises(ValueError, match="shape"):
         bp.explain(model, x[0, 0], 0)
@@ -224,69 +264,63 @@ def test_errors_name_the_problem():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         bp.explain(model, bad, 0, rule=RGEq())
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="floating"):  # integer input on a model without an embedding
         bp.explain(model, x.long(), 0)
     with pytest.raises(ValueError, match="out of range|target"):
         bp.explain(model, x, 3)
     with pytest.raises(ValueError, match="one class per sample"):
         bp.explain(model, x, torch.tensor([0, 1, 2]))
 
-    class MyRule(LayerRule):
+    class MyRule(LayerRule):  # a layer rule that defines neither start nor backward
         pass
 
-    with pytest.raises(TypeError, match="MyRule is not supported on a ViT"):
+    with pytest.raises(NotImplementedError):
         bp.explain(model, x, 0, rule=MyRule())
     with pytest.raises(TypeError, match="Rule"):
         bp.explain(model, x, 0, rule="alpha-beta")
     with pytest.raises(ValueError, match="2 blocks"):
         bp.explain(model, x, 0, rule=Anchor(RG(), (0.1, 0.2, 0.3), anchor="token"))
-    with pytest.raises(ValueError, match="needs a backplay.gpu.vit.ViT"):
+    with pytest.raises(ValueError, match="acts at attention layers: this model has none"):
         bp.explain(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(1, 2), 0,
                    rule=Anchor(RG(), 0.1, anchor="token"))
     with pytest.raises(ValueError, match="unknown anchor"):
         Anchor(RG(), 0.1, anchor="cls")
+    for rule in (Rollout(), TransformerAttribution()):  # they combine attention weights
+        with pytest.raises(ValueError, match="has no attention"):
+            bp.explain(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(1, 2), 0, rule=rule)
 
 
-class _CentreRule(ViTRule):
-    """A stand-in ViT rule (the real ones live in vit_rules): the logit on the centre pixel."""
-
-    def vit_relevance(self, model, x, target):
-        with torch.no_grad():
-            logit = model(x)[torch.arange(x.shape[0]), target]
-        R = torch.zeros_like(x)
-        R[:, 0, x.shape[2] // 2, x.shape[3] // 2] = logit
-        return R
-
-
-class _GradRule(ViTRule):
-    """A stand-in ViT rule that differentiates (as attention-gradient rules do)."""
-
-    def vit_relevance(self, model, x, target):
-        xg = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(model(xg)[torch.arange(x.shape[0]), target].sum(), xg)
-        return g
-
-
-def test_vit_rules_may_use_autograd():
+@pytest.mark.parametrize("rule", TRANSFORMER_RULES, ids=lambda r: r.name)
+def test_transformer_rules_report(rule):
+    """The transformer rules through bp.explain on a ViT: pixel relevance in x's shape and dtype, a
+    report with the model's logit, stopped = logit - sum R, no per-layer relevance."""
     model = _tiny()
     x = _image(model, batch=2)
-    xg = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
-    assert torch.allclose(bp.explain(model, x, 1, rule=_GradRule()), g, atol=1e-14, rtol=0)
-
-
-def test_vit_rules_are_dispatched_with_a_report():
-    model = _tiny()
-    x = _image(model, batch=2)
-    R, rep = bp.explain(model, x, torch.tensor([1, 2]), rule=_CentreRule(), return_report=True)
+    t = torch.tensor([1, 2])
+    R, rep = bp.explain(model, x, t, rule=rule, return_report=True)
+    assert R.shape == x.shape and R.dtype == x.dtype and not R.requires_grad
     with torch.no_grad():
-        logit = model(x)[torch.arange(2), torch.tensor([1, 2])]
-    assert torch.allclose(R.flatten(1).sum(1), logit, atol=1e-12)
-    assert torch.allclose(rep.stopped, rep.logit - rep.relevance_sum, atol=0, rtol=0)
-    assert torch.allclose(rep.stopped, torch.zeros(2, dtype=torch.float64), atol=1e-12)
-    assert rep.layers is None and rep.rule == "_CentreRule"
-    with pytest.raises(TypeError, match="needs a backplay.gpu.vit.ViT"):
-        bp.explain(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(1, 2), 0, rule=_CentreRule())
+        logit = model(x)[torch.arange(2), t]
+    assert torch.allclose(rep.logit, logit, atol=1e-12, rtol=0)
+    assert torch.allclose(rep.relevance_sum, R.flatten(1).sum(1), atol=1e-12, rtol=0)
+    assert torch.equal(rep.stopped, rep.logit - rep.relevance_sum)
+    assert rep.layers is None and rep.rule == rule.name
+    assert torch.equal(bp.explain(model, x, t, rule=rule), R)
+    R0, rep0 = bp.explain(model, x[0], 1, rule=rule, return_report=True)  # one image
+    assert R0.shape == x[0].shape and rep0.logit.ndim == 0
+    assert torch.allclose(R0, R[0], atol=1e-12 * (1 + float(R[0].abs().max())), rtol=0)
+
+
+@pytest.mark.parametrize("rule", TRANSFORMER_RULES, ids=lambda r: r.name)
+def test_transformer_rules_differentiate_inside_no_grad(rule):
+    """The transformer rules differentiate the pass (modified gradients, attention gradients, the
+    tokens the logit reads): they run the same when the caller has switched autograd off."""
+    model = _tiny()
+    x = _image(model, batch=2)
+    R = bp.explain(model, x, 1, rule=rule)
+    with torch.no_grad():
+        assert torch.equal(bp.explain(model, x, 1, rule=rule), R)
+    assert R.abs().sum() > 0
 
 
 def test_patch_relevance_sums_each_patch():

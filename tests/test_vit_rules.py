@@ -1,7 +1,9 @@
-"""The ViT-only rules (backplay.gpu.vit_rules): CPLRP, AttnLRP, Rollout, TransformerAttribution.
+"""The transformer rules (declarations in backplay.rules, computed by bp.explain through
+backplay.gpu.transformer on the attention nodes of the reader's graph) on backplay's ViT: CPLRP,
+AttnLRP, Rollout, TransformerAttribution.
 
 The reference below is independent of the implementation (which is a batched modified gradient of a
-functional re-run of the pass): it runs the tiny ViT in numpy float64, one sample at a time, and
+replay of the model's graph): it runs the tiny ViT in numpy float64, one sample at a time, and
 propagates relevance by the explicit LRP formula of every operation (epsilon / LRP-0 sums over the
 weights, the LayerNorm identity rule, the softmax and uniform bilinear rules of AttnLRP, attention
 rollout as a product of matrices). Rollout and Transformer Attribution use its attention maps; the
@@ -20,10 +22,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import backplay as bp
 from backplay import rules
 from backplay.gpu import vit as V
-from backplay.gpu.vit_rules import (
-    CPLRP, AttnLRP, Rollout, TransformerAttribution, ViTRule, patch_relevance)
+from backplay.gpu.vit import patch_relevance
+from backplay.rules import CPLRP, AttnLRP, GradientXInput, Rollout, TransformerAttribution, TransformerRule
 
 F64 = torch.float64
 
@@ -283,7 +286,7 @@ ALL_RULES = [CPLRP(), CPLRP(eps=0.01), AttnLRP(), AttnLRP(eps=0.1), Rollout(),
 def test_cplrp_matches_reference(spec, eps):
     m = _tiny(spec)
     x, t = _data(spec["seed"], 2, m.config)
-    R = CPLRP(eps=eps).vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, CPLRP(eps=eps))
     ref = Ref(m)
     for i in range(2):
         fw = ref.forward(_np(x[i]))
@@ -295,7 +298,7 @@ def test_cplrp_matches_reference(spec, eps):
 def test_attnlrp_matches_reference(spec, eps):
     m = _tiny(spec)
     x, t = _data(spec["seed"], 2, m.config)
-    R = AttnLRP(eps=eps).vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, AttnLRP(eps=eps))
     ref = Ref(m)
     for i in range(2):
         _close(R[i], ref.lrp(ref.forward(_np(x[i])), int(t[i]), eps, attnlrp=True)["pixels"])
@@ -305,7 +308,7 @@ def test_attnlrp_matches_reference(spec, eps):
 def test_rollout_matches_reference(spec):
     m = _tiny(spec)
     x, t = _data(spec["seed"], 2, m.config)
-    R = Rollout().vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, Rollout())
     ref = Ref(m)
     for i in range(2):
         _close(R[i], ref_rollout(ref.forward(_np(x[i])), m.config), 1e-12)
@@ -316,7 +319,7 @@ def test_transformer_attribution_matches_reference(spec, relevance):
     m = _tiny(spec)
     x, t = _data(spec["seed"], 2, m.config)
     eps = 1e-3
-    R = TransformerAttribution(relevance=relevance, eps=eps).vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, TransformerAttribution(relevance=relevance, eps=eps))
     ref = Ref(m)
     for i in range(2):
         fw = ref.forward(_np(x[i]))
@@ -331,8 +334,8 @@ def test_reference_attention_relevance_is_used_by_transformer_attribution():
     """The two R_A choices give different maps (so the test above distinguishes them)."""
     m = V.vit_tiny_test(dtype=F64)
     x, t = _data(3, 2, m.config)
-    a = TransformerAttribution().vit_relevance(m, x, t)
-    b = TransformerAttribution(relevance="attention").vit_relevance(m, x, t)
+    a = bp.explain(m, x, t, TransformerAttribution())
+    b = bp.explain(m, x, t, TransformerAttribution(relevance="attention"))
     assert (a - b).abs().max() > 1e-3
 
 
@@ -347,7 +350,7 @@ def test_cplrp_is_gradient_x_input_of_the_frozen_pass(seed):
     xg = x.clone().requires_grad_(True)
     tr = m.forward_explain(xg, freeze=True)
     (g,) = torch.autograd.grad(tr.logits.gather(1, t[:, None]).sum(), xg)
-    torch.testing.assert_close(CPLRP().vit_relevance(m, x, t), x * g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bp.explain(m, x, t, CPLRP()), x * g, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -356,7 +359,7 @@ def test_cplrp_conservation_identity(seed):
     frozen pass (Euler: the frozen pass is 1-homogeneous in image and bias-like parameters)."""
     m = V.vit_tiny_test(seed=seed, dtype=F64)
     x, t = _data(seed, 3, m.config)
-    R = CPLRP().vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, CPLRP())
     named = [(n, p) for n, p in m.named_parameters()
              if n.endswith("bias") or n in ("cls_token", "pos_embed")]
     # patch-embed bias, cls, pos; per block 2 LayerNorm + 6 Linear biases; final norm and head
@@ -373,7 +376,7 @@ def test_cplrp_conservation_identity(seed):
         torch.testing.assert_close(R[i].sum() + absorbed, logit.detach(), rtol=0, atol=1e-12)
     # no bias-like parameter: exactly conservative
     z = _zero_biases(m)
-    Rz = CPLRP().vit_relevance(z, x, t)
+    Rz = bp.explain(z, x, t, CPLRP())
     torch.testing.assert_close(Rz.sum((1, 2, 3)), z(x).gather(1, t[:, None])[:, 0],
                                rtol=0, atol=1e-12)
 
@@ -387,7 +390,7 @@ def test_attnlrp_conservation(seed):
     m = _zero_biases(V.vit_tiny_test(seed=seed, dtype=F64))
     x, t = _data(seed, 3, m.config)
     eps = 1e-13
-    R = AttnLRP(eps=eps).vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, AttnLRP(eps=eps))
     logits = m(x).detach()
     ref = Ref(m)
     for i in range(3):
@@ -400,17 +403,17 @@ def test_attnlrp_eps_limit():
     """The epsilon rule changes the relevance by O(eps)."""
     m = V.vit_tiny_test(dtype=F64)
     x, t = _data(5, 2, m.config)
-    base = AttnLRP(eps=1e-12).vit_relevance(m, x, t)
-    d6 = (AttnLRP(eps=1e-6).vit_relevance(m, x, t) - base).abs().max()
-    d3 = (AttnLRP(eps=1e-3).vit_relevance(m, x, t) - base).abs().max()
+    base = bp.explain(m, x, t, AttnLRP(eps=1e-12))
+    d6 = (bp.explain(m, x, t, AttnLRP(eps=1e-6)) - base).abs().max()
+    d3 = (bp.explain(m, x, t, AttnLRP(eps=1e-3)) - base).abs().max()
     assert d3 > 0 and 0 < d6 < 1e-2 * d3  # ratio about 1e-3, as eps
 
 
 def test_rollout_is_target_independent_and_a_distribution():
     m = V.vit_tiny_test(dtype=F64)
     x, _ = _data(1, 3, m.config)
-    r0 = Rollout().vit_relevance(m, x, torch.zeros(3, dtype=torch.long))
-    r2 = Rollout().vit_relevance(m, x, torch.full((3,), 2, dtype=torch.long))
+    r0 = bp.explain(m, x, torch.zeros(3, dtype=torch.long), Rollout())
+    r2 = bp.explain(m, x, torch.full((3,), 2, dtype=torch.long), Rollout())
     assert torch.equal(r0, r2)
     pr = patch_relevance(r0, m.config.patch_size)
     assert (pr > 0).all() and (pr.sum((1, 2)) < 1).all()
@@ -437,16 +440,54 @@ def test_patch_relevance_sum_pools():
         patch_relevance(R[0, 0], 2)
 
 
-@pytest.mark.parametrize("rule", [Rollout(), TransformerAttribution()], ids=lambda r: r.name)
+def _explicit_patch_scores(m: V.ViT, x: torch.Tensor, t: torch.Tensor, rule) -> torch.Tensor:
+    """The cls row of the rollout over the patch tokens [B, grid, grid], batched in torch from the
+    model's own unfused pass: Rollout from ``attention_maps`` (row-normalised 0.5 A + 0.5 I, product
+    over the blocks); TransformerAttribution(relevance="attention") from the gradients of the target
+    logit w.r.t. the attention matrices of ``forward_explain`` (R = I, R += mean_heads[(dA * A)^+] R)."""
+    c = m.config
+    eye = torch.eye(c.n_tokens, dtype=F64)
+    roll = eye.expand(x.shape[0], c.n_tokens, c.n_tokens)
+    if isinstance(rule, Rollout):
+        for a in m.attention_maps(x):
+            a_hat = 0.5 * a.mean(1) + 0.5 * eye
+            roll = (a_hat / a_hat.sum(-1, keepdim=True)) @ roll
+    else:
+        assert rule.relevance == "attention"
+        tr = m.forward_explain(x)
+        grads = torch.autograd.grad(tr.logits.gather(1, t[:, None]).sum(), tr.attentions)
+        for g, a in zip(grads, tr.attentions):
+            roll = roll + (g * a.detach()).clamp(min=0).mean(1) @ roll
+    return roll[:, 0, 1:].reshape(x.shape[0], c.grid, c.grid).detach()
+
+
+@pytest.mark.parametrize("rule", [Rollout(), TransformerAttribution(relevance="attention")],
+                         ids=lambda r: r.name)
 def test_patch_rules_spread_evenly(rule):
+    """The patch sums of the pixel relevance are the cls row of the rollout (the cls token is the token
+    the logit reads), computed here from the model's attention maps; each patch value is spread evenly
+    over its C * p * p pixels."""
     m = V.vit_tiny_test(dtype=F64)
     x, t = _data(2, 2, m.config)
-    R = rule.vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, rule)
     p = m.config.patch_size
     P = patch_relevance(R, p)
-    scores = rule.patch_scores(m, x, t)
-    assert scores.shape == (2, 2, 2)
+    scores = _explicit_patch_scores(m, x, t, rule)
+    assert scores.shape == P.shape == (2, 2, 2)
     torch.testing.assert_close(P, scores, rtol=1e-14, atol=0)
+    back = P.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None] / (3 * p * p)
+    torch.testing.assert_close(R, back.expand_as(R), rtol=1e-15, atol=0)
+
+
+def test_transformer_attribution_spreads_evenly():
+    """TransformerAttribution with the AttnLRP relevance of A (its scores are checked against the
+    reference above): each patch value is spread evenly over its C * p * p pixels."""
+    m = V.vit_tiny_test(dtype=F64)
+    x, t = _data(2, 2, m.config)
+    R = bp.explain(m, x, t, TransformerAttribution())
+    p = m.config.patch_size
+    P = patch_relevance(R, p)
+    assert (P.abs() > 0).all()
     back = P.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None] / (3 * p * p)
     torch.testing.assert_close(R, back.expand_as(R), rtol=1e-15, atol=0)
 
@@ -460,10 +501,10 @@ def test_batch_equals_single_runs(rule):
     m = V.vit_tiny_test(seed=4, dtype=F64)
     x, _ = _data(4, 3, m.config)
     t = torch.tensor([0, 2, 1])
-    batch = rule.vit_relevance(m, x, t)
+    batch = bp.explain(m, x, t, rule)
     assert batch.shape == x.shape and batch.dtype == F64
     for i in range(3):
-        torch.testing.assert_close(batch[i:i + 1], rule.vit_relevance(m, x[i:i + 1], t[i:i + 1]),
+        torch.testing.assert_close(batch[i:i + 1], bp.explain(m, x[i:i + 1], t[i:i + 1], rule),
                                    rtol=1e-12, atol=1e-12)
 
 
@@ -476,7 +517,7 @@ def test_model_is_left_unchanged(rule):
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
     x, t = _data(5, 2, m.config)
     with torch.no_grad():  # the rules enable grad themselves where they need it
-        R = rule.vit_relevance(m, x, t)
+        R = bp.explain(m, x, t, rule)
     assert torch.isfinite(R).all() and not R.requires_grad
     after = m.state_dict()
     assert before.keys() == after.keys()
@@ -504,23 +545,35 @@ def test_bad_input():
     x, t = _data(0, 2, m.config)
     for rule in (CPLRP(), AttnLRP(), Rollout(), TransformerAttribution()):
         with pytest.raises(ValueError, match="expected images"):
-            rule.vit_relevance(m, x[:, :, :4], t)
+            bp.explain(m, x[:, :, :4], t, rule)
         with pytest.raises(ValueError, match="target"):
-            rule.vit_relevance(m, x, t[:1])
-        with pytest.raises(ValueError, match="target"):
-            rule.vit_relevance(m, x, t.to(torch.int32))
+            bp.explain(m, x, t[:1], rule)
         with pytest.raises(ValueError, match="out of range"):
-            rule.vit_relevance(m, x, torch.tensor([0, 3]))
-        with pytest.raises(TypeError, match="ViT"):
-            rule.vit_relevance(torch.nn.Linear(3, 3), x, t)
-    with pytest.raises(ValueError, match="classification head"):
-        CPLRP().vit_relevance(V.vit_tiny_test(num_classes=0, dtype=F64), x, t)
+            bp.explain(m, x, torch.tensor([0, 3]), rule)
+        with pytest.raises(TypeError, match="target"):
+            bp.explain(m, x, t.double(), rule)
+        # any integer dtype is one class per sample
+        torch.testing.assert_close(bp.explain(m, x, t.to(torch.int32), rule), bp.explain(m, x, t, rule),
+                                   rtol=0, atol=0)
+    # Rollout and TransformerAttribution combine attention weights: a model without attention is refused
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).double()
+    xm = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for rule in (Rollout(), TransformerAttribution()):
+        with pytest.raises(ValueError, match="has no attention"):
+            bp.explain(mlp, xm, t, rule)
+    # CPLRP and AttnLRP run on any model: without attention, norms or gates other than ReLU, CPLRP at
+    # eps = 0 is Gradient x Input of the frozen graph
+    torch.testing.assert_close(bp.explain(mlp, xm, t, CPLRP()), bp.explain(mlp, xm, t, GradientXInput()),
+                               rtol=1e-12, atol=1e-14)
+    assert torch.isfinite(bp.explain(mlp, xm, t, AttnLRP())).all()
 
 
 def test_exported_from_rules():
-    for cls in (CPLRP, AttnLRP, Rollout, TransformerAttribution, ViTRule):
+    for cls in (CPLRP, AttnLRP, Rollout, TransformerAttribution, TransformerRule):
         assert getattr(rules, cls.__name__) is cls and cls.__name__ in rules.__all__
         assert issubclass(cls, rules.Rule)
+    for cls in (CPLRP, AttnLRP, Rollout, TransformerAttribution):
+        assert issubclass(cls, TransformerRule)
     assert AttnLRP().name == "AttnLRP(eps=1e-06)"
 
 
@@ -530,7 +583,7 @@ def test_exported_from_rules():
 
 def _vit_b_smoke_checks(m: V.ViT, rules_: list, x: torch.Tensor, t: torch.Tensor) -> None:
     for rule in rules_:
-        R = rule.vit_relevance(m, x, t)
+        R = bp.explain(m, x, t, rule)
         assert R.shape == x.shape and torch.isfinite(R).all(), rule.name
         assert R.abs().sum() > 0, rule.name
 
@@ -543,11 +596,11 @@ def test_vit_b_16_smoke():
     m = V.ViT(cfg).reset_parameters(torch.Generator().manual_seed(0)).eval()
     x = torch.randn(1, 3, 224, 224)
     t = torch.tensor([3])
-    R = CPLRP().vit_relevance(m, x, t)
+    R = bp.explain(m, x, t, CPLRP())
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(m.forward_explain(xg, freeze=True).logits[0, 3], xg)
     torch.testing.assert_close(R, x * g, rtol=1e-4, atol=1e-6 * float((x * g).abs().max()))
-    P = patch_relevance(Rollout().vit_relevance(m, x, t), 16)
+    P = patch_relevance(bp.explain(m, x, t, Rollout()), 16)
     assert P.shape == (1, 14, 14) and (P > 0).all() and P.sum() < 1
     _vit_b_smoke_checks(m, [AttnLRP()], x, t)
 
@@ -560,7 +613,7 @@ def test_vit_b_16_all_rules_float64():
     xg = x.clone().requires_grad_(True)
     tr = m.forward_explain(xg, freeze=True)
     (g,) = torch.autograd.grad(tr.logits.gather(1, t[:, None]).sum(), xg)
-    torch.testing.assert_close(CPLRP().vit_relevance(m, x, t), x * g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bp.explain(m, x, t, CPLRP()), x * g, rtol=1e-10, atol=1e-12)
     for rule in (AttnLRP(), TransformerAttribution()):
-        single = rule.vit_relevance(m, x[1:], t[1:])
-        torch.testing.assert_close(rule.vit_relevance(m, x, t)[1:], single, rtol=1e-9, atol=1e-12)
+        single = bp.explain(m, x[1:], t[1:], rule)
+        torch.testing.assert_close(bp.explain(m, x, t, rule)[1:], single, rtol=1e-9, atol=1e-12)

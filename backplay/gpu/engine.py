@@ -245,7 +245,7 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False, atten
     ``position`` picks the position whose logits are explained when the output is [B, T, vocab]."""
     if isinstance(x, (torch.Tensor, np.ndarray)) and not (x.dtype.is_floating_point if isinstance(x, torch.Tensor)
                                                           else np.issubdtype(x.dtype, np.floating)):
-        return _prepare_tokens(model, _token_ids(x, name), attention_mask, position)
+        return _prepare_tokens(model, x, name, attention_mask, position)
     if attention_mask is not None or position is not None:
         raise ValueError("attention_mask and position are for language models (integer token ids)")
     x = float_tensor(x, name)
@@ -267,11 +267,12 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False, atten
     return Prepared(graph, xb, dtype, squeeze, x.dtype, tuple(x.shape))
 
 
-def _prepare_tokens(model: Any, ids: Tensor, attention_mask: Any, position: Any) -> Prepared:
+def _prepare_tokens(model: Any, x: Any, name: str, attention_mask: Any, position: Any) -> Prepared:
     if not isinstance(model, nn.Module) or not any(isinstance(m, nn.Embedding) for m in model.modules()):
-        raise TypeError(f"x must be a floating point tensor, or integer token ids of a language model (an "
-                        f"nn.Module with an nn.Embedding of the ids); got dtype {ids.dtype} for a "
+        raise TypeError(f"{name} must be a floating point tensor, or integer token ids of a language model "
+                        f"(an nn.Module with an nn.Embedding of the ids); got dtype {x.dtype} for a "
                         f"{type(model).__name__}")
+    ids = _token_ids(x, name)
     squeeze = ids.ndim == 1
     idb = ids.unsqueeze(0) if squeeze else ids
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

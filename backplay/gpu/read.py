@@ -1211,9 +1211,7 @@ class _Runner:
                name: str, y: Tensor | None = None, ins: list | None = None) -> None:
         """Append the layer ``op`` + ``gate`` (its output: a new tensor with fresh unit ids)."""
         op.bound(tuple(y_in.shape[1:]))
-        if type(gate) is LinearGate:  # no activation: p is the number 1
-            y, pv = z, 1.0
-        elif y is None:
+        if y is None:
             y, pv = gate(z)
         else:
             pv = None if self.lean else torch.ones_like(z)

@@ -30,7 +30,7 @@ __all__ = ["LayerTrace", "LayoutStep", "Trace"]
 @dataclass(eq=False)
 class LayerTrace:
     """Layer l of the explained pass: map and gate, input y^{l-1}, z^l, p^l (``None`` in a lean
-    trace; the number 1.0 at a layer without activation), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
+    trace), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
     "maxpool", "add", "norm", "scale", "gate", "map"), ``sources`` / ``out`` (tensor ids) and
     ``where`` (the model's source line)."""
 
@@ -38,7 +38,7 @@ class LayerTrace:
     gate: Gate
     input: Tensor
     z: Tensor | None
-    p: Tensor | float | None
+    p: Tensor | None
     y: Tensor
     index: int = 0
     kind: str = ""

@@ -30,7 +30,12 @@ __all__ = ["transformer_relevance"]
 def transformer_relevance(rule: TransformerRule, prep: Any, trace: Trace, target: Tensor) -> Tensor:
     """The relevance of the explained tensor ([B, ...]: pixels, or input embeddings) for ``target``
     (LongTensor [B]) under a transformer rule; ``prep`` a :class:`backplay.gpu.engine.Prepared`,
-    ``trace`` its (lean) frozen pass."""
+    ``trace`` its (lean) frozen pass. Differentiates also when called under ``torch.no_grad``."""
+    with torch.enable_grad():
+        return _relevance(rule, prep, trace, target).detach()
+
+
+def _relevance(rule: TransformerRule, prep: Any, trace: Trace, target: Tensor) -> Tensor:
     if isinstance(rule, (AttnLRP, CPLRP)):
         rp = _replay(prep, eps=rule.eps, freeze_softmax=isinstance(rule, CPLRP),
                      uniform_products=isinstance(rule, AttnLRP))
