@@ -21,7 +21,8 @@ import torch.nn as nn
 from backplay.gpu.read import ModelGraph, ReadError, read
 from backplay.gpu.trace import Trace
 from backplay.gpu.transformer import transformer_relevance
-from backplay.rules import Gradient, GradientXInput, Rule, SoftplusGame, TransformerRule, _RoutingLaw, _routing_parts
+from backplay.rules import Gradient, GradientXInput, RoutingRule, Rule, SoftplusGame, TransformerRule
+from backplay.rules.routing import routing_parts
 
 Tensor = torch.Tensor
 
@@ -341,7 +342,7 @@ def explain(
         relevance = transformer_relevance(rule, prep, trace, t)
         logit = trace.logit(t)
         return _finish(prep, rule, relevance, logit, None, None, return_report)
-    anchor = _routing_parts(rule)[1]
+    anchor = routing_parts(rule)[1]
     with torch.no_grad():
         if isinstance(rule, SoftplusGame):  # GxI of the surrogate's pass (I10-I12): the one pass swept
             trace = _trace(prep, lean=False, eps=rule.eps)
@@ -349,7 +350,7 @@ def explain(
             logit = _trace(prep, lean=True).logit(t) if return_report else None
             sweep = GradientXInput().sweep(trace, t, keep_layers=return_report, release=True)
         else:
-            trace = _trace(prep, lean=isinstance(rule, _RoutingLaw))
+            trace = _trace(prep, lean=isinstance(rule, RoutingRule))
             if anchor is not None and anchor.anchor == "token" and trace.n_blocks == 0:
                 raise ValueError("Anchor(anchor='token') acts at attention layers: this model has none")
             t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)

@@ -119,9 +119,9 @@ def assert_matches_law(rule: Rule, spec: Any, x: Any, target: int, law_rule: Rul
                 f"{rule.name} differs from the law {law_rule.name} at layer {l} (0 = input), neuron {k}: "
                 f"{got[k]!r} vs exact {ex_f[k]!r} (relative error {e:.3g} > {tol:g}); case {spec}, "
                 f"x={xt.tolist()}, target={target}")
-    from ..rules import _RoutingLaw
+    from ..rules import RoutingRule
 
-    if isinstance(rule, _RoutingLaw):
+    if isinstance(rule, RoutingRule):
         e = err(report.stopped.reshape(1).numpy(), [law.stopped()["total"]])
         if not e <= tol:
             raise AssertionError(f"{rule.name}: stopped mass {float(report.stopped[0])!r} vs exact "

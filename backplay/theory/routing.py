@@ -37,8 +37,9 @@ import sympy as sp
 
 from ..nets import FrozenNet, MLPSpec, check_input, check_target, to_rational
 from ..rules import (
-    RG, AlphaBeta, Anchor, AttributionEquilibriumLaw, GradientEquilibrium, RGEq, RiskAverse, Rule, _routing_parts,
+    RG, AlphaBeta, Anchor, AttributionEquilibriumLaw, GradientEquilibrium, RGEq, RiskAverse, Rule,
 )
+from ..rules.routing import routing_parts
 from .arith import Arith
 from .game import exact_forward
 
@@ -529,7 +530,7 @@ def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: 
         raise ValueError(f"target {target} out of range for {frozen.widths[-1]} outputs")
     if dps < 15:
         raise ValueError(f"dps must be >= 15, got {dps}")
-    anchor = _routing_parts(rule)[1]
+    anchor = routing_parts(rule)[1]
     if anchor is not None and anchor.anchor == "token" and all(a is None for a in frozen.anchors):
         raise ValueError("Anchor(anchor='token') needs a FrozenNet with attention anchors "
                          "(backplay.gpu.unroll of a ViT)")

@@ -1,173 +1,23 @@
-"""Attribution rules: one small class per rule (zennit's split).
-
-A rule is a frozen, parameter-only object. It never holds a model and never modifies one: the engine
-(:func:`backplay.gpu.explain`) reads the model into its operation graph (:mod:`backplay.gpu.read`),
-runs ONE batched forward pass and hands the rule the recorded :class:`~backplay.gpu.trace.Trace`. A
-rule then maps that trace to the relevance of the input.
-
-Most rules are layer rules (:class:`LayerRule`): a start measure at the output, one backward map per
-layer (``backward(layer, upper) -> lower``; ``layer`` is a :class:`~backplay.gpu.trace.LayerTrace`
-with ``map`` (apply / transpose with any part of its coefficients), ``gate``, ``input`` = y^{l-1},
-``z``, ``p`` and ``y``), and a final step at the input; layout steps (reshape, cat, slice, ...) move
-relevance by their transpose for every rule (:meth:`~backplay.gpu.trace.Trace.walk`). New rules
-(Epsilon, AlphaBeta, the routing family of THEORY.md section 5, ...) are further subclasses; the
-theory and numerics parts read the same objects for their parameters.
-
-This module depends on torch only (the gpu package imports it, not the other way round).
-"""
+"""The routing laws (THEORY.md section 5): AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor,
+RiskAverse, their shared convention and their batched torch form (:class:`RoutingRule`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .base import LayerRule, Rule, check_finite, check_positive, safe_divide
+
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
 
 Tensor = torch.Tensor
 
-__all__ = [
-    "Rule", "LayerRule", "Gradient", "GradientXInput", "LRP0", "AlphaBeta", "RG", "RGEq",
-    "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide", "Sweep",
-    "AttributionEquilibrium", "AttributionEquilibriumLaw",
-    "TransformerRule", "CPLRP", "AttnLRP", "Rollout", "TransformerAttribution",
-]
-
-
-def safe_divide(num: Tensor, den: Tensor) -> Tensor:
-    """num / den with x/0 := 0 (in particular 0/0 := 0), elementwise."""
-    zero = den == 0
-    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Base class of every rule: ``relevance(trace, target) -> [B, n_0]``."""
-
-    @property
-    def name(self) -> str:
-        """The rule and its parameters, e.g. ``"LRP0"`` or ``"AlphaBeta(alpha=2, beta=1)"``."""
-        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
-        return type(self).__name__ + (f"({params})" if params else "")
-
-    def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
-        """Input relevance [B, n_0] for the recorded forward pass and targets (LongTensor [B])."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """One backward sweep: the input relevance (shape of the first layer's input), the relevance at
-    every layer's input in torch order ([0] input, [L] the start at the output layer), and the
-    signed stopped mass per sample accumulated by the law (``None`` when the rule does not track it)."""
-
-    relevance: Tensor
-    layers: list
-    stopped: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class LayerRule(Rule):
-    """A rule computed by one backward sweep, layer L down to the input."""
-
-    def start(self, trace: "Trace", target: Tensor) -> Tensor:
-        """The measure put on the output layer L, shape [B, n_L]."""
-        raise NotImplementedError
-
-    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        """Map the relevance of layer l (shape of ``layer.y``) to layer l-1 (shape of ``layer.input``)."""
-        raise NotImplementedError
-
-    def finish(self, trace: "Trace", lower: Tensor) -> Tensor:
-        """Turn the measure reached at layer 0 into the input relevance (default: unchanged)."""
-        return lower
-
-    def view(self, y: Tensor, r: Tensor) -> Tensor:
-        """The relevance reported at a layer whose values are ``y``, from the swept measure ``r``."""
-        return r
-
-    # -- the sweep ------------------------------------------------------------------------------
-    def _context(self, trace: "Trace", target: Tensor) -> dict:
-        return {"stopped": None}
-
-    def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
-        return self.backward(layer, r)
-
-    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
-              release: bool = False) -> Sweep:
-        """The backward sweep over the trace's operation graph (:meth:`Trace.walk`).
-        ``keep_layers=False``: ``Sweep.layers`` is left empty. ``release=True``: each step is dropped
-        once swept (frees its buffers early; the trace is spent afterwards)."""
-        ctx = self._context(trace, target)
-        r = self.start(trace, target)
-        keep = (lambda step, v: self.view(step.y, v.reshape(step.y.shape))) if keep_layers else None
-        top = self.view(trace.output, r) if keep_layers else None
-        lower, kept = trace.walk({trace.output_id: r},
-                                 lambda layer, v: self._layer_backward(layer, v.reshape(layer.y.shape), ctx),
-                                 keep, release)
-        if lower is None:
-            lower = torch.zeros_like(trace.x)
-        lower = self.finish(trace, lower)
-        rel = [lower] + [kept[i] for i in trace.cuts] + [top] if keep_layers else []
-        return Sweep(lower, rel, ctx["stopped"])
-
-    def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
-        return self.sweep(trace, target).relevance
-
-
-@dataclass(frozen=True)
-class Gradient(LayerRule):
-    """The gradient df_target/dx: the signed terminal occupation nu(+) - nu(-) of the GV game started
-    at (L, target, +) (THEORY.md I3; softplus nets: I11 under the Gibbs policies).
-
-    Layer map (I7, backprop): S^{l-1} = (S^l * p^l) W^l, from the one-hot at the target; p is the gate
-    (ReLU 1{z > 0}, ties stop; softplus sigmoid(z/eps)). Not a conservative rule: relevance_sum is
-    not the logit.
-    """
-
-    def start(self, trace: "Trace", target: Tensor) -> Tensor:
-        return trace.onehot(target)
-
-    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        return layer.map.transpose(upper * layer.p)
-
-
-@dataclass(frozen=True)
-class GradientXInput(Gradient):
-    """Gradient x Input, x_j df/dx_j: the terminal payoff x_j weighted by the signed occupation.
-
-    Completeness (THEORY.md I4; I11 for softplus): sum_j GxI_j = f_target(x) - E[discounted bias
-    rewards] (- E[discounted entropy terms] on softplus nets); the report's ``stopped`` is that rest.
-    Equal to LRP-0 with biases on a ReLU net (I8).
-    """
-
-    def finish(self, trace: "Trace", lower: Tensor) -> Tensor:
-        return trace.x.reshape(lower.shape) * lower
-
-    def view(self, y: Tensor, r: Tensor) -> Tensor:
-        return y.reshape(r.shape) * r
-
-
-@dataclass(frozen=True)
-class LRP0(LayerRule):
-    """LRP-0 with biases, layer by layer: R^{l-1}_j = y^{l-1}_j sum_i W^l_ij R^l_i / z^l_i (0/0 := 0),
-    z including the bias; the start is R^L = f_target(x) at the target.
-
-    On a ReLU net it equals Gradient x Input (THEORY.md I8), R^l_i = y^l_i df/dy^l_i at every layer;
-    the relevance absorbed by the biases is the bias share of I4 (report ``stopped``). Computed
-    genuinely by the LRP recursion, not through the gradient, so I8 is a real check. On a softplus
-    net it is the plain LRP-0 recursion (y != z), with no identity claimed.
-    """
-
-    def start(self, trace: "Trace", target: Tensor) -> Tensor:
-        return trace.onehot(target) * trace.output
-
-    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        return layer.input * layer.map.transpose(safe_divide(upper, layer.z))
+__all__ = ["RoutingRule", "AlphaBeta", "RG", "RGEq", "GradientEquilibrium", "Anchor", "RiskAverse",
+           "routing_parts"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +35,7 @@ class LRP0(LayerRule):
 #   ends in the bias sink. Start: R^L = f_k(x) at the target. I14: sum_j R^0_j + stopped = f_k(x)
 #   whenever m (p - q) = 1. Where p = q (so m = 1/(p - q) is undefined) the token is stopped.
 # ---------------------------------------------------------------------------------------------
-def _routing_parts(rule: "Rule") -> tuple["Rule", "Anchor | None", "RiskAverse | None"]:
+def routing_parts(rule: "Rule") -> tuple["Rule", "Anchor | None", "RiskAverse | None"]:
     """(base law, anchor or None, risk aversion or None) of a routing rule."""
     risk = anchor = None
     if isinstance(rule, RiskAverse):
@@ -504,7 +354,7 @@ class _Local:
 
 
 def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
-    base, anchor, risk = _routing_parts(rule)
+    base, anchor, risk = routing_parts(rule)
     depth = trace.n_layers
     ctx = {"stopped": torch.zeros_like(trace.output[:, 0]), "base": base, "anchor": anchor,
            "depth": depth, "blocks": trace.n_blocks, "local": {}, "U": {},
@@ -591,7 +441,7 @@ def _u_sweep(trace: "Trace", U: Tensor, ctx: dict) -> None:
 
 
 @dataclass(frozen=True)
-class _RoutingLaw(LayerRule):
+class RoutingRule(LayerRule):
     """Shared torch implementation of the routing laws (the convention above), one batched sweep.
 
     Start R^L = f_k(x) at the target; MaxPool layers route to the argmax (winner takes all) whatever
@@ -620,23 +470,12 @@ class _RoutingLaw(LayerRule):
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
         """The law at one layer on its own (no anchor, no risk aversion; stopped mass dropped)."""
         ctx = {"stopped": torch.zeros(upper.shape[0], dtype=upper.dtype, device=upper.device),
-               "base": _routing_parts(self)[0], "anchor": None, "depth": 1, "local": {}, "U": {}}
+               "base": routing_parts(self)[0], "anchor": None, "depth": 1, "local": {}, "U": {}}
         return self._layer_backward(layer, upper, ctx)
 
 
-def _finite(name: str, v: float) -> None:
-    if not math.isfinite(float(v)):
-        raise ValueError(f"{name} must be finite, got {v}")
-
-
-def _positive(name: str, v: float) -> None:
-    _finite(name, v)
-    if not float(v) > 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-
-
 @dataclass(frozen=True)
-class AlphaBeta(_RoutingLaw):
+class AlphaBeta(RoutingRule):
     """alpha-beta-LRP as a routing law (THEORY.md I15): p = alpha/(alpha+beta), q = beta/(alpha+beta),
     m = alpha + beta, route temperature 1, so R_j = sum_i (alpha Z+_ij/S+_i - beta Z-_ij/S-_i) R_i
     (0/0 := 0). Conservative (I14) iff alpha - beta = 1; other values need ``conservative=False``."""
@@ -646,8 +485,8 @@ class AlphaBeta(_RoutingLaw):
     conservative: bool = True
 
     def __post_init__(self) -> None:
-        _finite("alpha", self.alpha)
-        _finite("beta", self.beta)
+        check_finite("alpha", self.alpha)
+        check_finite("beta", self.beta)
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta <= 0:
             raise ValueError(f"need alpha, beta >= 0 and alpha + beta > 0, got {self.alpha}, {self.beta}")
         if self.conservative and self.alpha - self.beta != 1:
@@ -658,7 +497,7 @@ class AlphaBeta(_RoutingLaw):
 
 
 @dataclass(frozen=True)
-class RG(_RoutingLaw):
+class RG(RoutingRule):
     """The routing game RG(tau, T) (THEORY.md I16): Gibbs hand-over p = sigmoid(1/tau), the maximiser
     of p + tau H(p); m = 1/(p - q) = coth(1/(2 tau)); route temperature T (I19). T = 1 is alpha-beta
     with alpha = 1/(1 - e^(-1/tau)), beta = 1/(e^(1/tau) - 1); the default tau = 1/ln 2 is alpha=2, beta=1."""
@@ -667,12 +506,12 @@ class RG(_RoutingLaw):
     route_temp: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("tau", self.tau)
-        _positive("route_temp", self.route_temp)
+        check_positive("tau", self.tau)
+        check_positive("route_temp", self.route_temp)
 
 
 @dataclass(frozen=True)
-class RGEq(_RoutingLaw):
+class RGEq(RoutingRule):
     """RG+Eq(kappa, nu, T) (THEORY.md I18): log-odds(p) = kappa + nu log(S+/|S-|), m = 1/(p - q),
     route temperature T. (log(alpha/beta), 0) is alpha-beta; (0, 1) the gradient equilibrium.
     With nu > 0, S- = 0 gives p = 1 and S+ = 0 gives p = 0; where p = q the token is stopped."""
@@ -682,22 +521,22 @@ class RGEq(_RoutingLaw):
     route_temp: float = 1.0
 
     def __post_init__(self) -> None:
-        _finite("kappa", self.kappa)
-        _finite("nu", self.nu)
+        check_finite("kappa", self.kappa)
+        check_finite("nu", self.nu)
         if self.nu < 0:
             raise ValueError(f"nu must be >= 0, got {self.nu}")
-        _positive("route_temp", self.route_temp)
+        check_positive("route_temp", self.route_temp)
 
 
 @dataclass(frozen=True)
-class GradientEquilibrium(_RoutingLaw):
+class GradientEquilibrium(RoutingRule):
     """The gradient equilibrium (THEORY.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
     where z_i = 0 the token is stopped), route temperature 1. It is RGEq(0, 1, 1) and gives LRP-0,
     i.e. Gradient x Input on a bias-free ReLU net: the Doob (|y|-) transform of the GV kernel."""
 
 
 @dataclass(frozen=True)
-class Anchor(_RoutingLaw):
+class Anchor(RoutingRule):
     """Extended action set (THEORY.md section 5): routing pi_lam = (1 - lam) pi + lam u; lam = 0 is
     the base law.
 
@@ -717,7 +556,7 @@ class Anchor(_RoutingLaw):
             raise TypeError(f"Anchor needs a routing law, got {type(self.rule).__name__}")
         lams = self.lam if isinstance(self.lam, tuple) else (self.lam,)
         for v in lams:
-            _finite("lam", v)
+            check_finite("lam", v)
             if not 0 <= v <= 1:
                 raise ValueError(f"lam must lie in [0, 1], got {v}")
         if self.anchor not in ("uniform", "token"):
@@ -734,7 +573,7 @@ class Anchor(_RoutingLaw):
 
 
 @dataclass(frozen=True)
-class RiskAverse(_RoutingLaw):
+class RiskAverse(RoutingRule):
     """Risk aversion (THEORY.md I20): with cost X = c_j = sigma^2 / x_j^2 at the input reached (0 for
     stopped paths), the law Q* proportional to P exp(-theta X) is Markov: K_theta(s, s') =
     K(s, s') U(s')/U(s), U(s) = E_s[exp(-theta X)] (one extra sweep). The multiplier is reset to
@@ -748,302 +587,5 @@ class RiskAverse(_RoutingLaw):
     def __post_init__(self) -> None:
         if not isinstance(self.rule, (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor)):
             raise TypeError(f"RiskAverse needs a routing law, got {type(self.rule).__name__}")
-        _finite("theta", self.theta)
-        _positive("sigma", self.sigma)
-
-
-@dataclass(frozen=True)
-class SoftplusGame(LayerRule):
-    """The entropic game (THEORY.md I10-I12): Gradient x Input of the softplus_eps surrogate (same
-    weights, every activation replaced by softplus_eps), i.e. x times the signed occupation under
-    the Gibbs policies sigmoid(z/eps). eps -> 0 recovers the ReLU Gradient x Input."""
-
-    eps: float = 0.5
-
-    def __post_init__(self) -> None:
-        _positive("eps", self.eps)
-
-    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
-              release: bool = False) -> Sweep:
-        surrogate = trace.surrogate(self.eps)  # every game gate at temperature eps
-        return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attribution Equilibrium (Nam and Lee), THEORY.md section 8: the rule as the authors' code computes
-# it (not a law on the graph), and its closest routing law.
-# ---------------------------------------------------------------------------------------------
-def _per_sample(t: Tensor) -> Tensor:
-    """Per-sample sums of t, shaped to broadcast against t."""
-    return t.flatten(1).sum(1).view((-1,) + (1,) * (t.ndim - 1))
-
-
-@dataclass(frozen=True)
-class AttributionEquilibrium(LayerRule):
-    """Attribution Equilibrium (Nam and Lee) as THEORY.md section 8 states it, batched.
-
-    Start (:meth:`start_map`): at the output A of the last conv block (the input of the trailing run
-    of Linear layers, the "head", which is not propagated), R0 = A * mean_spatial(dy_t/dA) per
-    channel; MLP analogue (an all-Linear net): at the last hidden layer h (the input of the last
-    layer), R0 = h * dy_t/dh. R0 is divided by |sum R0| per sample.
-
-    Layer maps (:meth:`backward`, terms in :meth:`terms`), with x the layer input, P = R+/sum R+,
-    N = R-/|sum R-| (N <= 0, sum N = -1), z_j = sum_k x_k |w_kj| and x/0 := 0:
-
-    * conv (kernel > 1) and Linear (the MLP analogue: a dense layer is read as a conv whose kernel
-      covers the whole input): C_i = x_i sum_j |w_ij| (r P_j + N_j)/z_j; the shift subtracts one unit
-      spread evenly over the units with C != 0; A_i = 1[x_i > 0] sum_j |w_ij| P_j / sum_k 1[x_k > 0]
-      |w_kj|; B_i = 1[x_i <= 0] sum_j |w_ij| N_j / sum_k 1[x_k <= 0] |w_kj|; R_i = C_i - shift_i +
-      A_i + B_i. 1x1 conv: r replaced by 1 and no shift. Weight signs and biases are not used.
-    * the first layer of the net (Linear or conv): the z^B rule with L = min(x), H = max(x) per
-      sample, on the signed R: R_i = sum_j (x_i w_ij - L w+_ij - H w-_ij) R_j / z^B_j (no bias).
-    * MaxPool: to the argmax. AvgPool2d / AdaptiveAvgPool2d: proportional to x+ + 1e-9.
-    * ReLU, Dropout: R passes unchanged. BatchNorm is merged into the preceding layer's weights by
-      the reader; the conv terms use |w_ij| / z_j and the indicator ratios, which are unchanged by
-      a positive or negative per-output-channel scale, so merging equals passing R through the BN.
-
-    Properties (tested; ``backplay.numerics.validate_rule`` measures them): sum R_lower = r - 2 at a
-    kernel > 1 (or Linear) layer when R has mass of both signs and no denominator vanishes, 0 at a 1x1
-    layer; not conservative, not linear in R (per-sign renormalisation), + and - mass cancel on a unit,
-    the shift is not local. Residual blocks are not supported (TypeError). ``r`` in [1, 2] as in the
-    authors' code (default 2, the "degree of positive attribution").
-    """
-
-    r: float = 2.0
-
-    def __post_init__(self) -> None:
-        _finite("r", self.r)
-        if not 1 <= float(self.r) <= 2:
-            raise ValueError(f"r must lie in [1, 2] (the authors' range), got {self.r}")
-
-    # -- the start ---------------------------------------------------------------------------------
-    @staticmethod
-    def start_index(trace: "Trace") -> int:
-        """k such that the start sits at the output of ``trace.layers[k-1]`` (the head is layers k..L).
-        The model must be a chain (every layer output a cut of the graph: no sum node, no branch)."""
-        items = trace.layers
-        cuts = set(trace.cuts)
-        if any(len(it.sources) > 1 for it in items) or any(it.out not in cuts for it in items[:-1]):
-            raise TypeError("AttributionEquilibrium does not support Residual blocks, sum nodes or branches "
-                            "(VGG-like CNNs and MLPs only)")
-        k = len(items)
-        while k > 0 and items[k - 1].kind == "linear":
-            k -= 1
-        if k == 0:  # an all-Linear net: the MLP analogue starts at the last hidden layer
-            k = len(items) - 1
-        if k == 0:
-            raise ValueError("AttributionEquilibrium needs a hidden layer (the net has one layer)")
-        if k == len(items):
-            raise ValueError("AttributionEquilibrium needs a Linear head after the last conv block")
-        return k
-
-    def start_map(self, trace: "Trace", target: Tensor) -> tuple[int, Tensor]:
-        """(k, R0): the normalised start map at the output of layer k (its shape, batch first)."""
-        k = self.start_index(trace)
-        A = trace.layers[k - 1]
-        _, kept = trace.walk({trace.output_id: trace.onehot(target)},
-                             lambda it, g: it.map.transpose(g.reshape(it.y.shape) * it.p),
-                             lambda step, g: g if step is A else None)
-        g = kept[A.out].reshape(A.y.shape)
-        R0 = A.y * (g.mean(dim=tuple(range(2, g.ndim)), keepdim=True) if A.y.ndim > 2 else g)
-        return k, safe_divide(R0, _per_sample(R0).abs())
-
-    def start(self, trace: "Trace", target: Tensor) -> Tensor:
-        return self.start_map(trace, target)[1]
-
-    # -- the layer maps ----------------------------------------------------------------------------
-    def terms(self, layer: "LayerTrace", upper: Tensor) -> dict:
-        """The parts of a conv / Linear layer map as a dict of tensors (shape of ``layer.input``):
-        ``C``, ``shift`` (subtracted), ``A``, ``B``; backward = C - shift + A + B."""
-        M, x = layer.map, layer.input
-        R = upper.reshape(layer.y.shape)
-        Rp, Rn = R.clamp_min(0), R.clamp_max(0)
-        P = safe_divide(Rp, _per_sample(Rp))
-        N = safe_divide(Rn, _per_sample(Rn).abs())
-        one_by_one = x.ndim == 4 and tuple(M.weight.shape[-2:]) == (1, 1)
-        rr = 1.0 if one_by_one else float(self.r)
-        C = x * M.transpose(safe_divide(rr * P + N, M.apply(x, "abs")), "abs")
-        shift = torch.zeros_like(C)
-        if not one_by_one:
-            nz = (C != 0).to(C.dtype)
-            shift = safe_divide(nz, _per_sample(nz))
-        act = (x > 0).to(x.dtype)
-        ina = 1 - act
-        A = act * M.transpose(safe_divide(P, M.apply(act, "abs")), "abs")
-        B = ina * M.transpose(safe_divide(N, M.apply(ina, "abs")), "abs")
-        return {"C": C, "shift": shift, "A": A, "B": B}
-
-    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        kind = layer.kind
-        M, x = layer.map, layer.input
-        R = upper.reshape(layer.y.shape)
-        if M.pass_through:  # max pools (to the argmax) and standalone gates
-            return M.transpose(R)
-        if kind == "pool":
-            xp = x.clamp_min(0) + 1e-9
-            return xp * M.transpose(safe_divide(R, M.apply(xp)))
-        if kind not in ("linear", "conv"):
-            raise TypeError(f"AttributionEquilibrium has no map for a {kind!r} layer")
-        if getattr(layer, "index", None) == 1:  # z^B with L = min x, H = max x per sample
-            flat = x.flatten(1)
-            shape = (-1,) + (1,) * (x.ndim - 1)
-            lo, hi = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
-            ones = torch.ones_like(x)
-            zb = M.apply(x) - M.apply(lo * ones, "pos") - M.apply(hi * ones, "neg")
-            s = safe_divide(R, zb)
-            return x * M.transpose(s) - lo * M.transpose(s, "pos") - hi * M.transpose(s, "neg")
-        t = self.terms(layer, R)
-        return t["C"] - t["shift"] + t["A"] + t["B"]
-
-    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
-              release: bool = False) -> Sweep:
-        """The sweep from the start map down to the input. The head (layers above the start) is not
-        propagated: its entries of ``Sweep.layers`` are NaN."""
-        k, r0 = self.start_map(trace, target)
-        start = trace.layers[k - 1]
-        keep = (lambda step, v: v.reshape(step.y.shape)) if keep_layers else None
-        heads = {it.out: it.y for it in trace.layers[k:]}
-        lower, kept = trace.walk({start.out: r0}, lambda it, v: self.backward(it, v), keep, release)
-        rel: list = []
-        if keep_layers:
-            rel = [lower] + [kept[i] if i in kept else torch.full_like(heads[i], float("nan"))
-                             for i in trace.cuts] + [torch.full_like(trace.output, float("nan"))]
-        return Sweep(lower, rel, None)
-
-
-@dataclass(frozen=True)
-class AttributionEquilibriumLaw(AlphaBeta):
-    """The closest routing law to Attribution Equilibrium on the extended graph (THEORY.md section 8).
-
-    AE's hand-over at a + unit, p = (r+1)/(r+2) (keep) and q = 1/(r+2) (flip), routing along the
-    edges of the graph by the shared convention (route temperature 1, branches by sign W_ij y_j,
-    bias in the branch of its sign), no renormalisation, no annihilation, no non-local shift; the
-    same law at + and - tokens (sign-symmetric, so linear in the signed relevance).
-
-    Multiplier convention: THEORY.md gives m = r + 2 for AE's + unit, but m (p - q) = r there, and
-    conservation of signed mass (I14) needs m (p - q) = 1. As :class:`RiskAverse` does, the multiplier
-    is reset to m = 1/(p - q) = (r+2)/r, so the law is conservative. With these values the law is
-    exactly alpha-beta (I15) with alpha = m p = (r+1)/r and beta = m q = 1/r (alpha - beta = 1), which
-    is how it is implemented (a subclass of :class:`AlphaBeta`: torch, theory and numerics read it as
-    such); r = 1 is AlphaBeta(2, 1), r = 2 is AlphaBeta(1.5, 0.5).
-    """
-
-    alpha: float = dataclasses.field(init=False, default=1.5, repr=False)
-    beta: float = dataclasses.field(init=False, default=0.5, repr=False)
-    conservative: bool = dataclasses.field(init=False, default=True, repr=False)
-    r: float = 2.0
-
-    def __post_init__(self) -> None:
-        _positive("r", self.r)
-        r = float(self.r)
-        object.__setattr__(self, "alpha", (r + 1) / r)
-        object.__setattr__(self, "beta", 1 / r)
-
-    @property
-    def name(self) -> str:
-        return f"AttributionEquilibriumLaw(r={self.r!r})"
-
-
-# ----------------------------------------------------------------------------------------------
-# transformer rules (THEORY.md section 7): parameters only; computed on the attention nodes of the
-# model's graph by backplay.gpu.transformer (they are not laws on the frozen graph)
-
-
-def _check_eps(eps: float, strict: bool) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ValueError(f"eps must be a finite number, got {eps!r}")
-    if eps < 0 or (strict and eps == 0):
-        raise ValueError(f"eps must be {'> 0' if strict else '>= 0'}, got {eps!r}")
-
-
-@dataclass(frozen=True)
-class TransformerRule(Rule):
-    """Base class of the transformer rules: they read the model's attention (its weights, or
-    relevance through the softmax into q and k), so :func:`backplay.explain` computes them on the
-    attention nodes of the operation graph (:mod:`backplay.gpu.transformer`), on any model the
-    reader takes (transformers, and for AttnLRP / CPLRP any other model too)."""
-
-
-@dataclass(frozen=True)
-class CPLRP(TransformerRule):
-    """Conservative propagation LRP (Ali et al. 2022, "XAI for Transformers: Better Explanations
-    through Conservative Propagation"): normaliser standard deviations, gates (GELU, ...) and
-    attention weights are detached (the identity rule through each; attention mixes the value
-    tokens with the fixed weights A, no relevance enters q or k), and every dense / convolution layer
-    uses LRP-0 (``eps=0``, default) or the epsilon rule ``eps > 0``.
-
-    With ``eps=0`` it is Gradient x Input of the frozen graph (THEORY.md section 7), i.e.
-    ``GradientXInput``: the frozen pass is positively homogeneous of degree 1 in (input, every
-    bias-like constant), so ``logit = sum R + sum_p <p, d logit / d p>`` over the bias-like constants
-    (zero when they are all zero)."""
-
-    eps: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_eps(self.eps, strict=False)
-
-
-@dataclass(frozen=True)
-class AttnLRP(TransformerRule):
-    """AttnLRP (Achtibat et al. 2024, "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation
-    for Transformers"), as a modified gradient of one batched pass:
-
-    * dense / convolution layers (patch embedding, q, k, v, proj, MLP, head): epsilon rule
-      ``R_u = u * W^T (R_z / (z + eps sign z))`` (sign(0) := +1), ``eps > 0``;
-    * normalisers: identity rule (std detached; centring and affine map by LRP-0, the bias absorbs
-      its share); gates (GELU, SiLU, an elementwise subgraph read as one gate): identity rule;
-    * softmax A = softmax(S): ``R_S = S * (R_A - A * sum_rows R_A)`` (Gradient x Input of the
-      softmax w.r.t. its logits; not conservative: it absorbs ``sum(S * A) * sum R_A`` per row);
-    * products of two tensors that depend on the input (Q K^T, A V, gated units): uniform rule,
-      each factor gets half (``R_a = a * (g @ b^T) / 2``), so relevance flows into q and k.
-
-    Residual adds split by LRP-0 (x * g); constants (cls token, position embeddings) absorb their
-    shares. Conservation: every step above except the softmax and the biases is conservative.
-
-    Relation to the authors' code (LXT 2.1): ``lxt/efficient`` computes the same modified gradient
-    with LRP-0 linear layers, i.e. this rule as eps -> 0; ``lxt/explicit`` also epsilon-stabilises
-    the matmuls, which this rule does not."""
-
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        _check_eps(self.eps, strict=True)
-
-
-@dataclass(frozen=True)
-class Rollout(TransformerRule):
-    """Attention rollout (Abnar and Zuidema 2020): per attention layer b the head-mean attention
-    A_b, ``A_hat_b = (0.5 A_b + 0.5 I)`` row-normalised, ``Rollout = A_hat_L ... A_hat_1``; the value of
-    token t is ``sum_q w_q Rollout[q, t]`` over the tokens q the explained logit reads from the last
-    attention layer (w uniform on them: the cls token of a ViT, cls and distillation tokens of a
-    DeiT, the explained position of a language model). Each token's value is spread evenly over the
-    input units it is made of (the pixels of its patch, its embedding dimensions); tokens made of no
-    input (a cls token) keep none. Target-independent up to the choice of the tokens q."""
-
-
-@dataclass(frozen=True)
-class TransformerAttribution(TransformerRule):
-    """Gradient-weighted relevance rollout of Chefer et al. 2021 ("Transformer Interpretability
-    Beyond Attention Visualization"): per attention layer b
-    ``Abar_b = mean_heads[(dlogit_t/dA_b * R_{A_b})^+]`` with the plain gradient of the target
-    logit w.r.t. the attention weights A_b (nothing frozen), then ``R = I``,
-    ``R = R + Abar_b @ R`` for b = 1..L; token values and their spread over the input as
-    :class:`Rollout` (rows: the tokens the logit reads).
-
-    ``relevance`` picks R_A:
-
-    * ``"attnlrp"`` (default): the AttnLRP relevance of A (:class:`AttnLRP` with this ``eps``):
-      ``R_A = A * g_A``, i.e. A's half of the uniform rule at A V. This is **not** the paper's own
-      LRP (alpha=1, beta=0 linear layers with its normalised rules for add and matmul), which is not
-      implemented here;
-    * ``"attention"``: R_A = A, i.e. ``Abar = mean_heads[(grad A * A)^+]``: the "GAE" rule of
-      Chefer et al. 2021b ("Generic Attention-model Explainability"), self-attention case.
-    """
-
-    relevance: str = "attnlrp"
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.relevance not in ("attnlrp", "attention"):
-            raise ValueError(f"relevance must be 'attnlrp' or 'attention', got {self.relevance!r}")
-        _check_eps(self.eps, strict=True)
+        check_finite("theta", self.theta)
+        check_positive("sigma", self.sigma)

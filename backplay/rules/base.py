@@ -1,0 +1,129 @@
+"""The base of every rule: :class:`Rule`, :class:`LayerRule` and its sweep, :class:`Sweep`.
+
+A rule is a frozen, parameter-only object. It never holds a model and never modifies one: the engine
+(:func:`backplay.gpu.explain`) reads the model into its operation graph (:mod:`backplay.gpu.read`),
+runs ONE batched forward pass and hands the rule the recorded :class:`~backplay.gpu.trace.Trace`.
+This module depends on torch only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from backplay.gpu.trace import LayerTrace, Trace
+
+Tensor = torch.Tensor
+
+__all__ = ["Rule", "LayerRule", "Sweep", "safe_divide", "check_finite", "check_positive"]
+
+
+def safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """num / den with x/0 := 0 (in particular 0/0 := 0), elementwise."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base class of every rule: ``relevance(trace, target) -> [B, n_0]``."""
+
+    @property
+    def name(self) -> str:
+        """The rule and its parameters, e.g. ``"LRP0"`` or ``"AlphaBeta(alpha=2, beta=1)"``."""
+        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return type(self).__name__ + (f"({params})" if params else "")
+
+    def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
+        """Input relevance [B, n_0] for the recorded forward pass and targets (LongTensor [B])."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One backward sweep: the input relevance (shape of the first layer's input), the relevance at
+    every layer's input in torch order ([0] input, [L] the start at the output layer), and the
+    signed stopped mass per sample accumulated by the law (``None`` when the rule does not track it)."""
+
+    relevance: Tensor
+    layers: list
+    stopped: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerRule(Rule):
+    """A rule computed by one backward sweep, layer L down to the input."""
+
+    def start(self, trace: "Trace", target: Tensor) -> Tensor:
+        """The measure put on the output layer L, shape [B, n_L]."""
+        raise NotImplementedError
+
+    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Map the relevance of layer l (shape of ``layer.y``) to layer l-1 (shape of ``layer.input``).
+
+        The stopped-mass API (THEORY.md I14): a rule that absorbs relevance at this layer (a bias
+        sink, a cemetery, a stabiliser) returns ``(lower, stopped)`` with ``stopped`` the signed mass
+        it absorbed per sample (shape [B]), so that sum(upper) = sum(lower) + stopped per sample. The
+        sweep adds it up in :attr:`Sweep.stopped`, and :func:`backplay.validate_rule` checks
+        conservation with it (a rule that returns ``lower`` alone is taken to stop nothing)."""
+        raise NotImplementedError
+
+    def finish(self, trace: "Trace", lower: Tensor) -> Tensor:
+        """Turn the measure reached at layer 0 into the input relevance (default: unchanged)."""
+        return lower
+
+    def view(self, y: Tensor, r: Tensor) -> Tensor:
+        """The relevance reported at a layer whose values are ``y``, from the swept measure ``r``."""
+        return r
+
+    # -- the sweep ------------------------------------------------------------------------------
+    def _context(self, trace: "Trace", target: Tensor) -> dict:
+        return {"stopped": None}
+
+    def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+        out = self.backward(layer, r)
+        if not isinstance(out, tuple):
+            return out
+        lower, stopped = out
+        stopped = torch.as_tensor(stopped, dtype=r.dtype, device=r.device).reshape(r.shape[0])
+        ctx["stopped"] = stopped if ctx["stopped"] is None else ctx["stopped"] + stopped
+        return lower
+
+    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
+              release: bool = False) -> Sweep:
+        """The backward sweep over the trace's operation graph (:meth:`Trace.walk`).
+        ``keep_layers=False``: ``Sweep.layers`` is left empty. ``release=True``: each step is dropped
+        once swept (frees its buffers early; the trace is spent afterwards)."""
+        ctx = self._context(trace, target)
+        r = self.start(trace, target)
+        keep = (lambda step, v: self.view(step.y, v.reshape(step.y.shape))) if keep_layers else None
+        top = self.view(trace.output, r) if keep_layers else None
+        lower, kept = trace.walk({trace.output_id: r},
+                                 lambda layer, v: self._layer_backward(layer, v.reshape(layer.y.shape), ctx),
+                                 keep, release)
+        if lower is None:
+            lower = torch.zeros_like(trace.x)
+        lower = self.finish(trace, lower)
+        rel = [lower] + [kept[i] for i in trace.cuts] + [top] if keep_layers else []
+        return Sweep(lower, rel, ctx["stopped"])
+
+    def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
+        return self.sweep(trace, target).relevance
+
+
+def check_finite(name: str, v: float) -> None:
+    """ValueError unless ``v`` is a finite number (parameter validation of the rules)."""
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be finite, got {v}")
+
+
+def check_positive(name: str, v: float) -> None:
+    """ValueError unless ``v`` is a finite number > 0."""
+    check_finite(name, v)
+    if not float(v) > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")

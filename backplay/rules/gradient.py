@@ -1,0 +1,94 @@
+"""Gradient-type rules: Gradient, GradientXInput, LRP0 and the entropic game SoftplusGame
+(THEORY.md I3, I4, I8, I10-I12; docs: README "Rules")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import LayerRule, Sweep, check_positive, safe_divide
+
+if TYPE_CHECKING:  # pragma: no cover
+    from backplay.gpu.trace import LayerTrace, Trace
+
+Tensor = torch.Tensor
+
+__all__ = ["Gradient", "GradientXInput", "LRP0", "SoftplusGame"]
+
+
+@dataclass(frozen=True)
+class Gradient(LayerRule):
+    """The gradient df_target/dx: the signed terminal occupation nu(+) - nu(-) of the GV game started
+    at (L, target, +) (THEORY.md I3; softplus nets: I11 under the Gibbs policies).
+
+    Layer map (I7, backprop): S^{l-1} = (S^l * p^l) W^l, from the one-hot at the target; p is the gate
+    (ReLU 1{z > 0}, ties stop; softplus sigmoid(z/eps)). Not a conservative rule: relevance_sum is
+    not the logit.
+    """
+
+    def start(self, trace: "Trace", target: Tensor) -> Tensor:
+        return trace.onehot(target)
+
+    def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
+        return layer.map.transpose(upper * layer.p)
+
+
+@dataclass(frozen=True)
+class GradientXInput(Gradient):
+    """Gradient x Input, x_j df/dx_j: the terminal payoff x_j weighted by the signed occupation.
+
+    Completeness (THEORY.md I4; I11 for softplus): sum_j GxI_j = f_target(x) - E[discounted bias
+    rewards] (- E[discounted entropy terms] on softplus nets); the report's ``stopped`` is that rest.
+    Equal to LRP-0 with biases on a ReLU net (I8).
+    """
+
+    def finish(self, trace: "Trace", lower: Tensor) -> Tensor:
+        return trace.x.reshape(lower.shape) * lower
+
+    def view(self, y: Tensor, r: Tensor) -> Tensor:
+        return y.reshape(r.shape) * r
+
+
+@dataclass(frozen=True)
+class LRP0(LayerRule):
+    """LRP-0 with biases, layer by layer: R^{l-1}_j = y^{l-1}_j sum_i W^l_ij R^l_i / z^l_i (0/0 := 0),
+    z including the bias; the start is R^L = f_target(x) at the target.
+
+    On a ReLU net it equals Gradient x Input (THEORY.md I8), R^l_i = y^l_i df/dy^l_i at every layer;
+    the relevance absorbed by the biases is the bias share of I4 (report ``stopped``). Computed
+    genuinely by the LRP recursion, not through the gradient, so I8 is a real check. On a softplus
+    net it is the plain LRP-0 recursion (y != z), with no identity claimed.
+    """
+
+    def start(self, trace: "Trace", target: Tensor) -> Tensor:
+        return trace.onehot(target) * trace.output
+
+    def backward(self, layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
+        """(lower, stopped): the bias share R_i b_i / z_i and the whole R_i where z_i = 0 are stopped
+        (the bias sink and the cemetery of I14, as for the gradient equilibrium, I17)."""
+        z = layer.z
+        c = safe_divide(upper, z)
+        stopped = torch.where(z == 0, upper, 0.0).flatten(1).sum(1)
+        b = layer.map.bias_like(z)
+        if b is not None:
+            stopped = stopped + (c * b).flatten(1).sum(1)
+        return layer.input * layer.map.transpose(c), stopped
+
+
+@dataclass(frozen=True)
+class SoftplusGame(LayerRule):
+    """The entropic game (THEORY.md I10-I12): Gradient x Input of the softplus_eps surrogate (same
+    weights, every activation replaced by softplus_eps), i.e. x times the signed occupation under
+    the Gibbs policies sigmoid(z/eps). eps -> 0 recovers the ReLU Gradient x Input."""
+
+    eps: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_positive("eps", self.eps)
+
+    def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
+              release: bool = False) -> Sweep:
+        surrogate = trace.surrogate(self.eps)  # every game gate at temperature eps
+        return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)
