@@ -6,11 +6,13 @@ heatmaps; ``backplay bench localisation`` runs the localisation benchmark."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -71,13 +73,36 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _working_directory_on_path() -> Iterator[None]:
+    """The working directory first on ``sys.path`` for the duration (as ``python -m`` does), so that
+    ``--rule mymodule:MyRule`` finds a module next to the user."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def load_rule(ref: str) -> Any:
     """``module:attr`` -> the rule: a Rule instance, a callable (validate_rule's black-box forms), or a
-    Rule class (instantiated with its defaults). ValueError / ImportError naming the problem."""
+    Rule class (instantiated with its defaults). The module is looked up in the working directory
+    first, then on ``sys.path``. ValueError / ImportError naming the problem."""
     mod, sep, attr = ref.partition(":")
     if not sep or not mod or not attr:
         raise ValueError(f"--rule must be module:attr (e.g. backplay.rules:AlphaBeta), got {ref!r}")
-    obj: Any = importlib.import_module(mod)
+    with _working_directory_on_path():
+        try:
+            obj: Any = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and mod.startswith(exc.name):
+                raise ImportError(f"no module named {mod!r} in the working directory {os.getcwd()} or on "
+                                  "sys.path (run from the folder that holds it, or install it)") from None
+            raise
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"module {mod!r} has no attribute {attr!r}")
@@ -113,8 +138,7 @@ def _model_cases(model: Any, seed: int, cases: int, input_path: str | None, targ
     if input_path is not None:
         xs = torch.load(input_path, weights_only=False)
         xs = torch.as_tensor(xs, dtype=torch.float64)
-        first = model.widths[0] if isinstance(model, MLPSpec) else None
-        if (first is not None and xs.ndim == 1) or xs.ndim == 3:
+        if xs.ndim in (1, 3):  # one sample: a vector (n,) or an image (C, H, W); else a batch
             xs = xs[None]
     else:
         if isinstance(model, MLPSpec):
@@ -126,23 +150,33 @@ def _model_cases(model: Any, seed: int, cases: int, input_path: str | None, targ
             n = first.in_features
         rng = np.random.default_rng(seed)
         xs = torch.tensor(rng.integers(-8, 9, size=(cases, n)) / 4, dtype=torch.float64)
+    from .gpu.engine import prepare
+
+    net = model.to_torch(torch.float64) if isinstance(model, MLPSpec) else model
     out = []
     for x in xs:
-        if target is None:
-            from .gpu.engine import prepare
-
-            prep = prepare(model if not isinstance(model, MLPSpec) else model.to_torch(torch.float64), x[None])
-            t = int(prep.trace().output[0].argmax())
-        else:
-            t = target
-        out.append((model, x.numpy(), t))
+        logits = prepare(net, x[None]).trace().output[0]
+        if target is not None and not 0 <= target < len(logits):
+            raise ValueError(f"--target {target} out of range: the model has {len(logits)} outputs")
+        out.append((model, x.numpy(), int(logits.argmax()) if target is None else target))
     return out
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def verify_rule(rule: Any, seed: int = 0, cases: int = 20, model: Any = None, input_path: str | None = None,
                 target: int | None = None, solver: str = "CLARABEL", progress: bool = True) -> dict:
     """Run :func:`backplay.numerics.validate_rule` on ``cases`` seeded random nets (ReLU and softplus)
-    or on ``model``; per property the number of cases where it holds, and one row per case."""
+    or on ``model``; per property the number of cases where it holds, and one row per case.
+
+    A case where validate_rule raises TypeError / ValueError is ``skipped`` (the rule does not apply
+    to that net, e.g. Attribution Equilibrium on a net without a hidden layer); any other exception is
+    an ``error``. ``passed``: at least one case validated, no error, and every property holds (or is
+    not checkable) on every validated case; ``failed_properties`` and ``errors`` say what did not."""
     from .numerics import validate_rule
 
     todo = random_cases(seed, cases) if model is None else _model_cases(model, seed, cases, input_path, target)
@@ -151,24 +185,31 @@ def verify_rule(rule: Any, seed: int = 0, cases: int = 20, model: Any = None, in
         try:
             rep = validate_rule(rule, net, x, t, solver=solver)
         except (TypeError, ValueError) as exc:  # the rule does not apply to this net (e.g. no hidden layer)
-            rows.append({"case": k, "skipped": f"{type(exc).__name__}: {exc}"})
+            rows.append({"case": k, "skipped": _one_line(exc)})
             continue
         except Exception as exc:  # a crash: reported with its case, exit status 1
-            rows.append({"case": k, "error": f"{type(exc).__name__}: {exc}"})
+            rows.append({"case": k, "error": _one_line(exc)})
             continue
         for f in rep.findings:
-            p = props.setdefault(f.name, {"holds": 0, "fails": 0, "n/a": 0, "worst": 0.0})
+            p = props.setdefault(f.name, {"holds": 0, "fails": 0, "n/a": 0, "worst": 0.0, "failed_cases": []})
             p["holds" if f.holds else ("n/a" if f.holds is None else "fails")] += 1
-            if f.holds is False and f.worst is not None:
-                p["worst"] = max(p["worst"], f.worst)
+            if f.holds is False:
+                p["failed_cases"].append(k)
+                if f.worst is not None:
+                    p["worst"] = max(p["worst"], f.worst)
         rows.append({"case": k, "net": rep.net, "target": t, "is_law": rep.is_law, "violated": rep.violated,
                      "nearest": rep.nearest, "report": rep.to_dict()})
+    validated = sum(1 for r in rows if "net" in r)
+    errors = [f"case {r['case']}: {r['error']}" for r in rows if "error" in r]
+    failed = [name for name, p in props.items() if p["fails"]]
     return {"rule": getattr(rule, "name", getattr(rule, "__name__", type(rule).__name__)), "seed": seed,
-            "cases": len(todo), "properties": props, "rows": rows}
+            "cases": len(todo), "validated": validated, "skipped": sum(1 for r in rows if "skipped" in r),
+            "errors": errors, "failed_properties": failed,
+            "passed": validated > 0 and not errors and not failed, "properties": props, "rows": rows}
 
 
 def _rule_table(res: dict) -> str:
-    head = ("property", "holds", "fails", "n/a", "worst violation")
+    head = ("property", "holds", "fails", "n/a", "worst figure")
     body = [(name, str(p["holds"]), str(p["fails"]), str(p["n/a"]), f"{p['worst']:.3g}" if p["fails"] else "-")
             for name, p in res["properties"].items()]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
@@ -183,10 +224,24 @@ def _rule_table(res: dict) -> str:
     for name, n in sorted(nearest.items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"  nearest named rule {name}: {n} cases")
     for r in res["rows"]:
-        if "error" in r:
-            lines.append(f"  case {r['case']} ERROR {r['error']}")
-        elif "skipped" in r:
+        if "skipped" in r:
             lines.append(f"  case {r['case']} skipped: {r['skipped']}")
+    lines.append(f"{res['cases']} cases: {res['validated']} validated, {res['skipped']} skipped (the rule does "
+                 f"not apply), {len(res['errors'])} errors")
+    for name in res["failed_properties"]:
+        p = res["properties"][name]
+        shown = ", ".join(str(k) for k in p["failed_cases"][:10]) + (" ..." if len(p["failed_cases"]) > 10 else "")
+        lines.append(f"  FAILS: {name} on {p['fails']} of {res['validated']} validated cases (worst figure "
+                     f"{p['worst']:.3g}; cases {shown})")
+    for e in res["errors"]:
+        lines.append(f"  ERROR {e}")
+    if res["passed"]:
+        lines.append("result: PASS (every property holds on every validated case)")
+    else:
+        why = [f"{len(res['failed_properties'])} properties fail"] if res["failed_properties"] else []
+        why += [f"{len(res['errors'])} cases error"] if res["errors"] else []
+        why += ["no case validated"] if not res["validated"] else []
+        lines.append("result: FAIL (" + "; ".join(why) + ")")
     return "\n".join(lines)
 
 
@@ -201,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.add_argument("--rule", metavar="MODULE:ATTR",
                    help="validate this rule instead (a backplay Rule, a Rule class, or a callable, see "
-                        "backplay.numerics.validate_rule) on the random nets or on --model")
+                        "backplay.numerics.validate_rule) on the random nets or on --model; MODULE is "
+                        "looked up in the working directory first. Exit status 0: every property holds on "
+                        "every validated case; 1: a property fails, a case errors, or no case applies; "
+                        "2: a usage error")
     v.add_argument("--model", metavar="FILE", help="with --rule: a torch.save'd nn.Module or MLPSpec")
     v.add_argument("--input", metavar="FILE", help="with --model: a torch.save'd input (one sample or a "
                    "batch); default: --cases random dyadic inputs (MLPs)")
@@ -222,10 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.rule is not None:
         try:
-            rule = load_rule(args.rule)
-            model = load_model(args.model) if args.model else None
-            res = verify_rule(rule, args.seed, args.cases, model, args.input, args.target, args.solver,
-                              progress=not args.no_progress)
+            with _working_directory_on_path():  # the rule's module may import its neighbours when run
+                rule = load_rule(args.rule)
+                model = load_model(args.model) if args.model else None
+                res = verify_rule(rule, args.seed, args.cases, model, args.input, args.target, args.solver,
+                                  progress=not args.no_progress)
         except (ValueError, ImportError, OSError) as exc:
             print(f"backplay verify --rule: {exc}", file=sys.stderr)
             return 2
@@ -236,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"backplay verify --rule {args.rule}: {res['rule']} on {where}")
             print(_rule_table(res))
             print(f"({time.perf_counter() - t0:.1f} s)")
-        return 1 if any("error" in r for r in res["rows"]) else 0
+        return 0 if res["passed"] else 1
     rows = verify(args.seed, args.cases, args.solver, progress=not args.no_progress)
     from .testing.arch_checks import architecture_table, verify_architectures
 

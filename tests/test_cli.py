@@ -7,6 +7,7 @@ import torch
 
 import backplay.cli as cli
 from backplay.gpu import ops
+from backplay.numerics.validate import LAW_ROW
 from backplay.rules import GradientXInput
 from backplay.testing import arch_checks, identities, registry, zoo
 
@@ -21,7 +22,7 @@ def test_verify_json_passes(capsys):
     assert cli.main(["verify", "--cases", "4", "--seed", "3", "--json", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["seed"] == 3
-    assert {r["identity"] for r in out["identities"]} == {f"I{k}" for k in range(1, 22)}
+    assert {r["identity"] for r in out["identities"]} == {f"I{k}" for k in range(1, 22)} | {"per-layer lam"}
     assert all(r["cases"] > 0 for r in out["identities"])
 
 
@@ -71,16 +72,82 @@ def test_verify_rule_json_alpha_beta(capsys):
     assert cli.main(["verify", "--rule", "backplay.rules:AlphaBeta", "--cases", "4", "--json", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["cases"] == 4 and out["rule"].startswith("AlphaBeta(alpha=2.0, beta=1.0")
-    assert out["properties"]["Markov routing law"]["holds"] == 4
+    assert out["properties"][LAW_ROW]["holds"] == 4
     assert all(r["is_law"] for r in out["rows"])
+    assert out["passed"] and out["validated"] == 4 and out["errors"] == [] and out["failed_properties"] == []
 
 
 def test_verify_rule_table_attribution_equilibrium(capsys):
+    """Properties fail: exit status 1, and the summary names them with their cases."""
     assert cli.main(["verify", "--rule", "backplay.rules:AttributionEquilibrium", "--cases", "6",
-                     "--no-progress"]) == 0
+                     "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "conservation (I14)" in out and "Markov routing law on 0 of 6 cases" in out
     assert "skipped: ValueError: AttributionEquilibrium needs a hidden layer" in out
+    assert "FAILS: conservation (I14) on" in out and "FAILS: additivity on" in out
+    assert "result: FAIL (" in out and "properties fail" in out
+    assert cli.main(["verify", "--rule", "backplay.rules:AttributionEquilibrium", "--cases", "6", "--json",
+                     "--no-progress"]) == 1
+    res = json.loads(capsys.readouterr().out)
+    assert res["passed"] is False and "conservation (I14)" in res["failed_properties"] and res["validated"] > 0
+    assert res["validated"] + res["skipped"] == 6 and res["errors"] == []
+
+
+RULES_PY = """
+from dataclasses import dataclass
+from backplay.rules import LRP0, AlphaBeta, LayerRule
+
+
+@dataclass(frozen=True)
+class Flaky(LayerRule):  # LRP-0 on nets of 1 or 2 layers, a crash on deeper ones
+    def start(self, trace, target):
+        return trace.onehot(target) * trace.output
+
+    def backward(self, layer, upper):
+        if layer.index > 2:
+            raise RuntimeError("boom at layer " + str(layer.index) + "\\nsecond line")
+        return LRP0().backward(layer, upper)
+
+
+Good = AlphaBeta(2, 1)
+"""
+
+
+def test_verify_rule_finds_a_module_in_the_working_directory_and_exits_1_on_errors(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "myrules_cli.py").write_text(RULES_PY)
+    sys.modules.pop("myrules_cli", None)
+    assert str(tmp_path) not in sys.path
+    assert cli.main(["verify", "--rule", "myrules_cli:Good", "--cases", "3", "--no-progress"]) == 0
+    assert "result: PASS" in capsys.readouterr().out
+    assert str(tmp_path) not in sys.path  # restored after the run
+    assert cli.main(["verify", "--rule", "myrules_cli:Flaky", "--cases", "8", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    errors = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR case")]
+    assert errors and all("RuntimeError: boom at layer " in ln and ln[-1].isdigit() for ln in errors), errors
+    assert f"{len(errors)} errors" in out and f"{len(errors)} cases error" in out and "result: FAIL" in out
+    sys.modules.pop("myrules_cli", None)
+    assert cli.main(["verify", "--rule", "no_such_module_here:Rule", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no module named 'no_such_module_here' in the working directory" in err
+
+
+def test_verify_rule_one_dimensional_input_is_one_sample(tmp_path, capsys):
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64), tmp_path / "x.pt")
+    assert cli.main(["verify", "--rule", "backplay.rules:GradientEquilibrium", "--model", str(tmp_path / "m.pt"),
+                     "--input", str(tmp_path / "x.pt"), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cases"] == 1 and out["validated"] == 1 and out["passed"]
+    assert cli.main(["verify", "--rule", "backplay.rules:GradientEquilibrium", "--model", str(tmp_path / "m.pt"),
+                     "--input", str(tmp_path / "x.pt"), "--target", "5", "--no-progress"]) == 2
+    assert "--target 5 out of range: the model has 2 outputs" in capsys.readouterr().err
 
 
 def test_verify_rule_on_a_saved_model(tmp_path, capsys):

@@ -12,8 +12,9 @@ import torch.nn as nn
 from backplay.gpu.unroll import unroll
 from backplay.nets import MLPSpec
 from backplay.numerics import validate_rule
+from backplay.numerics.validate import LAW_ROW
 from backplay.rules import (RG, AlphaBeta, AttributionEquilibrium, AttributionEquilibriumLaw,
-                            GradientEquilibrium, LRP0, RGEq)
+                            GradientEquilibrium, RGEq)
 from backplay.theory import routing_law
 
 D = torch.float64
@@ -159,15 +160,6 @@ def test_attribution_equilibrium_law_on_cnn_is_a_law():
     assert any(c["rule"].startswith("AttributionEquilibriumLaw(r=2.0") and c["hellinger"] < 1e-6 for c in rep.candidates)
 
 
-def test_lrp0_without_stopped_mass():
-    """LRP-0 does not report the bias share: conservation fails by it, the maps are still a law."""
-    spec, x = _mlp()
-    rep = validate_rule(LRP0(), spec, x, 0, compare=False)
-    assert rep.finding("conservation (I14)").holds is False
-    assert rep.finding("linearity in R").holds and rep.finding("locality").holds
-    assert rep.is_law
-
-
 def test_black_box_layer_map_and_a_wrong_rule():
     spec, x = _mlp()
     from backplay.gpu.engine import prepare
@@ -207,7 +199,7 @@ def test_black_box_relevances_only():
 
     rep = validate_rule(relevances, spec, x, 0)
     assert rep.finding("linearity in R").holds is None
-    assert rep.finding("Markov routing law").holds is None
+    assert rep.finding(LAW_ROW).holds is None
     assert rep.finding("conservation (I14)").holds is False  # the stopped mass is not visible
     assert rep.finding("locality").holds is True
 
@@ -218,7 +210,7 @@ def test_report_formats():
     text = str(rep)
     assert "conservation (I14)" in text and "Markov routing law: yes" in text and "Hellinger" in text
     md = rep._repr_markdown_()
-    assert "| property | holds | worst | where | detail |" in md and "| linearity in R | yes |" in md
+    assert "| property | holds | figure | tol | where | detail |" in md and "| linearity in R | yes |" in md
     d = json.loads(rep.to_json())
     assert d["is_law"] is True and d["nearest"]["rule"] == rep.nearest["rule"]
     assert len(d["law"]["layers"]) == 3 and d["findings"][0]["property"] == "conservation (I14)"

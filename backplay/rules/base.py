@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -80,6 +80,28 @@ class LayerRule(Rule):
     def view(self, y: Tensor, r: Tensor) -> Tensor:
         """The relevance reported at a layer whose values are ``y``, from the swept measure ``r``."""
         return r
+
+    def layer_map(self, trace: "Trace", target: Tensor
+                  ) -> Callable[["LayerTrace", Tensor], tuple[Tensor, Tensor | None]]:
+        """One layer's map as the sweep applies it, for probing (:func:`backplay.validate_rule`).
+
+        Returns ``apply(layer, upper) -> (lower, stopped)``: ``layer`` one of ``trace.layers``,
+        ``upper`` its output relevance (any shape with ``layer.y``'s number of elements), ``lower``
+        shaped like ``layer.input``, ``stopped`` the signed mass absorbed at this layer per sample
+        ([B], the stopped-mass API of :meth:`backward`, THEORY.md I14) or ``None`` when the rule
+        reports none. Each call sets up the sweep's context afresh (e.g. the routing laws' anchor
+        and the risk-averse U sweep over the whole trace, I20), so layers may be mapped in any order
+        and more than once. NotImplementedError for a rule with no per-layer map on this trace."""
+        if type(self).backward is LayerRule.backward and type(self)._layer_backward is LayerRule._layer_backward:
+            raise NotImplementedError(f"{self.name} has no per-layer map on the explained pass "
+                                      "(it defines no backward(layer, upper))")
+
+        def apply(layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor | None]:
+            ctx = self._context(trace, target)  # fresh: its stopped mass is this layer's alone
+            lower = self._layer_backward(layer, upper.reshape(layer.y.shape), ctx)
+            return lower, ctx["stopped"]
+
+        return apply
 
     # -- the sweep ------------------------------------------------------------------------------
     def _context(self, trace: "Trace", target: Tensor) -> dict:

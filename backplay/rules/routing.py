@@ -566,9 +566,11 @@ class Anchor(RoutingRule):
         """lam of torch layer ``layer`` (1..depth); for the token anchor of block ``layer``."""
         if not isinstance(self.lam, tuple):
             return self.lam
+        unit = "blocks" if self.anchor == "token" else "layers"
         if len(self.lam) != depth:
-            unit = "blocks" if self.anchor == "token" else "layers"
             raise ValueError(f"lam has {len(self.lam)} entries, the net has {depth} {unit}")
+        if not 1 <= layer <= depth:  # never a silent lam[-1]
+            raise ValueError(f"no {unit[:-1]} {layer}: the net has {unit} 1..{depth}")
         return self.lam[layer - 1]
 
 

@@ -59,6 +59,8 @@ IDENTITIES: list[Identity] = [
     Identity("I19", "routing = argmax of r.pi - T KL(pi || pi0)", routing.check_i19, _relu),
     Identity("I20", "risk aversion: Doob transform = path reweighting", routing.check_i20, _relu),
     Identity("I21", "Hellinger recursion = path enumeration; GV vs GradEq", routing.check_i21, _relu),
+    Identity("per-layer lam", "per-layer parameters (Anchor lam tuple, all entries distinct): torch = "
+             "exact law at every layer", routing.check_per_layer_lam, _relu),
 ]
 
 

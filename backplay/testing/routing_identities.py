@@ -200,6 +200,43 @@ def check_i21(c: Case) -> IdentityCheck:
     return IdentityCheck("I21", ok, None, None, detail)
 
 
+def distinct_lams(depth: int) -> tuple:
+    """One anchor weight per layer, all different: (1/8, 2/8, ..., depth/8) for depth <= 7, so that
+    applying the weight of layer l at another layer (an index off by one, ``lam[-1]``) changes the
+    law."""
+    if not 1 <= depth <= 7:
+        raise ValueError(f"distinct_lams covers depths 1..7, got {depth}")
+    return tuple((k + 1) / 8 for k in range(depth))
+
+
+def check_per_layer_lam(c: Case) -> IdentityCheck:
+    """Per-layer parameters: ``Anchor(base, lam)`` with one lam per layer, all entries distinct.
+
+    exact: at every neuron of layer l the anchored routing is (1 - lam_l) pi + lam_l u with lam_l =
+    ``lam[l - 1]`` (torch order, layer 1 first), pi the base law's routing and u uniform on the branch
+    support (THEORY.md section 5, extended action set), the hand-over is the base law's, and I14
+    holds; torch: ``explain`` (float64) equals the exact law at every layer and in its stopped mass;
+    cvxpy: the occupation of ``numerics.routing_kernels`` (its own per-layer lam) equals it too."""
+    lams = distinct_lams(c.spec.depth)
+    ok, t_err, cv = True, 0.0, 0.0
+    for base in (AlphaBeta(2, 1), GradientEquilibrium()):
+        rule = Anchor(base, lams)
+        law, plain = c.law(rule), c.law(base)
+        ok = ok and _close([sum(law.relevance()[0]) + law.stopped()["total"]], [law.w0])
+        for l in range(1, c.spec.depth + 1):
+            lam = sp.Rational(lams[l - 1])  # exact: the lams are dyadic
+            for i in range(c.spec.widths[l]):
+                k, k0 = law.kernel(l, i), plain.kernel(l, i)
+                ok = ok and k.stopped == k0.stopped and (k.stopped or k.p == k0.p)
+                for b, routes in k0.routing.items():
+                    want = {u: (1 - lam) * v + lam / len(routes) for u, v in routes.items()}
+                    ok = ok and k.routing[b].keys() == want.keys() and \
+                        all(k.routing[b][u] == w for u, w in want.items())
+        t_err = max(t_err, _torch_err(c, rule, law))
+        cv = max(cv, _cvxpy_err(c, rule, law))
+    return IdentityCheck("per-layer lam", ok, t_err, cv, f"lam = {lams}")
+
+
 def torch_matches_law(model: torch.nn.Module, x: torch.Tensor, target: int, rule: Rule,
                       frozen: Any) -> float:
     """Worst relative error of ``explain``'s per-layer relevance and stopped mass against the exact

@@ -3,6 +3,7 @@
 Example (a hand-written z+ rule checked against the exact alpha-beta law with alpha=1, beta=0)::
 
     from dataclasses import dataclass
+    import torch
     from hypothesis import given
     from backplay.rules import AlphaBeta, LayerRule, safe_divide
     from backplay.testing import assert_matches_law, rule_cases
@@ -14,11 +15,14 @@ Example (a hand-written z+ rule checked against the exact alpha-beta law with al
         def backward(self, layer, upper):
             M, y = layer.map, layer.input
             yp, yn = y.clamp(min=0), y.clamp(max=0)
-            s = M.apply(yp, "pos") + M.apply(yn, "neg") + M.bias.clamp(min=0)
+            b = M.bias_like(layer.z)             # None for a layer without bias
+            b_pos = 0.0 if b is None else b.clamp(min=0)
+            s = M.apply(yp, "pos") + M.apply(yn, "neg") + b_pos
             c = safe_divide(upper, s)
-            return yp * M.transpose(c, "pos") + yn * M.transpose(c, "neg")
+            stopped = c * b_pos + torch.where(s == 0, upper, 0.0)   # bias sink + empty branch
+            return yp * M.transpose(c, "pos") + yn * M.transpose(c, "neg"), stopped.flatten(1).sum(1)
 
-    @given(rule_cases(bias=True))
+    @given(rule_cases())
     def test_zplus(case):
         assert_matches_law(ZPlus(), *case, law_rule=AlphaBeta(1, 0))
 """
