@@ -5,8 +5,9 @@ Three parts hold each other equal: ``theory`` (exact objects), ``numerics`` (cvx
 """
 
 from . import gpu, metrics, numerics, rules, testing, theory
-from .gpu import explain
+from .gpu import explain, hellinger, hellinger_matrix
 from .nets import MLPSpec
 
-__all__ = ["MLPSpec", "explain", "gpu", "metrics", "numerics", "rules", "testing", "theory"]
+__all__ = ["MLPSpec", "explain", "hellinger", "hellinger_matrix", "gpu", "metrics", "numerics", "rules",
+           "testing", "theory"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ so exact results and float64 results describe the same net.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -371,6 +372,12 @@ class FrozenNet:
     ``anchors[l-1]`` (optional, default None everywhere): for the token-mixing (attention) layers of
     a ViT, one lower unit per row (the query's own token, -1 for none): the anchor of
     ``Anchor(..., anchor="token")``, which acts only at the layers that have anchors.
+
+    What a composite rule (THEORY.md section 10) reads per layer, as the reader recorded it
+    (:func:`backplay.gpu.unroll`): ``ops[l-1]`` the operation kind (``LayerTrace.kind``: "linear",
+    "conv", "pool", "add", ...; default "linear"), ``modules[l-1]`` the qualified module name
+    (default ""), ``first[l-1]`` whether layer l reads the input (default: layer 1 only), and
+    ``in_shape`` the input's shape per sample (default (n_0,); y^0 is the input flattened).
     """
 
     weights: tuple
@@ -378,9 +385,15 @@ class FrozenNet:
     ys: tuple
     kinds: tuple
     anchors: tuple
+    ops: tuple
+    modules: tuple
+    first: tuple
+    in_shape: tuple
 
     def __init__(self, weights: Sequence[Any], biases: Sequence[Any] | None, ys: Sequence[Any],
-                 kinds: Sequence[Any] | None = None, anchors: Sequence[Any] | None = None) -> None:
+                 kinds: Sequence[Any] | None = None, anchors: Sequence[Any] | None = None,
+                 ops: Sequence[str] | None = None, modules: Sequence[str] | None = None,
+                 first: Sequence[bool] | None = None, in_shape: Sequence[int] | None = None) -> None:
         ws = [_as_array(w, f"W^{l}") for l, w in enumerate(weights, start=1)]
         bs = [None if b is None else _as_array(b, f"b^{l}").reshape(-1)
               for l, b in enumerate(biases if biases is not None else [None] * len(ws), start=1)]
@@ -423,8 +436,22 @@ class FrozenNet:
             if a is not None and (len(a) != w.shape[0] or any(not -1 <= v < w.shape[1] for v in a)):
                 raise ValueError(f"anchors[{l - 1}] must give a lower unit (or -1) for each of the "
                                  f"{w.shape[0]} rows of layer {l}")
+        L = len(ws)
+        ops = tuple(str(o) for o in ops) if ops is not None else ("linear",) * L
+        modules = tuple(str(m) for m in modules) if modules is not None else ("",) * L
+        first = tuple(bool(f) for f in first) if first is not None else tuple(l == 1 for l in range(1, L + 1))
+        for name, v in (("ops", ops), ("modules", modules), ("first", first)):
+            if len(v) != L:
+                raise ValueError(f"{name} must give one entry for each of the {L} layers, got {len(v)}")
+        in_shape = tuple(int(n) for n in in_shape) if in_shape is not None else (yv[0].shape[0],)
+        if math.prod(in_shape) != yv[0].shape[0]:
+            raise ValueError(f"in_shape {in_shape} does not hold the {yv[0].shape[0]} inputs")
         object.__setattr__(self, "kinds", kinds)
         object.__setattr__(self, "anchors", anchors)
+        object.__setattr__(self, "ops", ops)
+        object.__setattr__(self, "modules", modules)
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "in_shape", in_shape)
         object.__setattr__(self, "weights", tuple(ws))
         object.__setattr__(self, "biases", tuple(bs))
         object.__setattr__(self, "ys", tuple(yv))

@@ -6,8 +6,9 @@ Every explained operation of a model read by :mod:`backplay.gpu.read` becomes on
   convolution 1d-3d, average pools, mean and sum, an elementwise affine map, a frozen normaliser,
   a sum node, a max selection). A map applies itself with the parts of its coefficients
   (``"W"``; ``"pos"`` = W+, ``"neg"`` = W-, ``"abs"`` = |W|, ``"ipos"`` = 1{W > 0},
-  ``"ineg"`` = 1{W < 0}) and their transposes; the routing laws (THEORY.md section 5) read the
-  branch sums of a unit through these parts;
+  ``"ineg"`` = 1{W < 0}, ``"sq"`` = W^2, ``"nz"`` = 1{W != 0}) and their transposes; the routing
+  laws (THEORY.md section 5) read the branch sums of a unit through these parts, the LRP zoo's
+  WSquare and Flat rules (section 10) the last two;
 * a **gate** :class:`Gate`: ``y = p z + c`` per unit with p frozen at the explained pass (section 3
   and 9): ReLU, LeakyReLU, ReLU6 / hardtanh, softplus (the game's own policies), GELU, SiLU, tanh
   and sigmoid (frozen gates, g = act(z) / z).
@@ -33,12 +34,15 @@ __all__ = [
     "GELUGate", "FrozenGate", "FunctionGate", "AttentionOp", "PARTS",
 ]
 
-PARTS = ("W", "pos", "neg", "abs", "ipos", "ineg")
+PARTS = ("W", "pos", "neg", "abs", "ipos", "ineg", "sq", "nz")
 
 _PART_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "W": lambda w: w, "pos": lambda w: w.clamp_min(0), "neg": lambda w: w.clamp_max(0),
     "abs": lambda w: w.abs(), "ipos": lambda w: (w > 0).to(w.dtype), "ineg": lambda w: (w < 0).to(w.dtype),
+    "sq": lambda w: w * w, "nz": lambda w: (w != 0).to(w.dtype),
 }
+#: the parts that are indicators (0/1 whatever the coefficient's size)
+_INDICATORS = ("ipos", "ineg", "nz")
 
 
 def vjp(fn: Callable[[Tensor], Tensor], in_shape: tuple, g: Tensor) -> Tensor:
@@ -334,7 +338,9 @@ class ConvOp(WeightOp):
 
 class PoolOp(LinearOp):
     """A linear map with positive coefficients and no weight tensor (average pools, mean, sum):
-    W = W+ = |W|, W- = 0; ``window_sum`` is the map with every coefficient replaced by 1."""
+    W = W+ = |W|, W- = 0; ``window_sum`` is the map with every coefficient replaced by 1
+    (1{W > 0} = 1{W != 0}). Every row has one coefficient c_i on its window (1/k_i for an average,
+    1 for a sum), c_i = pool(1)_i / window_sum(1)_i, so W^2 y = c * pool(y)."""
 
     def __init__(self, pool: Callable[[Tensor], Tensor], window_sum: Callable[[Tensor], Tensor],
                  label: str) -> None:
@@ -343,8 +349,11 @@ class PoolOp(LinearOp):
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
         if part in ("W", "pos", "abs"):
             return self.pool(y)
-        if part == "ipos":
+        if part in ("ipos", "nz"):
             return self.window_sum(y)
+        if part == "sq":
+            ones = torch.ones_like(y[:1])
+            return self.pool(ones) / self.window_sum(ones) * self.pool(y)
         return torch.zeros_like(self.pool(y))
 
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -387,7 +396,7 @@ class NormOp(LinearOp):
     1/std is frozen and the map is z = diag(gamma) (I - 11^T / n) y / std + beta (no centring for
     RMSNorm). Row i has the diagonal entry c_i = gamma_i (1 - 1/n) and the off-diagonal entries
     o_i = -gamma_i / n (both / std); since std > 0, a part f is f(c) y + f(o) (groupsum(y) - y),
-    divided by std except for the indicator parts: O(n) per group.
+    divided by std except for the indicator parts (W^2: by std^2): O(n) per group.
 
     ``group`` reshapes a tensor to [..., n] (the group last) and ``ungroup`` back; ``gamma`` is in
     the grouped shape (broadcast), ``inv`` = 1/std in the grouped shape with a trailing 1."""
@@ -401,10 +410,11 @@ class NormOp(LinearOp):
 
     def _apply(self, y: Tensor, part: str, transpose: bool) -> Tensor:
         f = _PART_FNS[part]
-        scaled = part not in ("ipos", "ineg")
+        scaled = part not in _INDICATORS
         yg = self.group(y)
+        inv = self.inv * self.inv if part == "sq" else self.inv
         if transpose and scaled:
-            yg = yg * self.inv
+            yg = yg * inv
         fc = f(self.c)
         if self.o is None:
             out = fc * yg
@@ -415,7 +425,7 @@ class NormOp(LinearOp):
             og = f(self.o) * yg
             out = (fc * yg).add_(og.sum(-1, keepdim=True)).sub_(og)
         if scaled and not transpose:
-            out = out * self.inv
+            out = out * inv
         return self.ungroup(out)
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
@@ -439,7 +449,8 @@ class AddOp(LinearOp):
 
     def _coef(self, part: str) -> list:
         f = {"W": lambda c: c, "pos": lambda c: max(c, 0.0), "neg": lambda c: min(c, 0.0),
-             "abs": abs, "ipos": lambda c: float(c > 0), "ineg": lambda c: float(c < 0)}[part]
+             "abs": abs, "ipos": lambda c: float(c > 0), "ineg": lambda c: float(c < 0),
+             "sq": lambda c: c * c, "nz": lambda c: float(c != 0)}[part]
         return [f(c) for c in self.coefficients]
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:

@@ -153,6 +153,13 @@ def _where(node: Any) -> str:
     return _where_of(node.meta.get("stack_trace") or "", stack)
 
 
+def _module(node: Any) -> str:
+    """The qualified name of the innermost module whose forward produced ``node`` (torch.export's
+    ``nn_module_stack``), e.g. ``"features.0"``; ``""`` for the root module's own forward."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
 def _format_where(trace: str, stack_items: tuple) -> str:
     torch_dir = os.path.dirname(torch.__file__)
     best = ""
@@ -1114,7 +1121,8 @@ class _Runner:
                                                f"{where}: add the constants in a step of their own")
                 k = len(origin)
                 op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), tuple(out.shape[1:]), const, B)
-                self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name)
+                self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name,
+                            module=_module(node))
                 return
         if not self.g.track_units:
             pass
@@ -1136,7 +1144,8 @@ class _Runner:
                                                "each tensor on its own before combining them")
                 k = len(origin)
                 op = _RepeatOp(lambda t, fn=fn, k=k: fn(*[t] * k), tuple(out.shape[1:]), None, B)
-                self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name)
+                self.record(op, "copy", values[0], out, LinearGate(), origin[:1], where, node.name,
+                            module=_module(node))
                 return
         tid = len(self.ids)
         self.ids[node.name] = tid
@@ -1177,7 +1186,7 @@ class _Runner:
         else:
             y = None
         last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
-        self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, y, ins)
+        self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, y, ins, _module(node))
 
     def gate_of(self, node: Any) -> Gate:
         """The gate of a gate node, or of a fused elementwise subgraph (:class:`FunctionGate`)."""
@@ -1208,8 +1217,9 @@ class _Runner:
         return FunctionGate(f, " ".join(_name(n) for n in nodes))
 
     def record(self, op: LinearOp, kind: str, y_in: Tensor, z: Tensor, gate: Gate, src_names: list, where: str,
-               name: str, y: Tensor | None = None, ins: list | None = None) -> None:
-        """Append the layer ``op`` + ``gate`` (its output: a new tensor with fresh unit ids)."""
+               name: str, y: Tensor | None = None, ins: list | None = None, module: str = "") -> None:
+        """Append the layer ``op`` + ``gate`` (its output: a new tensor with fresh unit ids); ``module``:
+        the qualified name of the module that produced it (:func:`_module`)."""
         op.bound(tuple(y_in.shape[1:]))
         if y is None:
             y, pv = gate(z)
@@ -1230,7 +1240,8 @@ class _Runner:
             block, self.n_blocks = self.n_blocks, self.n_blocks + 1
         rec = LayerTrace(op, gate, y_in, None if self.lean else z, None if self.lean else pv, y,
                          index=self.n_layers, kind=kind, sources=tuple(self.ids[n] for n in src_names), out=tid,
-                         where=where, in_shapes=tuple(tuple(t.shape[1:]) for t in ins), block=block)
+                         where=where, in_shapes=tuple(tuple(t.shape[1:]) for t in ins), block=block,
+                         module=module)
         self.steps.append(rec)
 
     def merge(self, op: LinearOp, node: Any) -> LinearOp:

@@ -31,8 +31,10 @@ __all__ = ["LayerTrace", "LayoutStep", "Trace"]
 class LayerTrace:
     """Layer l of the explained pass: map and gate, input y^{l-1}, z^l, p^l (``None`` in a lean
     trace), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
-    "maxpool", "add", "norm", "scale", "gate", "map"), ``sources`` / ``out`` (tensor ids) and
-    ``where`` (the model's source line)."""
+    "maxpool", "add", "norm", "scale", "gate", "map", "attention", "copy"), ``sources`` / ``out``
+    (tensor ids), ``where`` (the model's source line) and ``module`` (the qualified name of the
+    innermost module whose forward produced the layer's operation, e.g. ``"features.0"``; ``""`` for
+    the root module's own forward: what a composite rule matches names against)."""
 
     map: LinearOp
     gate: Gate
@@ -47,6 +49,7 @@ class LayerTrace:
     where: str = ""
     in_shapes: tuple = ()  # per-sample shapes of the sources of a sum node (broadcast ones are summed back)
     block: int | None = None  # attention layers (token mixing): their number, 0 first (the token anchor)
+    module: str = ""
     _offset: Any = field(default=None, repr=False)
 
     def offset(self) -> Tensor | None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from backplay.nets import FrozenNet
+from backplay.rules.lrp import first_layers
 
 __all__ = ["Unrolled", "unroll", "unroll_graph", "unroll_trace"]
 
@@ -46,7 +47,9 @@ def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None, attentio
     are folded into the columns of the next layer. A tensor that a later layer still reads (a
     residual skip, a branch of a ``cat``) is carried through the layers in between by ``"copy"``
     rows (weight 1, relevance passed unchanged whatever the rule); selection rows and the identity
-    rows of a standalone gate are ``"copy"`` rows too. Gates are folded into the recorded values
+    rows of a standalone gate are ``"copy"`` rows too. Each layer keeps the reader's operation kind,
+    module name and whether it reads the input (:func:`backplay.rules.lrp.first_layers`), so a
+    composite rule picks the same rule per layer on both sides. Gates are folded into the recorded values
     ``ys``. When the output is a layout of the last layer's output, one last layer of copy rows
     writes it. ``eps``: the SoftplusGame surrogate's pass (every gate at temperature eps). Token ids
     ``x`` [T] of a language model: the graph starts at the input embeddings [T, D] (``attention_mask``
@@ -112,7 +115,9 @@ def unroll_trace(trace: Any) -> Unrolled:
     for t in set(owner[i] for i in out_ids.tolist()):
         last_use[t] = L + 1
 
+    firsts = first_layers(trace)
     weights, biases, ys, kinds, gates, anchors = [], [], [], [], [], []
+    ops, modules, first = [], [], []  # what a composite rule reads per layer (FrozenNet fields)
     boundary_of = {0: 0}
     live: list = [0]  # real tensors carried, in the order of the current value vector
     units = {0: list(range(len(trace.x[0].reshape(-1))))}
@@ -162,6 +167,9 @@ def unroll_trace(trace: Any) -> Unrolled:
         ys.append(np.concatenate(yv))
         kinds.append("maxpool" if not carry and step.map.pass_through else tuple(rows_k))
         gates.append(np.concatenate(gv))
+        ops.append(step.kind)
+        modules.append(step.module)
+        first.append(step.index in firsts)
         start = int(ids[step.out].reshape(-1)[0].item()) - 1
         units[step.out] = list(range(start, start + step.y[0].numel()))
         live = [step.out] + carry
@@ -179,6 +187,10 @@ def unroll_trace(trace: Any) -> Unrolled:
         kinds.append(("copy",) * len(outs))
         gates.append(np.ones(len(outs)))
         anchors.append(None)
+        ops.append("copy")
+        modules.append("")
+        first.append(False)
     boundaries = [0] + [boundary_of[c] for c in trace.cuts] + [len(weights)]
-    net = FrozenNet(weights, biases, [np.array(values[:trace.x[0].numel()])] + ys, kinds, anchors)
+    net = FrozenNet(weights, biases, [np.array(values[:trace.x[0].numel()])] + ys, kinds, anchors,
+                    ops, modules, first, tuple(trace.x.shape[1:]))
     return Unrolled(net, boundaries, gates)

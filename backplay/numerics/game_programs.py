@@ -67,7 +67,10 @@ class SolverError(RuntimeError):
     """The convex solver did not return an optimal (or optimal_inaccurate) solution."""
 
 
-def _solve(problem: cp.Problem, solver: str, solver_options: Mapping[str, Any] | None, what: str) -> float:
+def solve_problem(problem: cp.Problem, solver: str, solver_options: Mapping[str, Any] | None, what: str) -> float:
+    """Solve ``problem`` with the named cvxpy solver (default options merged with ``solver_options``);
+    :class:`SolverError` naming ``what`` on a solver failure or a status other than optimal (inaccurate
+    accepted); returns the solve time in seconds. The one solve step of every program in this package."""
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a cvxpy solver name such as 'CLARABEL' or 'SCS', got {solver!r}")
     name = solver.upper()
@@ -284,7 +287,7 @@ def _best_response_program(
     constraints = [flow, nu_hat <= 2.0 * scale]  # nu <= 2 w: valid, never active
     objective = cp.Maximize(J) if player == "max" else cp.Minimize(J)
     problem = cp.Problem(objective, constraints)
-    solve_time = _solve(problem, solver, solver_options, f"best response of {player}")
+    solve_time = solve_problem(problem, solver, solver_options, f"best response of {player}")
 
     # recompute the (shaped) objective with numpy from the variable values
     def _value_of(var: cp.Variable) -> np.ndarray:
@@ -512,7 +515,7 @@ def occupation_measure(
         r <= 2.0,
     ]
     problem = cp.Problem(cp.Minimize(0), constraints)
-    _solve(problem, solver, solver_options, "occupation flow program")
+    solve_problem(problem, solver, solver_options, "occupation flow program")
 
     nu_v = scale * np.maximum(np.asarray(nu_hat.value, dtype=np.float64), 0.0)
     r_v = np.maximum(np.asarray(r.value, dtype=np.float64), 0.0)
@@ -565,7 +568,7 @@ def entropic_choice(
     p = cp.Variable(name="p")
     H = cp.entr(p) + cp.entr(1 - p)
     problem = cp.Problem(cp.Maximize(p * c + eps * H), [p >= 0, p <= 1])
-    _solve(problem, solver, solver_options, "entropic choice")
+    solve_problem(problem, solver, solver_options, "entropic choice")
     p_v = float(np.clip(p.value, 0.0, 1.0))
     return p_v, float(p_v * c + eps * binary_entropy(p_v))
 

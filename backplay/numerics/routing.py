@@ -28,7 +28,7 @@ from scipy.special import rel_entr
 from ..nets import FrozenNet, MLPSpec, check_input, check_target
 from ..rules import RG, AlphaBeta, Anchor, GradientEquilibrium, RGEq, RiskAverse, Rule
 from .game_graph import binary_entropy
-from .game_programs import _solve
+from .game_programs import solve_problem
 
 __all__ = [
     "FlowOccupation", "LocalMaximiserReport", "check_local_maximisers", "gibbs_handover",
@@ -49,7 +49,7 @@ def gibbs_handover(tau: float, reward: float = 1.0, solver: str = "CLARABEL",
         raise ValueError(f"reward must be finite, got {reward}")
     p = cp.Variable(name="p")
     problem = cp.Problem(cp.Maximize(p * reward + tau * (cp.entr(p) + cp.entr(1 - p))), [p >= 0, p <= 1])
-    _solve(problem, solver, solver_options, "Gibbs hand-over")
+    solve_problem(problem, solver, solver_options, "Gibbs hand-over")
     pv = float(np.clip(p.value, 0.0, 1.0))
     return pv, pv * reward + tau * float(binary_entropy(pv))
 
@@ -69,7 +69,7 @@ def route_choice(r: Sequence[float], pi0: Sequence[float], T: float = 1.0, solve
         raise ValueError(f"T must be finite and > 0, got {T}")
     pi = cp.Variable(r.size, name="pi")
     problem = cp.Problem(cp.Maximize(r @ pi - T * cp.sum(cp.rel_entr(pi, pi0))), [pi >= 0, cp.sum(pi) == 1])
-    _solve(problem, solver, solver_options, "route choice")
+    solve_problem(problem, solver, solver_options, "route choice")
     pv = np.clip(np.asarray(pi.value, dtype=np.float64), 0.0, None)
     return pv, float(r @ pv - T * np.sum(rel_entr(pv, pi0)))
 
@@ -375,7 +375,7 @@ def law_occupation(kernels: Sequence[Mapping[str, Any]], target: int, w0: float 
         cons += [plus[l - 1] == m["P_keep"].T @ plus[l] + m["P_flip"].T @ minus[l],
                  minus[l - 1] == m["P_keep"].T @ minus[l] + m["P_flip"].T @ plus[l]]
     problem = cp.Problem(cp.Minimize(0), cons)
-    _solve(problem, solver, solver_options, "law occupation")
+    solve_problem(problem, solver, solver_options, "law occupation")
     nu_p = [np.asarray(v.value, dtype=np.float64) for v in plus]
     nu_m = [np.asarray(v.value, dtype=np.float64) for v in minus]
     cem = sink = 0.0

@@ -109,9 +109,10 @@ import scipy.sparse as sps
 import torch
 
 from ..nets import MLPSpec
-from ..rules import (RG, AlphaBeta, AttributionEquilibriumLaw, GradientEquilibrium, LayerRule, RGEq,
-                     Rule)
-from .game_programs import _solve
+from ..rules import (RG, AlphaBeta, AttributionEquilibriumLaw, Epsilon, EpsilonAlpha2Beta1,
+                     EpsilonAlpha2Beta1Flat, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, GradientEquilibrium,
+                     LayerRule, RGEq, Rule, WSquare, ZPlus)
+from .game_programs import solve_problem
 
 __all__ = ["Finding", "FoundLaw", "RuleReport", "validate_rule", "LAW_ROW"]
 
@@ -476,7 +477,7 @@ def _law_program(Ms: dict, stops: dict, frozen: Any, solver: str) -> tuple[Found
         A = sps.hstack(cols).tocsr()
         f = cp.Variable(A.shape[1], nonneg=True)
         problem = cp.Problem(cp.Minimize(cp.norm1(M.ravel() - A @ f)))
-        _solve(problem, solver, None, f"law program, layer {l}")
+        solve_problem(problem, solver, None, f"law program, layer {l}")
         # polish: the exact minimiser on the same support
         SM = sigma[None, :] * M  # oriented columns
         Fp = np.where((Z > 0) & (SM.T > 0), SM.T, 0.0)
@@ -607,7 +608,37 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
         nu, kappa = np.polyfit(lo_x, lo_y, 1)
         if nu >= 0:
             out.append(RGEq(kappa=round(float(kappa), 6), nu=round(float(nu), 6)))
+            if abs(nu - 1) < 0.05 and abs(kappa) > 1e-9:  # I22: Gamma(gamma) = RGEq(+-log(1 + gamma), 1)
+                out.append(Gamma(gamma=_sig6(math.expm1(abs(float(kappa))))))
+    eps = _epsilon_fit(frozen, Ms)
+    if eps is not None:
+        out.append(Epsilon(eps))
+    # the zoo's parameter-free laws and zennit's presets at their defaults (THEORY.md section 10)
+    out += [ZPlus(), Flat(), WSquare(), EpsilonPlus(), EpsilonPlusFlat(), EpsilonAlpha2Beta1(),
+            EpsilonAlpha2Beta1Flat()]
     return out
+
+
+def _sig6(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+def _epsilon_fit(frozen: Any, Ms: dict) -> float | None:
+    """eps of LRP-epsilon from the probed maps (THEORY.md section 10): a unit's column of M sums to
+    (z_i - b_i) / (z_i + eps sign z_i), so eps_i = sign(z_i) ((z_i - b_i) / colsum_i - z_i); the median
+    over the units with z_i != 0 and a nonzero column (None when no unit gives a positive eps)."""
+    found = []
+    for l, M in Ms.items():
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        b = np.zeros(W.shape[0]) if frozen.biases[l - 1] is None else np.asarray(frozen.biases[l - 1], dtype=np.float64)
+        zb = W @ np.asarray(frozen.ys[l - 1], dtype=np.float64)
+        z, col = zb + b, M.sum(0)
+        ok = (z != 0) & (np.abs(col) > 1e-12) & ~_selection_rows(frozen, l)
+        found += list(np.sign(z[ok]) * (zb[ok] / col[ok] - z[ok]))
+    if not found:
+        return None
+    eps = float(np.median(found))
+    return _sig6(eps) if eps > 1e-12 else None
 
 
 def _compare(law: FoundLaw, frozen: Any, target: int, Ms: dict) -> tuple[dict | None, list]:

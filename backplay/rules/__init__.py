@@ -12,13 +12,19 @@ with ``map`` (apply / transpose with any part of its coefficients), ``gate``, ``
 relevance by their transpose for every rule (:meth:`~backplay.gpu.trace.Trace.walk`).
 
 Modules: :mod:`.base` (Rule, LayerRule, Sweep), :mod:`.gradient` (Gradient, GradientXInput, LRP0,
-SoftplusGame), :mod:`.routing` (the routing laws of THEORY.md section 5), :mod:`.peers` (Attribution
+Epsilon, SoftplusGame), :mod:`.routing` (the routing laws of THEORY.md section 5), :mod:`.lrp` (the
+LRP zoo of section 10: Gamma, ZPlus, ZBox, Flat, WSquare, Composite and zennit's presets),
+:mod:`.peers` (Attribution
 Equilibrium), :mod:`.transformer` (AttnLRP, CPLRP, Rollout, TransformerAttribution). The package
 depends on torch only (the gpu package imports it, not the other way round).
 """
 
 from .base import LayerRule, Rule, Sweep, safe_divide
-from .gradient import LRP0, Gradient, GradientXInput, SoftplusGame
+from .gradient import LRP0, Epsilon, Gradient, GradientXInput, SoftplusGame
+from .lrp import (
+    LAYER_KINDS, Composite, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus,
+    EpsilonPlusFlat, Flat, Gamma, WSquare, ZBox, ZPlus, first_layers,
+)
 from .peers import AttributionEquilibrium, AttributionEquilibriumLaw
 from .routing import RG, AlphaBeta, Anchor, GradientEquilibrium, RGEq, RiskAverse, RoutingRule
 from .transformer import CPLRP, AttnLRP, Rollout, TransformerAttribution, TransformerRule
@@ -28,4 +34,6 @@ __all__ = [
     "GradientEquilibrium", "Anchor", "RiskAverse", "SoftplusGame", "safe_divide", "Sweep",
     "AttributionEquilibrium", "AttributionEquilibriumLaw", "RoutingRule",
     "TransformerRule", "CPLRP", "AttnLRP", "Rollout", "TransformerAttribution",
+    "Epsilon", "Gamma", "ZPlus", "ZBox", "Flat", "WSquare", "Composite", "EpsilonPlus", "EpsilonPlusFlat",
+    "EpsilonGammaBox", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "LAYER_KINDS", "first_layers",
 ]

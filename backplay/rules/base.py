@@ -92,22 +92,27 @@ class LayerRule(Rule):
         reports none. Each call sets up the sweep's context afresh (e.g. the routing laws' anchor
         and the risk-averse U sweep over the whole trace, I20), so layers may be mapped in any order
         and more than once. NotImplementedError for a rule with no per-layer map on this trace."""
-        if type(self).backward is LayerRule.backward and type(self)._layer_backward is LayerRule._layer_backward:
+        if type(self).backward is LayerRule.backward and type(self).sweep_step is LayerRule.sweep_step:
             raise NotImplementedError(f"{self.name} has no per-layer map on the explained pass "
                                       "(it defines no backward(layer, upper))")
 
         def apply(layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor | None]:
-            ctx = self._context(trace, target)  # fresh: its stopped mass is this layer's alone
-            lower = self._layer_backward(layer, upper.reshape(layer.y.shape), ctx)
+            ctx = self.sweep_context(trace, target)  # fresh: its stopped mass is this layer's alone
+            lower = self.sweep_step(layer, upper.reshape(layer.y.shape), ctx)
             return lower, ctx["stopped"]
 
         return apply
 
     # -- the sweep ------------------------------------------------------------------------------
-    def _context(self, trace: "Trace", target: Tensor) -> dict:
+    def sweep_context(self, trace: "Trace", target: Tensor) -> dict:
+        """The state one sweep shares across layers (a dict with at least ``"stopped"``: the signed
+        stopped mass so far per sample, or None). Rules that need the whole trace (the routing laws'
+        anchor and risk sweep, composites' choice per layer) extend it."""
         return {"stopped": None}
 
-    def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+    def sweep_step(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+        """One layer of the sweep: :meth:`backward`, its stopped mass (if it returns one) added to
+        ``ctx["stopped"]``. A composite calls its per-layer rules through this step."""
         out = self.backward(layer, r)
         if not isinstance(out, tuple):
             return out
@@ -121,12 +126,12 @@ class LayerRule(Rule):
         """The backward sweep over the trace's operation graph (:meth:`Trace.walk`).
         ``keep_layers=False``: ``Sweep.layers`` is left empty. ``release=True``: each step is dropped
         once swept (frees its buffers early; the trace is spent afterwards)."""
-        ctx = self._context(trace, target)
+        ctx = self.sweep_context(trace, target)
         r = self.start(trace, target)
         keep = (lambda step, v: self.view(step.y, v.reshape(step.y.shape))) if keep_layers else None
         top = self.view(trace.output, r) if keep_layers else None
         lower, kept = trace.walk({trace.output_id: r},
-                                 lambda layer, v: self._layer_backward(layer, v.reshape(layer.y.shape), ctx),
+                                 lambda layer, v: self.sweep_step(layer, v.reshape(layer.y.shape), ctx),
                                  keep, release)
         if lower is None:
             lower = torch.zeros_like(trace.x)

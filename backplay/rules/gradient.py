@@ -92,3 +92,56 @@ class SoftplusGame(LayerRule):
               release: bool = False) -> Sweep:
         surrogate = trace.surrogate(self.eps)  # every game gate at temperature eps
         return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)
+
+
+@dataclass(frozen=True)
+class Epsilon(LayerRule):
+    """LRP-epsilon (THEORY.md section 10): R^{l-1}_j = sum_i Z_ij / (z_i + eps sign(z_i)) R^l_i with
+    Z_ij = W_ij y_j and z_i = S+_i + S-_i the pre-activation (bias included); start R^L = f_k(x) at
+    the target. ``eps`` >= 0; ``eps = 0`` is LRP-0 (I17).
+
+    As a law on the extended graph (the gradient equilibrium with a stop, I14 and I17): at unit i with
+    z_i != 0 the token stops first (a move to the cemetery, multiplier 1, sign kept) with probability
+    stop_i = eps / (|z_i| + eps); otherwise it follows the gradient equilibrium, so the branch
+    probabilities are p_i = (1 - stop_i) S+_i / (S+_i + |S-_i|) (+ branch, sign kept) and
+    q_i = (1 - stop_i) |S-_i| / (S+_i + |S-_i|) (- branch, sign flipped), p + q + stop = 1, with the
+    multiplier m_i = (S+_i + |S-_i|) / z_i, and routing in branch b proportional to |Z_ij| (route
+    temperature 1; the bias b_i is a constant unit in the branch of its sign and ends in the bias
+    sink). At z_i = 0 the whole token stops. m (p - q) + stop = 1 at every unit, so I14 holds with
+    the stopped mass = the stabiliser's share sum_i R_i eps / (|z_i| + eps) + the bias share
+    sum_i R_i b_i / (z_i + eps sign z_i) + the mass at units with z_i = 0 (``backward``'s
+    ``stopped``). Max pools and copy layers pass relevance to the winner unchanged, as for every law.
+
+    zennit's ``Epsilon(epsilon)`` divides by z + epsilon sign(z) with sign(0) := +1: the same numbers
+    wherever z_i != 0; at z_i = 0 zennit sends R_i Z_ij / eps down (the law stops R_i).
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not 0 <= float(self.eps) < float("inf"):
+            raise ValueError(f"eps must be a finite number >= 0 (0 is LRP-0), got {self.eps}")
+
+    def start(self, trace: "Trace", target: Tensor) -> Tensor:
+        return trace.onehot(target) * trace.output
+
+    def backward(self, layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
+        """(lower, stopped): stopped = stabiliser share + bias share + the mass at z = 0."""
+        M = layer.map
+        if M.pass_through:  # a selection or copy layer: to the winner; units made of constants stop
+            lower = M.transpose(upper)
+            stopped = upper.flatten(1).sum(1) - lower.flatten(1).sum(1) if M.bias is not None \
+                else upper.new_zeros(upper.shape[0])
+            return lower, stopped
+        z = layer.z if layer.z is not None else M.forward(layer.input)
+        den = z + self.eps * torch.sign(z)  # sign(0) = 0: the token stops at z = 0
+        c = safe_divide(upper, den)
+        stop = safe_divide(torch.full_like(z, self.eps), z.abs() + self.eps)
+        stopped = torch.where(z == 0, upper, upper * stop).flatten(1).sum(1)
+        b = M.bias_like(z)
+        if b is not None:
+            stopped = stopped + (c * b).flatten(1).sum(1)
+        return layer.input * M.transpose(c), stopped
+
+
+__all__ += ["Epsilon"]

@@ -450,10 +450,10 @@ class RoutingRule(LayerRule):
     def start(self, trace: "Trace", target: Tensor) -> Tensor:
         return trace.onehot(target) * trace.output
 
-    def _context(self, trace: "Trace", target: Tensor) -> dict:
+    def sweep_context(self, trace: "Trace", target: Tensor) -> dict:
         return _routing_context(self, trace, target)
 
-    def _layer_backward(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
+    def sweep_step(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
         if layer.map.pass_through:  # a selection, a copy layer or a standalone gate: relevance passes
             lower = layer.map.transpose(r)
             if layer.map.bias is not None:  # units made of constants only: their mass is stopped
@@ -471,7 +471,7 @@ class RoutingRule(LayerRule):
         """The law at one layer on its own (no anchor, no risk aversion; stopped mass dropped)."""
         ctx = {"stopped": torch.zeros(upper.shape[0], dtype=upper.dtype, device=upper.device),
                "base": routing_parts(self)[0], "anchor": None, "depth": 1, "local": {}, "U": {}}
-        return self._layer_backward(layer, upper, ctx)
+        return self.sweep_step(layer, upper, ctx)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ of its sign and a path routed to it ends in the bias sink; mass handed to an emp
 cemetery with its sign; where p = q (m = 1/(p - q) undefined) the whole token is stopped (one move to
 the cemetery, multiplier 1, sign kept).
 
+The LRP zoo (THEORY.md section 10) is a family of such laws too: Epsilon (the gradient equilibrium
+with a direct stop of probability eps/(|z| + eps), :attr:`LocalLaw.stop`), Gamma (I22), ZPlus
+(AlphaBeta(1, 0), I15), ZBox, Flat and WSquare (single-branch laws), and a Composite picks one of
+them per layer (by the FrozenNet's ``ops``, ``modules`` and ``first``).
+
 Fields (``RoutingLaw.field``):
   * ``"rational"``: sympy Rationals, exact. Used when the rule needs no exp/log: AlphaBeta,
     GradientEquilibrium, RGEq with kappa = 0 and integer nu, route temperature T with 1/T an
@@ -37,7 +42,8 @@ import sympy as sp
 
 from ..nets import FrozenNet, MLPSpec, check_input, check_target, to_rational
 from ..rules import (
-    RG, AlphaBeta, Anchor, AttributionEquilibriumLaw, GradientEquilibrium, RGEq, RiskAverse, Rule,
+    LRP0, RG, AlphaBeta, Anchor, AttributionEquilibriumLaw, Composite, Epsilon, Flat, Gamma,
+    GradientEquilibrium, RGEq, RiskAverse, Rule, WSquare, ZBox,
 )
 from ..rules.routing import routing_parts
 from .arith import Arith
@@ -53,7 +59,10 @@ __all__ = [
     "hellinger", "risk_reweighted_paths", "routing_law", "tau_from",
 ]
 
-_ROUTING_RULES = (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse)
+_ROUTING_RULES = (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse, Epsilon, Gamma, ZBox, Flat,
+                  WSquare, Composite)
+#: the LRP zoo's single-layer laws (THEORY.md section 10; ZPlus is AlphaBeta(1, 0))
+_ZOO = (LRP0, Epsilon, Gamma, ZBox, Flat, WSquare)
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
@@ -70,6 +79,16 @@ def _params(rule: Rule) -> tuple[list, bool]:
     if not isinstance(rule, _ROUTING_RULES):
         raise TypeError(f"not a routing law: {type(rule).__name__} (expected one of "
                         f"{', '.join(c.__name__ for c in _ROUTING_RULES)})")
+    if isinstance(rule, Composite):
+        ps, tr = [], False
+        for sub in rule.rules():
+            p, t = ([], False) if isinstance(sub, LRP0) else _params(sub)
+            ps, tr = ps + p, tr or t
+        return ps, tr
+    if isinstance(rule, (Epsilon, Gamma)):
+        return [rule.eps if isinstance(rule, Epsilon) else rule.gamma], False
+    if isinstance(rule, (ZBox, Flat, WSquare)):
+        return [], False
     if isinstance(rule, RiskAverse):
         ps, tr = _params(rule.rule)
         return ps + [rule.theta, rule.sigma], tr or rule.theta != 0
@@ -121,7 +140,7 @@ def _exact_net(net: FrozenNet) -> FrozenNet:
     conv = np.vectorize(to_rational, otypes=[object])
     return FrozenNet([conv(w) for w in net.weights],
                      [None if b is None else conv(b) for b in net.biases], [conv(y) for y in net.ys],
-                     net.kinds, net.anchors)
+                     net.kinds, net.anchors, net.ops, net.modules, net.first, net.in_shape)
 
 
 def _same_net(a: FrozenNet, b: FrozenNet) -> bool:
@@ -156,6 +175,9 @@ class LocalLaw:
     stopped: ``stopped`` True, p = q or both branches empty for rules with m = 1/(p - q)).
     ``routing[+1]`` / ``routing[-1]``: {j or :data:`BIAS`: pi(j | i, b)} on each branch (empty dict
     for an empty branch). ``s_plus``, ``s_minus``, ``z``: S+_i, S-_i and z_i = S+ + S- (bias included).
+    ``stop``: the probability of a direct move to the cemetery (multiplier 1, sign kept) beside the
+    two branches, so p + q + stop = 1 (0 for every law of section 5; LRP-epsilon's stabiliser share
+    eps/(|z| + eps), THEORY.md section 10); conservation (I14) needs m (p - q) + stop = 1.
     """
 
     p: Any
@@ -166,6 +188,7 @@ class LocalLaw:
     s_plus: Any
     s_minus: Any
     z: Any
+    stop: Any = 0
 
 
 @dataclass
@@ -333,6 +356,11 @@ class RoutingLaw(TrajectoryLaw):
             (winner,) = winners
             y = A.num(self.net.ys[l - 1][winner])
             return LocalLaw(one, A.num(0), one, False, {1: {winner: one}, -1: {}}, y, A.num(0), y)
+        if isinstance(rule, Composite):  # the rule of this layer (kind, module, first layer)
+            net = self.net
+            rule = rule.rule_at(net.ops[l - 1], net.modules[l - 1], net.first[l - 1])
+        if isinstance(rule, _ZOO):
+            return self._zoo_local(rule, l, i)
         lam, own = A.num(0), None
         if isinstance(rule, Anchor):
             if rule.anchor == "token":  # attention layers only (FrozenNet.anchors), lam per block
@@ -399,6 +427,94 @@ class RoutingLaw(TrajectoryLaw):
             return LocalLaw(p, q, None, True, routing, s_plus, s_minus, z)
         return LocalLaw(p, q, 1 / (p - q), False, routing, s_plus, s_minus, z)
 
+    def _contributions(self, l: int, i: int) -> tuple[dict, Any, Any]:
+        """(routing, S+, S-) at route temperature 1: pi(j | i, b) = |Z_ij| / |S_b| on each branch (the
+        bias unit included), {} for an empty branch."""
+        A = self.arith
+        branches: dict = {1: {}, -1: {}}
+        s_plus = s_minus = A.num(0)
+        for unit, w, y in self._units(l, i):
+            zc = w * y
+            if zc == 0:
+                continue
+            branches[1 if zc > 0 else -1][unit] = abs(zc)
+            if zc > 0:
+                s_plus += zc
+            else:
+                s_minus += zc
+        routing = {b: {u: v / sum(ws.values(), A.num(0)) for u, v in ws.items()} for b, ws in branches.items()}
+        return routing, s_plus, s_minus
+
+    def _zoo_local(self, rule: Rule, l: int, i: int) -> LocalLaw:
+        """The local law of an LRP zoo rule (THEORY.md section 10; the rules' docstrings state each)."""
+        A = self.arith
+        zero, one = A.num(0), A.num(1)
+        routing, s_plus, s_minus = self._contributions(l, i)
+        z = s_plus + s_minus
+        tot = s_plus - s_minus
+        if isinstance(rule, (LRP0, Epsilon, Gamma)):
+            if z == 0:  # the whole token stops
+                return LocalLaw(None, None, None, True, routing, s_plus, s_minus, z)
+            if isinstance(rule, Gamma):  # I22: log-odds(p) = sign(z) log(1 + gamma) + log(S+/|S-|)
+                g = A.num(to_rational(rule.gamma))
+                wp, wn = (1 + g) * s_plus, -s_minus
+                if z < 0:
+                    wp, wn = s_plus, -(1 + g) * s_minus
+                den = z + g * (s_plus if z > 0 else s_minus)
+                return LocalLaw(wp / (wp + wn), wn / (wp + wn), (wp + wn) / den, False, routing, s_plus, s_minus, z)
+            stop = zero  # LRP0: the gradient equilibrium (I17); Epsilon: with the stabiliser's stop (I14)
+            if isinstance(rule, Epsilon):
+                eps = A.num(to_rational(rule.eps))
+                stop = eps / (abs(z) + eps)
+            return LocalLaw((1 - stop) * s_plus / tot, (1 - stop) * (-s_minus) / tot, tot / z, False, routing,
+                            s_plus, s_minus, z, stop)
+        net = self.net
+        w = net.weights[l - 1][i]
+        if isinstance(rule, ZBox):  # one branch, pi(j) proportional to x_j W_ij - low_j W+_ij - high_j W-_ij
+            if not net.first[l - 1]:
+                raise ValueError(f"ZBox is a first-layer rule: layer {l} does not read the input; use it as "
+                                 "Composite(first=ZBox(...), ...)")
+            lo, hi = (np.array([to_rational(v) for v in t.reshape(-1).tolist()], dtype=object)
+                      for t in rule.bounds(net.in_shape))
+            src = self._input_units(l - 1)
+            weights = {}
+            for j, (wj, yj) in enumerate(zip(w, net.ys[l - 1])):
+                wj = A.num(wj)
+                if wj == 0:
+                    continue
+                k = src[j]
+                if k < 0:
+                    raise ValueError(f"ZBox at layer {l}: lower unit {j} is not a copy of an input unit")
+                c = A.num(yj) * wj - A.num(lo[k]) * max(wj, zero) - A.num(hi[k]) * min(wj, zero)
+                if c < 0:
+                    raise ValueError(f"ZBox: input {k} lies outside [low, high]; pass bounds that hold it")
+                if c != 0:
+                    weights[j] = c
+        else:  # Flat: pi(j) proportional to 1{W_ij != 0}; WSquare: to W_ij^2, the bias unit b_i^2
+            weights = {j: (one if isinstance(rule, Flat) else A.num(wj) ** 2)
+                       for j, wj in enumerate(w) if wj != 0}
+            b = net.biases[l - 1]
+            if isinstance(rule, WSquare) and b is not None and b[i] != 0:
+                weights[BIAS] = A.num(b[i]) ** 2
+        d = sum(weights.values(), zero)
+        single = {1: {u: v / d for u, v in weights.items()}, -1: {}}
+        return LocalLaw(one, zero, one, False, single, s_plus, s_minus, z)
+
+    def _input_units(self, l: int) -> list:
+        """For each unit of layer l, the input unit it is a copy of (through copy and selection rows:
+        one weight 1, no bias), or -1."""
+        net = self.net
+        src = list(range(net.widths[0]))
+        for k in range(1, l + 1):
+            w, b = net.weights[k - 1], net.biases[k - 1]
+            row = []
+            for r in range(net.widths[k]):
+                nz = [j for j, v in enumerate(w[r]) if v != 0]
+                copy = net.selects(k, r) and len(nz) == 1 and (b is None or b[r] == 0)
+                row.append(src[nz[0]] if copy else -1)
+            src = row
+        return src
+
     def _build(self, rule: Rule) -> dict:
         net = self.net
         base_rule = rule.rule if isinstance(rule, RiskAverse) else rule
@@ -458,6 +574,8 @@ class RoutingLaw(TrajectoryLaw):
         if k.stopped:
             return [Move(CEMETERY, self.arith.num(1), self.arith.num(1), s)]
         out = []
+        if k.stop != 0:  # the stabiliser's stop (LRP-epsilon): to the cemetery, multiplier 1
+            out.append(Move(CEMETERY, k.stop, self.arith.num(1), s))
         for b, pb in ((1, k.p), (-1, k.q)):
             if pb == 0:
                 continue
@@ -509,8 +627,9 @@ class RoutingLaw(TrajectoryLaw):
 
 def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: Rule = RG(),
                 field: str | None = None, dps: int = 50) -> RoutingLaw:
-    """The routing law ``rule`` (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse) of
-    output ``target`` on one explained forward pass.
+    """The routing law ``rule`` (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse; the LRP
+    zoo of THEORY.md section 10: Epsilon, Gamma, ZPlus, ZBox, Flat, WSquare and a Composite of these,
+    LRP0 and the routing laws) of output ``target`` on one explained forward pass.
 
     ``net``: an MLPSpec (then ``x`` is required and the pass is frozen exactly, ReLU only) or a
     FrozenNet (``x`` ignored; floats converted to the Rationals of their exact binary values).
