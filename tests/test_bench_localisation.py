@@ -194,7 +194,7 @@ def test_quick_benchmark_table(quick_result):
 def test_quick_benchmark_scores_are_the_metrics_of_explain(quick_result, cache):
     """Recompute the Gradient row on split B directly with bp.explain and the metrics."""
     cfg = loc.BenchConfig(quick=True, cache=cache)
-    canvas, tcfgs = loc._digits_models(cfg)
+    canvas, tcfgs = loc.digits_models(cfg)
     model, _, _ = train_or_load(tcfgs["cnn"], cache, log=io.StringIO())
     pools = digit_pools(canvas, 0)
     b = make_canvases(canvas, *pools["eval"], n=cfg.images_per_split(), seed=202, classes=CLASSES_B)
@@ -237,7 +237,7 @@ def test_vit_rows_run_every_family(cache):
     # the quick ViT is barely trained: a target logit can be negative, and a rule that keeps the sign
     # (AlphaBeta(1, 0)) then has no positive relevance, so its rma is undefined (NaN, n = 0)
     cfg = loc.BenchConfig(quick=True, cache=cache, n_eval=4)
-    canvas, tcfgs = loc._digits_models(cfg)
+    canvas, tcfgs = loc.digits_models(cfg)
     model, _, _ = train_or_load(tcfgs["vit"], cache, log=io.StringIO())
     b = make_canvases(canvas, *digit_pools(canvas, 0)["eval"], n=4, seed=202, classes=CLASSES_B)
     for r in res.rows:

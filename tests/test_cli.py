@@ -22,7 +22,7 @@ def test_verify_json_passes(capsys):
     assert cli.main(["verify", "--cases", "4", "--seed", "3", "--json", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["seed"] == 3
-    assert {r["identity"] for r in out["identities"]} == {f"I{k}" for k in range(1, 22)} | {"per-layer lam"}
+    assert {r["identity"] for r in out["identities"]} == {f"I{k}" for k in range(1, 24)} | {"per-layer lam"}
     assert all(r["cases"] > 0 for r in out["identities"])
 
 
@@ -82,7 +82,9 @@ def test_verify_rule_table_attribution_equilibrium(capsys):
     assert cli.main(["verify", "--rule", "backplay.rules:AttributionEquilibrium", "--cases", "6",
                      "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert "conservation (I14)" in out and "Markov routing law on 0 of 6 cases" in out
+    # on the nets where AE propagates its first layer only (2 layers: the head is not propagated) that
+    # layer is the z^B rule, a single-branch law (THEORY.md section 10): 3 of the 6 cases
+    assert "conservation (I14)" in out and "Markov routing law on 3 of 6 cases" in out
     assert "skipped: ValueError: AttributionEquilibrium needs a hidden layer" in out
     assert "FAILS: conservation (I14) on" in out and "FAILS: additivity on" in out
     assert "result: FAIL (" in out and "properties fail" in out
@@ -182,3 +184,19 @@ def test_verify_rule_bad_arguments(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         cli.main(["verify", "--model", "m.pt"])
+
+
+def test_verify_row_without_its_peer_is_skipped_not_passed(capsys, monkeypatch):
+    """A row whose optional peer (zennit for I23) is not installed runs no case and is reported as
+    not run with the install line, never as passing (the JSON lists it under not_run)."""
+    import backplay.testing.registry as registry
+
+    monkeypatch.setattr(registry, "missing_peer", lambda name: f"{name} not installed: pip install it")
+    assert cli.main(["verify", "--cases", "2", "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    row = next(r for r in out["identities"] if r["identity"] == "I23")
+    assert row["passed"] is False and row["cases"] == 0 and "zennit not installed" in row["skipped"]
+    assert "I23" in str(out["not_run"])
+    assert cli.main(["verify", "--cases", "2", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "NOT RUN: I23" in text and "skipped (zennit not installed" in text

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from backplay.nets import FrozenNet, MLPSpec
 from backplay.numerics import check_local_maximisers, gibbs_handover, law_occupation, route_choice, routing_kernels
-from backplay.rules import LRP0, RG, AlphaBeta, Anchor, GradientEquilibrium, RGEq, RiskAverse
+from backplay.rules import LRP0, RG, Gradient, AlphaBeta, Anchor, GradientEquilibrium, RGEq, RiskAverse
 from backplay.testing import nets_with_inputs
 from backplay.theory import (
     BIAS_SINK,
@@ -319,8 +319,11 @@ def test_errors():
     spec = MLPSpec([np.array([[1.0, -1.0]]), np.array([[1.0]])])
     with pytest.raises(ValueError, match="needs the input x"):
         routing_law(spec)
-    with pytest.raises(TypeError, match="LRP0"):
-        routing_law(spec, [1.0, 0.0], 0, LRP0())
+    with pytest.raises(TypeError, match="Gradient"):
+        routing_law(spec, [1.0, 0.0], 0, Gradient())
+    # LRP0 is the gradient equilibrium's law (I17)
+    a, b = routing_law(spec, [1.0, 0.0], 0, LRP0()), routing_law(spec, [1.0, 0.0], 0, GradientEquilibrium())
+    assert [list(r) for r in a.relevance()] == [list(r) for r in b.relevance()]
     with pytest.raises(ValueError, match="lam has 3 entries"):
         routing_law(spec, [1.0, 0.0], 0, Anchor(RG(), (0.1, 0.2, 0.3)))
     with pytest.raises(ValueError, match="out of range"):

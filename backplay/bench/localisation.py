@@ -43,7 +43,7 @@ from backplay.rules import (RG, AlphaBeta, Anchor, AttributionEquilibrium, Attri
 from .distributed import Comm, merge_shards, shard_chunks
 from .rulespec import find_rule, rule_label
 
-__all__ = ["METRICS", "SELECTION_METRIC", "VIT_ONLY_RULES", "RuleFamily", "EvalSet", "BenchConfig",
+__all__ = ["METRICS", "SELECTION_METRIC", "VIT_ONLY_RULES", "RuleFamily", "EvalSet", "BenchConfig", "digits_models",
            "BenchResult", "cnn_families", "graph_families", "vit_families", "vit_engine_error", "score_maps",
            "evaluate_rules", "t_interval", "run_protocol", "run_digits", "run_dataset",
            "format_table", "markdown_table", "write_outputs"]
@@ -322,7 +322,9 @@ def _examples(model: nn.Module, split_b: EvalSet, chosen: dict[str, str], rules:
     return out
 
 
-def _digits_models(cfg: BenchConfig):
+def digits_models(cfg: BenchConfig) -> tuple:
+    """(canvas configuration, {"cnn": TrainConfig, "vit": TrainConfig}) of the digits benchmark
+    (``cfg.quick``: the small, fast ones)."""
     from .digits import CanvasConfig
     from .models import TrainConfig
 
@@ -345,11 +347,11 @@ def run_digits(cfg: BenchConfig, comm: Comm | None = None, log: Any = sys.stderr
     """The digits benchmark (module docstring): train or load the models, run the protocol per
     model. Returns the result on rank 0 (None on other ranks)."""
     from .digits import CLASSES_A, CLASSES_B, digit_pools, make_canvases
-    from .models import _build, train_or_load
+    from .models import build_model, train_or_load
 
     comm = comm or Comm()
     t0 = time.perf_counter()
-    canvas, train_cfgs = _digits_models(cfg)
+    canvas, train_cfgs = digits_models(cfg)
     pools = digit_pools(canvas, cfg.seed)
     n = cfg.images_per_split()
     sets = {}
@@ -362,7 +364,7 @@ def run_digits(cfg: BenchConfig, comm: Comm | None = None, log: Any = sys.stderr
             raise ValueError(f"unknown model {kind!r} (known: cnn, vit)")
         tc = train_cfgs[kind]
         if kind == "vit":
-            err = vit_engine_error(_build("vit", tc.arch).eval().double(), sets["A"].images.double())
+            err = vit_engine_error(build_model("vit", tc.arch).eval().double(), sets["A"].images.double())
             if err is not None:
                 note = ("ViT rows unavailable: backplay.explain does not run on the backplay ViT in "
                         f"this installation ({err.splitlines()[0][:160]})")

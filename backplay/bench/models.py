@@ -83,7 +83,8 @@ def small_vit(in_channels: int = 1, num_classes: int = 10, size: int = 32, dim: 
     return model
 
 
-def _build(kind: str, arch: dict) -> nn.Module:
+def build_model(kind: str, arch: dict) -> nn.Module:
+    """A fresh bench model of ``kind`` ("cnn" or "vit") with the architecture parameters ``arch``."""
     if kind == "cnn":
         return small_cnn(**arch)
     if kind == "vit":
@@ -158,7 +159,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
         except Exception:  # not a torch pickle of plain tensors: let the ViT loader try
             blob = None
     if isinstance(blob, dict) and blob.get("format") == CHECKPOINT_FORMAT:
-        model = _build(blob["kind"], blob["arch"])
+        model = build_model(blob["kind"], blob["arch"])
         model.load_state_dict(blob["state_dict"])
         model = model.to(dtype).eval()
         meta = blob.get("meta", {})
@@ -217,7 +218,7 @@ def train_or_load(cfg: TrainConfig, cache: str | os.PathLike | None = None,
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = _build(cfg.kind, cfg.arch)
+        model = build_model(cfg.kind, cfg.arch)
         opt = _optimizer(model, cfg)
         steps = cfg.epochs * ((cfg.n_train + cfg.batch_size - 1) // cfg.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,

@@ -165,9 +165,16 @@ def _plan(model: torch.nn.Module, x: torch.Tensor) -> list:
     order = list(calls.values())
     plan, start = [], 0
     for layer in layers:
-        i_in = next((i for i in range(start, len(order)) if _same(order[i].input, layer.input)), None)
-        i_out = None if i_in is None else next(
-            (i for i in range(i_in, len(order)) if _same(order[i].output, layer.z)), None)
+        # the module the reader names for the layer, if one call of it maps y^(l-1) to z^l: values alone
+        # do not decide where a dead layer (y^(l-1) = z^l = 0) lies, an activation maps 0 to 0 too
+        named = next((i for i in range(start, len(order)) if order[i].key[0] == layer.module
+                      and _same(order[i].input, layer.input) and _same(order[i].output, layer.z)), None)
+        if named is not None:
+            i_in = i_out = named
+        else:
+            i_in = next((i for i in range(start, len(order)) if _same(order[i].input, layer.input)), None)
+            i_out = None if i_in is None else next(
+                (i for i in range(i_in, len(order)) if _same(order[i].output, layer.z)), None)
         if i_out is None:
             raise ValueError(f"backplay's layer {layer.index} ({layer.kind}, {layer.where}) is not computed by "
                              "the model's modules (no leaf module call maps y^(l-1) to z^l): the black box "

@@ -117,6 +117,9 @@ from .game_programs import solve_problem
 __all__ = ["Finding", "FoundLaw", "RuleReport", "validate_rule", "LAW_ROW"]
 
 D = torch.float64
+#: the two families of laws validate_rule fits (RuleReport.family)
+SIGNED = "signed branches: + on Z > 0 kept, - on Z < 0 flipped (THEORY.md section 5)"
+SINGLE = "single branch: p = 1, sign kept, routing along the edges W != 0 (THEORY.md section 10)"
 LAW_ROW = "Markov law fits M (LP)"  # the finding of the law program (the maps' verdict is is_law)
 
 
@@ -209,7 +212,12 @@ class RuleReport:
     identify: with reported stops, the :attr:`FoundLaw.ambiguous` ones; without, every neuron with a
     place to stop mass, an empty branch or a bias, since its stop is invisible). When it is not 0 the
     Hellinger distances are upper bounds (``bound``): they are computed for the split of the stops
-    closest to each named rule among those tried, and another law with the same maps may be nearer."""
+    closest to each named rule among those tried, and another law with the same maps may be nearer.
+
+    ``family``: the family of laws the maps were fitted in: :data:`SIGNED` (section 5: + branch on
+    the edges with Z_ij > 0, - branch on Z_ij < 0) or, when the maps are not one of those but keep the
+    sign on every edge, :data:`SINGLE` (THEORY.md section 10: p = 1, routing along the edges
+    W_ij != 0 whatever Z_ij, as Flat and WSquare)."""
 
     rule: str
     net: str
@@ -223,6 +231,7 @@ class RuleReport:
     notes: list = field(default_factory=list)
     stops_reported: bool = False
     unidentified: int = 0
+    family: str = SIGNED
 
     def finding(self, name: str) -> Finding:
         """The finding called ``name`` (KeyError otherwise)."""
@@ -241,7 +250,7 @@ class RuleReport:
                 "violated": self.violated, "law": None if self.law is None else self.law.to_dict(),
                 "nearest": self.nearest, "candidates": self.candidates, "skipped": self.skipped,
                 "stops_reported": self.stops_reported, "unidentified": self.unidentified,
-                "notes": self.notes}
+                "family": self.family, "notes": self.notes}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **{"indent": 2, **kw})
@@ -261,12 +270,19 @@ class RuleReport:
         if self.is_law:
             n = self.nearest
             rel = "<=" if n is not None and n.get("bound") else "="
-            out.append("Markov routing law: yes" + ("" if n is None else
+            out.append(f"Markov routing law: yes ({self.family})" + ("" if n is None else
                        f"; nearest named rule {n['rule']} (Hellinger {rel} {n['hellinger']:.3g}, "
-                       f"max |dp| {n['max_dp']:.3g}, max |dm| {n['max_dm']:.3g})"))
+                       f"max |dp| {n['max_dp']:.3g}, max |dm| {n['max_dm']:.3g}, "
+                       f"max |dM| {n['maps']:.3g})"))
+            if n is not None and n["maps"] <= n["maps_tol"]:
+                out.append(f"  the rule's layer maps are those of {n['rule']} (max |dM| {n['maps']:.3g} <= "
+                           f"{n['maps_tol']:.3g})" + ("" if n["hellinger"] <= 1e-9 else
+                           "; the path law the program found hands over the stopped mass another way "
+                           "(the maps do not identify it), hence Hellinger > 0"))
             same = [c["rule"] for c in self.candidates[1:] if n is not None
-                    and abs(c["hellinger"] - n["hellinger"]) <= 1e-9 and c["max_dp"] <= n["max_dp"] + 1e-6
-                    and c["max_dm"] <= n["max_dm"] + 1e-6]
+                    and ((n["maps"] <= n["maps_tol"] and c["maps"] <= c["maps_tol"])
+                         or (abs(c["hellinger"] - n["hellinger"]) <= 1e-9 and c["max_dp"] <= n["max_dp"] + 1e-6
+                             and c["max_dm"] <= n["max_dm"] + 1e-6))]
             if same:
                 out.append("  the same law: " + ", ".join(same))
             if self.unidentified:
@@ -502,6 +518,29 @@ def _law_program(Ms: dict, stops: dict, frozen: Any, solver: str) -> tuple[Found
     return law, residuals, total
 
 
+def _single_branch(Ms: dict, stops: dict, frozen: Any) -> tuple[FoundLaw, dict]:
+    """The single-branch law of the probed maps (THEORY.md section 10, Flat and WSquare): per neuron
+    the orientation sigma_i (the sign of its column sum), p = 1, flows sigma_i M_ki >= 0 on the edges
+    W_ik != 0, the stopped mass (times |m|) in the + branch; the residual is what such flows cannot
+    reproduce (mass off the edges, mass of the other sign). Closed form: the program separates per
+    entry."""
+    L = frozen.depth
+    law = FoundLaw(*([None] * L for _ in range(6)), residual=0.0)
+    residuals: dict = {}
+    for l, M in Ms.items():
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)  # (n_up, n_low)
+        sigma = np.where(M.sum(0) < 0, -1.0, 1.0)
+        SM = (sigma[None, :] * M).T  # (n_up, n_low), oriented
+        Fp = np.where((W != 0) & (SM > 0), SM, 0.0)
+        residuals[l] = M - (sigma[:, None] * Fp).T
+        st = np.zeros(W.shape[0]) if stops.get(l) is None else sigma * stops[l]
+        law.sigma[l - 1], law.flow_plus[l - 1], law.flow_minus[l - 1] = sigma, Fp, np.zeros_like(Fp)
+        law.stop_plus[l - 1], law.stop_minus[l - 1] = np.clip(st, 0, None), np.clip(-st, 0, None)
+        law.ambiguous[l - 1] = np.zeros(W.shape[0], dtype=bool)
+    law.residual = sum(float(np.abs(E).sum()) for E in residuals.values())
+    return law, residuals
+
+
 # -- named rules ---------------------------------------------------------------------------------------
 def _split_for(law: FoundLaw, l: int, p_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stops of layer l with the ambiguous neurons split so that p is closest to ``p_target``: with
@@ -522,11 +561,11 @@ def _split_for(law: FoundLaw, l: int, p_target: np.ndarray) -> tuple[np.ndarray,
 def _trajectory(law: FoundLaw, frozen_exact: Any, target: int, splits: dict) -> Any:
     """The found law as a :class:`backplay.theory.routing.TrajectoryLaw` (mpmath), for I21;
     ``splits[l]`` the stops of layer l (see :func:`_split_for`)."""
-    from ..theory.routing import BIAS_SINK, CEMETERY, Move, TrajectoryLaw, _Arith
+    from ..theory.routing import BIAS_SINK, CEMETERY, Move, TrajectoryLaw, LawArith
 
     class Found(TrajectoryLaw):
         def __init__(self) -> None:
-            self.net, self.target, self.arith = frozen_exact, target, _Arith("mpmath", 30)
+            self.net, self.target, self.arith = frozen_exact, target, LawArith("mpmath", 30)
 
         def moves(self, state: tuple) -> list:
             l, i, s = state
@@ -556,7 +595,7 @@ def _trajectory(law: FoundLaw, frozen_exact: Any, target: int, splits: dict) -> 
 
 def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
     """Named rules of section 5 fitted to the found law (identified neurons with both branches)."""
-    ps, ms, lo_x, lo_y = [], [], [], []
+    ps, ms, lo_x, lo_y, gam = [], [], [], [], []
     for l in Ms:
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
         Z = W * np.asarray(frozen.ys[l - 1], dtype=np.float64)[None, :]
@@ -571,6 +610,9 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
         inner = both & (p > 0) & (p < 1)
         lo_x += list(np.log(Sp[inner] / -Sn[inner]))
         lo_y += list(np.log(p[inner] / (1 - p[inner])))
+        # LRP-gamma (I22): log-odds(p) = sign(z) log(1 + gamma) + log(S+/|S-|), bias in its branch
+        odds = p[inner] / (1 - p[inner]) * (-Sn[inner] / Sp[inner])
+        gam += list(np.where(Sp[inner] + Sn[inner] > 0, odds, 1 / odds) - 1)
     # route temperature: log(pi(k | i, b) / |W_ik|) = (1/T) log|y_k| + c_(i,b), pooled within groups
     gx, gy = [], []
     for l in Ms:
@@ -608,8 +650,8 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
         nu, kappa = np.polyfit(lo_x, lo_y, 1)
         if nu >= 0:
             out.append(RGEq(kappa=round(float(kappa), 6), nu=round(float(nu), 6)))
-            if abs(nu - 1) < 0.05 and abs(kappa) > 1e-9:  # I22: Gamma(gamma) = RGEq(+-log(1 + gamma), 1)
-                out.append(Gamma(gamma=_sig6(math.expm1(abs(float(kappa))))))
+    if gam and float(np.median(gam)) > 1e-9:
+        out.append(Gamma(gamma=_sig6(float(np.median(gam)))))
     eps = _epsilon_fit(frozen, Ms)
     if eps is not None:
         out.append(Epsilon(eps))
@@ -641,12 +683,14 @@ def _epsilon_fit(frozen: Any, Ms: dict) -> float | None:
     return _sig6(eps) if eps > 1e-12 else None
 
 
-def _compare(law: FoundLaw, frozen: Any, target: int, Ms: dict) -> tuple[dict | None, list]:
-    """Every fitted named rule with its Hellinger distance (I21) to the found law and the largest
-    hand-over and multiplier differences at the neurons the probes reach; the nearest first."""
-    from ..theory.routing import _exact_net, hellinger, routing_law
+def _compare(law: FoundLaw, frozen: Any, target: int, Ms: dict, maps_tol: float) -> tuple[dict | None, list]:
+    """Every fitted named rule with its Hellinger distance (I21) to the found law, the largest
+    hand-over and multiplier differences at the neurons the probes reach and the largest difference
+    of its layer maps from the probed ones (``maps``); the named rules whose maps are the probed ones
+    (``maps <= maps_tol``) first, then the nearest."""
+    from ..theory.routing import exact_net, hellinger, routing_law
 
-    exact = _exact_net(frozen)
+    exact = exact_net(frozen)
     rows = []
     for cand in _candidates(law, frozen, Ms):
         named = routing_law(frozen, target=target, rule=cand, field="mpmath", dps=30)
@@ -664,9 +708,31 @@ def _compare(law: FoundLaw, frozen: Any, target: int, Ms: dict) -> tuple[dict | 
                 dp = max(dp, abs(float(k.p) - p[i]))
                 dm = max(dm, abs(float(k.m) - m[i]))
         found = _trajectory(law, exact, target, splits)
-        rows.append({"rule": cand.name, "hellinger": float(hellinger(found, named)), "max_dp": dp, "max_dm": dm})
-    rows.sort(key=lambda r: (round(r["hellinger"], 6), r["max_dm"] + r["max_dp"]))
+        maps = max((float(np.abs(M - _law_map(named, l, M.shape)).max(initial=0.0)) for l, M in Ms.items()),
+                   default=0.0)
+        rows.append({"rule": cand.name, "hellinger": float(hellinger(found, named)), "max_dp": dp, "max_dm": dm,
+                     "maps": maps, "maps_tol": maps_tol})
+    # the named rules whose layer maps are the probed ones first (the maps decide which rule it is;
+    # the path law behind them is identified up to how stopped mass is handed over), then by distance
+    rows.sort(key=lambda r: (r["maps"] > r["maps_tol"], round(r["hellinger"], 6), r["max_dm"] + r["max_dp"]))
     return (rows[0] if rows else None), rows
+
+
+def _law_map(named: Any, l: int, shape: tuple) -> np.ndarray:
+    """The layer map of an exact law at layer l as a matrix (n_{l-1}, n_l): column i is
+    m_i (p_i pi(. | i, +) - q_i pi(. | i, -)) (the bias sink, the cemetery and the stop are not in it)."""
+    from ..theory.routing import BIAS
+
+    M = np.zeros(shape)
+    for i in range(shape[1]):
+        k = named.kernel(l, i)
+        if k.stopped:
+            continue
+        for b, pb in ((1, k.p), (-1, k.q)):
+            for unit, pr in k.routing[b].items():
+                if unit != BIAS:
+                    M[unit, i] += float(b * k.m * pb * pr)
+    return M
 
 
 # -- the entry point -----------------------------------------------------------------------------------
@@ -849,6 +915,22 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
     law, residuals, total = _law_program(Ms, stops, frozen, solver)
     l_tol = law_tol * max(1.0, max(float(np.abs(M).max()) for M in Ms.values()))
     rv, rw = _worst([(l - 1, np.abs(E).max(1), shapes[l - 1]) for l, E in residuals.items()])
+    if rv > l_tol:  # layers that are not laws of the signed family: single-branch laws (Flat, WSquare)?
+        single, s_residuals = _single_branch(Ms, stops, frozen)
+        fits = {l: (np.abs(E).max(initial=0.0) <= l_tol, np.abs(s_residuals[l]).max(initial=0.0) <= l_tol)
+                for l, E in residuals.items()}  # (signed, single) per layer: selections fit both
+        switched = [l for l, (sg, sb) in fits.items() if sb and not sg]
+        for l in switched:
+            for part in ("sigma", "flow_plus", "flow_minus", "stop_plus", "stop_minus", "ambiguous"):
+                getattr(law, part)[l - 1] = getattr(single, part)[l - 1]
+            residuals[l] = s_residuals[l]
+        if switched:
+            total = sum(float(np.abs(E).sum()) for E in residuals.values())
+            law.residual = total
+            rv, rw = _worst([(l - 1, np.abs(E).max(1), shapes[l - 1]) for l, E in residuals.items()])
+            signed = [l for l, (sg, sb) in fits.items() if sg and not sb]
+            report.family = SINGLE if not signed else (
+                f"{SIGNED} at layers {signed}; {SINGLE} at layers {switched}")
     violated = [f"{label} ({f.worst:.3g} > {f.tol:.3g})" for f, label in (
         (lin, "linearity"), (adt, "additivity"), (hom, "homogeneity"), (canc, "sign classes interact"),
         (sign, "sign consistency"), (loc, "locality")) if f.holds is False]
@@ -861,11 +943,13 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
     violated += [f"{label} ({v:.3g} > {l_tol:.3g})" for label, v in parts.items() if v > l_tol]
     report.violated = violated
     report.law = law
+    how = ("signed flows of a routing law on the branch edges (LP" if report.family == SIGNED else
+           "the flows of the family of each layer (signed branches: LP; single branch: sign-keeping flows "
+           "on the edges W != 0, closed form)")
     report.findings.append(Finding(
         LAW_ROW, rv <= l_tol, rv, l_tol, rw if rv > l_tol else None,
-        f"largest entry of M not reproduced by signed flows of a routing law on the branch edges (LP; "
-        f"L1 residual, all layers, {total:.3g}); the maps are a law when this row and the rows "
-        "linearity to locality hold (summary)"))
+        f"largest entry of M not reproduced by {how}; L1 residual, all layers, {total:.3g}); the maps "
+        "are a law when this row and the rows linearity to locality hold (summary)"))
     report.stops_reported = all(stops[l] is not None for l in Ms)
     count = 0
     for l, M in Ms.items():
@@ -874,7 +958,8 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
         count += int((moved & (law.ambiguous[l - 1] if report.stops_reported else nat_p | nat_m)).sum())
     report.unidentified = count
     if not violated and compare:
-        report.nearest, report.candidates = _compare(law, frozen, target, Ms)
+        report.nearest, report.candidates = _compare(law, frozen, target, Ms, tol * max(1.0, max(
+            float(np.abs(M).max()) for M in Ms.values())))
         for c in report.candidates:
             c["bound"] = count > 0
     return report

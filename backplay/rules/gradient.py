@@ -67,7 +67,12 @@ class LRP0(LayerRule):
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
         """(lower, stopped): the bias share R_i b_i / z_i and the whole R_i where z_i = 0 are stopped
-        (the bias sink and the cemetery of I14, as for the gradient equilibrium, I17)."""
+        (the bias sink and the cemetery of I14, as for the gradient equilibrium, I17). Selections,
+        copies and standalone gates pass relevance unchanged, as in every law (a max-pool winner of
+        value 0 included); a copy of a constant (a cls token) stops its relevance (the bias sink)."""
+        if layer.map.pass_through:
+            lower = layer.map.transpose(upper)
+            return lower, upper.flatten(1).sum(1) - lower.flatten(1).sum(1)
         z = layer.z
         c = safe_divide(upper, z)
         stopped = torch.where(z == 0, upper, 0.0).flatten(1).sum(1)

@@ -9,10 +9,12 @@ import numpy as np
 
 from ..nets import MLPSpec
 from . import routing_identities as routing
+from . import zoo_identities as zoo
 from .identities import (
     TOL_CVXPY, TOL_TORCH, Case, IdentityCheck, check_i1, check_i2, check_i3, check_i4, check_i5, check_i6,
     check_i7, check_i8, check_i9, check_i10, check_i11, check_i12, check_i13,
 )
+from .peers import missing_peer
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,12 @@ class Identity:
     statement: str
     check: Callable[[Case], IdentityCheck]
     applies: Callable[[MLPSpec], bool]
+    requires: str | None = None  # an optional peer library the check needs (backplay.testing.peers)
+
+    def unavailable(self) -> str | None:
+        """None when the row can run here; otherwise why not, in one line (its peer library is not
+        installed: the row is skipped, never passed)."""
+        return None if self.requires is None else missing_peer(self.requires)
 
 
 def _relu(s: MLPSpec) -> bool:
@@ -61,12 +69,18 @@ IDENTITIES: list[Identity] = [
     Identity("I21", "Hellinger recursion = path enumeration; GV vs GradEq", routing.check_i21, _relu),
     Identity("per-layer lam", "per-layer parameters (Anchor lam tuple, all entries distinct): torch = "
              "exact law at every layer", routing.check_per_layer_lam, _relu),
+    Identity("I22", "Gamma(g) = RGEq(+-log(1+g), 1) per kernel; torch = law", zoo.check_i22, _relu),
+    Identity("I23", "zennit AB(2,1), Epsilon as black boxes: same report", zoo.check_i23, _relu,
+             requires="zennit"),
 ]
 
 
 def check_identity(name: str, spec: MLPSpec, x: Any, target: int, **case_kwargs: Any) -> IdentityCheck:
     """Run one identity by name on one case."""
     ident = {i.name: i for i in IDENTITIES}[name]
+    missing = ident.unavailable()
+    if missing is not None:
+        raise ImportError(f"{name} needs {missing}")
     if not ident.applies(spec):
         raise ValueError(f"{name} does not apply to a {spec.activation} net")
     return ident.check(Case(spec, np.asarray(x, dtype=np.float64), target, **case_kwargs))

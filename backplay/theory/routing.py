@@ -54,19 +54,19 @@ BIAS_SINK = "bias_sink"
 BIAS = "bias"  # routing key of the bias unit in :attr:`LocalLaw.routing`
 
 __all__ = [
-    "BIAS", "BIAS_SINK", "CEMETERY", "GVLaw", "LawOccupation", "LocalLaw", "Move", "RoutePath",
+    "BIAS", "BIAS_SINK", "CEMETERY", "GVLaw", "LawArith", "LawOccupation", "LocalLaw", "Move", "RoutePath",
     "RoutingLaw", "TrajectoryLaw", "alpha_beta_lrp", "bhattacharyya_paths", "freeze", "gibbs_alpha_beta", "gv_law",
-    "hellinger", "risk_reweighted_paths", "routing_law", "tau_from",
+    "hellinger", "risk_reweighted_paths", "routing_law", "tau_from", "exact_net",
 ]
 
-_ROUTING_RULES = (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse, Epsilon, Gamma, ZBox, Flat,
-                  WSquare, Composite)
+_ROUTING_RULES = (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse, LRP0, Epsilon, Gamma, ZBox,
+                  Flat, WSquare, Composite)
 #: the LRP zoo's single-layer laws (THEORY.md section 10; ZPlus is AlphaBeta(1, 0))
 _ZOO = (LRP0, Epsilon, Gamma, ZBox, Flat, WSquare)
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
-class _Arith(Arith):
+class LawArith(Arith):
     """:class:`Arith` labelled with the field a law reports: "rational", "sympy" or "mpmath"."""
 
     def __init__(self, mode: str, dps: int = 50) -> None:
@@ -82,9 +82,11 @@ def _params(rule: Rule) -> tuple[list, bool]:
     if isinstance(rule, Composite):
         ps, tr = [], False
         for sub in rule.rules():
-            p, t = ([], False) if isinstance(sub, LRP0) else _params(sub)
+            p, t = _params(sub)
             ps, tr = ps + p, tr or t
         return ps, tr
+    if isinstance(rule, LRP0):  # the gradient equilibrium's law (I17)
+        return [], False
     if isinstance(rule, (Epsilon, Gamma)):
         return [rule.eps if isinstance(rule, Epsilon) else rule.gamma], False
     if isinstance(rule, (ZBox, Flat, WSquare)):
@@ -136,7 +138,9 @@ def freeze(spec: MLPSpec, x: Any) -> FrozenNet:
     return FrozenNet(list(ex.weights), list(ex.biases), exact_forward(ex, x))
 
 
-def _exact_net(net: FrozenNet) -> FrozenNet:
+def exact_net(net: FrozenNet) -> FrozenNet:
+    """``net`` with every number replaced by the Rational of its exact binary value (the exact laws'
+    input; :func:`backplay.nets.to_rational`)."""
     conv = np.vectorize(to_rational, otypes=[object])
     return FrozenNet([conv(w) for w in net.weights],
                      [None if b is None else conv(b) for b in net.biases], [conv(y) for y in net.ys],
@@ -246,7 +250,7 @@ class TrajectoryLaw:
 
     net: FrozenNet
     target: int
-    arith: _Arith
+    arith: LawArith
 
     @property
     def field(self) -> str:
@@ -325,7 +329,7 @@ class RoutingLaw(TrajectoryLaw):
     """A routing law of THEORY.md section 5 on one explained forward pass (build with
     :func:`routing_law`). ``w0`` = f_k(x); ``rule`` the parameter object of :mod:`backplay.rules`."""
 
-    def __init__(self, net: FrozenNet, target: int, rule: Rule, arith: _Arith) -> None:
+    def __init__(self, net: FrozenNet, target: int, rule: Rule, arith: LawArith) -> None:
         self.net, self.target, self.rule, self.arith = net, target, rule, arith
         self.w0 = arith.num(net.ys[-1][target])
         self.potential: dict | None = None  # U(l, i) of RiskAverse (I20)
@@ -640,7 +644,7 @@ def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: 
             raise ValueError("routing_law on an MLPSpec needs the input x")
         frozen = freeze(net, x)
     elif isinstance(net, FrozenNet):
-        frozen = _exact_net(net)
+        frozen = exact_net(net)
     else:
         raise TypeError(f"net must be an MLPSpec or a FrozenNet, got {type(net).__name__}")
     if not isinstance(target, (int, np.integer)) or isinstance(target, bool):
@@ -653,7 +657,7 @@ def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: 
     if anchor is not None and anchor.anchor == "token" and all(a is None for a in frozen.anchors):
         raise ValueError("Anchor(anchor='token') needs a FrozenNet with attention anchors "
                          "(backplay.gpu.unroll of a ViT)")
-    return RoutingLaw(frozen, int(target), rule, _Arith(_field_of(rule, field), dps))
+    return RoutingLaw(frozen, int(target), rule, LawArith(_field_of(rule, field), dps))
 
 
 # -- the GV game's trajectory law -----------------------------------------------------------------
@@ -669,7 +673,7 @@ class GVLaw(TrajectoryLaw):
         self.spec = spec.exact()
         self.net = freeze(self.spec, x)
         self.target = check_target(self.spec, target)
-        self.arith = _Arith("rational")
+        self.arith = LawArith("rational")
 
     def moves(self, state: tuple[int, int, int]) -> list[Move]:
         l, i, s = state
@@ -710,9 +714,9 @@ def hellinger(law_a: TrajectoryLaw, law_b: TrajectoryLaw) -> Any:
     if law_a.start != law_b.start or not _same_net(law_a.net, law_b.net):
         raise ValueError("hellinger compares two laws of the same frozen net and start state")
     if law_a.arith.exact and law_b.arith.exact:
-        A = _Arith("sympy")
+        A = LawArith("sympy")
     else:
-        A = _Arith("mpmath", max(law_a.arith.dps or 0, law_b.arith.dps or 0))
+        A = LawArith("mpmath", max(law_a.arith.dps or 0, law_b.arith.dps or 0))
     bc = _bhattacharyya(law_a, law_b, A)
     val = 1 - bc
     if not A.exact and val < 0:
@@ -720,7 +724,7 @@ def hellinger(law_a: TrajectoryLaw, law_b: TrajectoryLaw) -> Any:
     return A.sqrt(val)
 
 
-def _bhattacharyya(law_a: TrajectoryLaw, law_b: TrajectoryLaw, A: _Arith) -> Any:
+def _bhattacharyya(law_a: TrajectoryLaw, law_b: TrajectoryLaw, A: LawArith) -> Any:
     widths = law_a.net.widths
     one = A.num(1)
     bc: dict = {(0, j, s): one for j in range(widths[0]) for s in (1, -1)}
@@ -749,7 +753,7 @@ def bhattacharyya_paths(law_a: TrajectoryLaw, law_b: TrajectoryLaw, max_paths: i
         return out
     pa, pb = probs(law_a), probs(law_b)
     exact = law_a.arith.exact and law_b.arith.exact
-    A = _Arith("sympy") if exact else _Arith("mpmath", 50)
+    A = LawArith("sympy") if exact else LawArith("mpmath", 50)
     tot = A.num(0)
     for key, va in pa.items():
         if key in pb:
@@ -783,7 +787,7 @@ def risk_reweighted_paths(law: RoutingLaw, max_paths: int = 100_000) -> dict:
 def alpha_beta_lrp(net: FrozenNet | MLPSpec, target: int, alpha: Any, beta: Any, x: Any = None) -> list[np.ndarray]:
     """I15 closed form, independent of the routing machinery: [R^0, ..., R^L] with
     R^{l-1}_j = sum_i (alpha Z+_ij / S+_i - beta Z-_ij / S-_i) R^l_i (0/0 := 0), bias as a unit."""
-    frozen = freeze(net, x) if isinstance(net, MLPSpec) else _exact_net(net)
+    frozen = freeze(net, x) if isinstance(net, MLPSpec) else exact_net(net)
     a, b = to_rational(alpha), to_rational(beta)
     top = np.array([sp.Integer(0)] * frozen.widths[-1], dtype=object)
     top[target] = frozen.ys[-1][target]
