@@ -26,7 +26,7 @@ from backplay.bench.digits import digit_pools, make_canvases
 from backplay.bench.localisation import BenchConfig, digits_models
 from backplay.bench.models import train_or_load
 from backplay.rules import RG, AlphaBeta, Anchor, Epsilon, GradientEquilibrium, RGEq, RiskAverse
-from backplay.rules.lrp import Gamma, ZPlus
+from backplay.rules.lrp import EpsilonAlpha2Beta1, EpsilonPlusFlat, Flat, Gamma, WSquare, ZPlus
 
 # the digits benchmark's own models (``backplay bench localisation``: CNN held-out accuracy 0.98, ViT
 # 0.92 in the committed run), trained once and cached like the benchmark's
@@ -34,13 +34,14 @@ CANVAS, MODELS = digits_models(BenchConfig())
 
 
 def rules(kind: str) -> list[tuple[str, object]]:
-    """(label, rule): the routing laws and the zoo's sign-branch laws (Flat, WSquare, ZBox and the
-    composites are not accepted by bp.hellinger yet)."""
+    """(label, rule): the routing laws, the LRP zoo's laws and two of zennit's presets (ZBox and
+    EpsilonGammaBox are not compared by bp.hellinger)."""
     out = [("AB(2,1)", AlphaBeta(2, 1)), ("z+ = AB(1,0)", ZPlus()), ("GradEq = LRP-0", GradientEquilibrium()),
            ("RG(tau=0.5)", RG(0.5)), ("RG(1/ln2, T=2)", RG(1 / math.log(2), route_temp=2.0)),
            ("RGEq(0.5, 0.5)", RGEq(0.5, 0.5)), ("Anchor(RG, 0.1)", Anchor(RG(), 0.1)),
            ("RiskAverse(RG, 1, 0.1)", RiskAverse(RG(), theta=1.0, sigma=0.1)), ("Epsilon(0.1)", Epsilon(0.1)),
-           ("Gamma(0.25)", Gamma(0.25))]
+           ("Gamma(0.25)", Gamma(0.25)), ("Flat", Flat()), ("WSquare", WSquare()),
+           ("EpsilonPlusFlat", EpsilonPlusFlat()), ("EpsilonAlpha2Beta1", EpsilonAlpha2Beta1())]
     if kind == "vit":
         out.append(("Anchor(RG, 0.3, token)", Anchor(RG(), 0.3, anchor="token")))
     return out

@@ -51,10 +51,13 @@ for small models only (a ValueError names the layer when it exceeds :data:`MAX_E
 Rules accepted (:data:`HANDOVERS`, one entry per base law): AlphaBeta (and ZPlus), RG, RGEq,
 GradientEquilibrium (and LRP0, its law, I17), Epsilon, Gamma (THEORY.md section 10), and Anchor
 (uniform or token) / RiskAverse of the routing laws. A further law whose branches are the signs of
-W_ij y_j is one entry there (its hand-over from S+ and S-). Flat, WSquare and ZBox route on other
-supports and weights (1{W != 0}, W^2, box contributions) and composites change the law per layer:
-not accepted yet (their pairs with sign-branch laws need edge weights sqrt(|W| f(W)) that the
-LinearOp parts do not provide).
+W_ij y_j is one entry there (its hand-over from S+ and S-). The single-branch laws
+(:data:`SINGLE_BRANCH`: Flat, routing 1{W_ij != 0}, and WSquare, routing W_ij^2 with the bias unit
+b_i^2; p = 1, every move keeps the sign, whatever y) are compared edge by edge (an edge with
+W_ij y_j < 0 leads to (j, s) in them and to (j, -s) in a sign-branch law: the two branches are kept
+apart). A :class:`~backplay.rules.Composite` is its rule's law at each layer (by kind, module and
+first layer, as its sweep picks it). ZBox (box contributions that follow the input's bounds) is not
+accepted.
 """
 
 from __future__ import annotations
@@ -68,13 +71,14 @@ import torch
 from backplay.gpu.engine import prepare, resolve_target
 from backplay.gpu.trace import LayerTrace, Trace
 from backplay.rules import (
-    LRP0, RG, AlphaBeta, Anchor, Epsilon, Gamma, GradientEquilibrium, RGEq, RiskAverse, Rule,
+    LRP0, RG, AlphaBeta, Anchor, Composite, Epsilon, Flat, Gamma, GradientEquilibrium, RGEq, RiskAverse, Rule,
+    WSquare, first_layers,
 )
 from backplay.rules.routing import routing_parts
 
 Tensor = torch.Tensor
 
-__all__ = ["HANDOVERS", "MAX_EDGES", "HellingerMatrix", "hellinger", "hellinger_matrix"]
+__all__ = ["HANDOVERS", "MAX_EDGES", "SINGLE_BRANCH", "HellingerMatrix", "hellinger", "hellinger_matrix"]
 
 #: the largest B * n_out * n_in an anchored (edge-level) layer may materialise
 MAX_EDGES = 50_000_000
@@ -155,6 +159,19 @@ HANDOVERS: dict[type, Callable[[Any, Tensor, Tensor], tuple[Tensor, Tensor, Tens
 }
 
 
+#: single-branch laws (THEORY.md section 10: p = 1, sign kept, routing along the edges W_ij != 0
+#: whatever y): routing weight per edge from the coefficient W, and the bias unit's weight from b
+#: (None: no bias unit). Compared edge by edge (their routing is not |W| |y|^(1/T)).
+SINGLE_BRANCH: dict[type, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]] = {
+    Flat: (lambda W: (W != 0).to(W.dtype), None),  # zennit zeroes the bias: no bias unit
+    WSquare: (lambda W: W * W, lambda b: b * b),
+}
+
+
+def _known(base: Rule) -> bool:
+    return _handover_of(base) is not None or type(base) in SINGLE_BRANCH
+
+
 def _handover_of(base: Rule) -> Callable | None:
     return next((HANDOVERS[c] for c in type(base).__mro__ if c in HANDOVERS), None)
 
@@ -183,14 +200,24 @@ class _Law:
         return float(a.lam_at(layer.index, trace.n_layers)), False
 
 
+    def at(self, layer: LayerTrace, firsts: frozenset) -> "_Law":
+        """The law at this layer: a composite's rule for the layer (its kind, module, first or not)."""
+        if not isinstance(self.base, Composite):
+            return self
+        return _Law(self.base.rule_at(layer.kind, layer.module, layer.index in firsts), None, None)
+
+
 def _law(rule: Any) -> _Law:
-    accepted = ", ".join(c.__name__ for c in HANDOVERS) + ", Anchor and RiskAverse of these"
+    accepted = (", ".join(c.__name__ for c in list(HANDOVERS) + list(SINGLE_BRANCH))
+                + ", Anchor and RiskAverse of the routing laws, and composites of these")
     if not isinstance(rule, Rule):
         raise TypeError(f"a rule must be a backplay.rules.Rule, got {type(rule).__name__}")
     base, anchor, risk = routing_parts(rule)
-    if _handover_of(base) is None:
-        raise TypeError(f"{type(rule).__name__} is not a trajectory law with sign branches: the Hellinger "
-                        f"distance (I21) compares the laws {accepted}")
+    subs = base.rules() if isinstance(base, Composite) else (base,)
+    if not all(_known(r) for r in subs):
+        bad = next(r for r in subs if not _known(r))
+        raise TypeError(f"{bad.name} is not a trajectory law the Hellinger distance (I21) compares here "
+                        f"(ZBox's box contributions, non-LRP rules); accepted: {accepted}")
     return _Law(base, anchor, risk)
 
 
@@ -289,8 +316,8 @@ def _matrix(M: Any, y: Tensor, where: LayerTrace) -> Tensor:
     B, shape = y.shape[0], tuple(y.shape[1:])
     n = math.prod(shape)
     if B * n * math.prod(where.y.shape[1:]) > MAX_EDGES:
-        raise ValueError(f"an Anchor law is compared edge by edge: layer {where.index} ({where.kind}, "
-                         f"{where.where or 'no source line'}) has {n} x {math.prod(where.y.shape[1:])} edges "
+        raise ValueError(f"an Anchor or single-branch (Flat, WSquare) law is compared edge by edge: layer "
+                         f"{where.index} ({where.kind}, {where.where or 'no source line'}) has {n} x {math.prod(where.y.shape[1:])} edges "
                          f"per sample, more than backplay.gpu.hellinger.MAX_EDGES = {MAX_EDGES} for the "
                          f"batch of {B}; pass fewer samples at once, or compare the unanchored laws")
     basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape((n, 1) + shape).expand((n, B) + shape)
@@ -330,6 +357,19 @@ def _edges(law: _Law, L: _Layer, W: Tensor, lam: float, token: bool) -> _Edges:
     full_p, full_n = L.full_p.reshape(B, -1), L.full_n.reshape(B, -1)
     return _Edges(out[0], out[2], out[1], out[3], stop, torch.where(full_p, 0.0, hp),
                   torch.where(full_n, 0.0, hn))
+
+
+def _single_edges(law: _Law, L: _Layer, W: Tensor) -> _Edges:
+    """A single-branch law (:data:`SINGLE_BRANCH`) edge by edge: every move keeps the sign, pi(j | i)
+    = w(W_ij) / D_i over the edges and the bias unit (to the bias sink), D_i = 0: the cemetery."""
+    B = W.shape[0]
+    route, bias_weight = SINGLE_BRANCH[type(law.base)]
+    w = route(W)
+    zero = torch.zeros(W.shape[:2], dtype=W.dtype, device=W.device)
+    bb = zero if bias_weight is None or L.b is None else bias_weight(L.b.reshape(B, -1))
+    D = w.sum(-1) + bb
+    return _Edges(_sdiv(w, D.unsqueeze(-1)), torch.zeros_like(w), _sdiv(bb, D), zero, (D == 0).to(W.dtype),
+                  zero, zero)
 
 
 def _doob(K: _Factor | _Edges, L: _Layer, U_in: Tensor) -> tuple[_Factor | _Edges, Tensor]:
@@ -380,11 +420,11 @@ def _deficit_layer(Ka: _Factor | _Edges, Kb: _Factor | _Edges, L: _Layer, d: Ten
     1 - BC(s) = Delta(s) + sum_s' sqrt(K_a K_b)(s, s') d(s'), with the local deficit
     Delta(s) = 1 - sum_s' sqrt(K_a K_b)(s, s') = sum_s' (sqrt K_a - sqrt K_b)^2 / 2 computed as a sum
     of nonnegative terms (no cancellation: H(a, a) = 0 exactly and small H keep their digits)."""
-    if isinstance(Ka, _Edges):
+    if isinstance(Ka, _Edges):  # the two branches apart: an edge leads to (j, s) in one, (j, -s) in the other
         B = d.shape[0]
-        Pa, Pb = Ka.Pp + Ka.Pn, Kb.Pp + Kb.Pn
-        out = (_root(Pa, Pb) @ d.reshape(B, -1, 1)).squeeze(-1)
-        out = out + _half_sq(Pa, Pb).sum(-1) + _half_sq(Ka.bias_p + Ka.bias_n, Kb.bias_p + Kb.bias_n)
+        out = ((_root(Ka.Pp, Kb.Pp) + _root(Ka.Pn, Kb.Pn)) @ d.reshape(B, -1, 1)).squeeze(-1)
+        out = out + _half_sq(Ka.Pp, Kb.Pp).sum(-1) + _half_sq(Ka.Pn, Kb.Pn).sum(-1)
+        out = out + _half_sq(Ka.bias_p + Ka.bias_n, Kb.bias_p + Kb.bias_n)
         return (out + _half_sq(Ka.cem, Kb.cem)).reshape(L.layer.y.shape)
     # branch c: sqrt(t_a t_b) sum_j sqrt(pi_a pi_b) d_j, pi = |W_ij| g_j / N_c
     sp, sn = L.sums(_root(Ka.g, Kb.g) * d, with_bias=False)
@@ -435,6 +475,7 @@ def _sweep(trace: Trace, laws: list, pairs: list) -> list:
         for s in step.sources:
             last[s] = k
     risky = [i for i, law in enumerate(laws) if law.risk is not None]
+    firsts = first_layers(trace) if any(isinstance(law.base, Composite) for law in laws) else frozenset()
     vals: dict = {0: {("d", p): torch.zeros_like(trace.x) for p in pairs}}
     vals[0].update({("u", i): _risk_start(laws[i].risk, trace.x) for i in risky})
     for k, step in enumerate(trace.steps):
@@ -447,7 +488,7 @@ def _sweep(trace: Trace, laws: list, pairs: list) -> list:
             if step.map.pass_through:
                 out = {key: _pass(step, f, 1.0 if key[0] == "u" else 0.0) for key, f in f_in.items()}
             else:
-                out = _layer_step(step, trace, laws, pairs, f_in)
+                out = _layer_step(step, trace, laws, pairs, f_in, firsts)
         vals[step.out] = out
         for s in set(step.sources):
             if last.get(s) == k and s != trace.output_id:
@@ -457,20 +498,24 @@ def _sweep(trace: Trace, laws: list, pairs: list) -> list:
     return [top[("d", p)].reshape(B, -1) for p in pairs]
 
 
-def _layer_step(step: LayerTrace, trace: Trace, laws: list, pairs: list, f_in: dict) -> dict:
+def _layer_step(step: LayerTrace, trace: Trace, laws: list, pairs: list, f_in: dict, firsts: frozenset) -> dict:
     """One layer for every pair: edge by edge for the pairs with an anchored law at this layer,
     factorised for the others (a law in both kinds of pairs gets both forms of its kernel)."""
     L = _Layer(step)
     used = sorted({i for p in pairs for i in p})
-    anchored = {i: bool(laws[i].lam(step, trace)[0]) for i in used}
-    by_edge = {p: anchored[p[0]] or anchored[p[1]] for p in pairs}
+    here = {i: laws[i].at(step, firsts) for i in used}  # a composite's law at this layer
+    edge_level = {i: bool(here[i].lam(step, trace)[0]) or type(here[i].base) in SINGLE_BRANCH for i in used}
+    by_edge = {p: edge_level[p[0]] or edge_level[p[1]] for p in pairs}
     need = {(i, e) for p, e in by_edge.items() for i in p}
     W = _matrix(step.map, step.input, step) if any(by_edge.values()) else None
     out: dict = {}
     kernels = {}
     for i, e in sorted(need):
-        law = laws[i]
-        K = _edges(law, L, W, *law.lam(step, trace)) if e else _factor(law, L)
+        law = here[i]
+        if type(law.base) in SINGLE_BRANCH:
+            K = _single_edges(law, L, W)
+        else:
+            K = _edges(law, L, W, *law.lam(step, trace)) if e else _factor(law, L)
         if law.risk is not None:
             K, out[("u", i)] = _doob(K, L, f_in[("u", i)])
         kernels[(i, e)] = K
@@ -520,8 +565,9 @@ def hellinger(model: Any, x: Any, target: Any, rule_a: Rule, rule_b: Rule) -> Te
             :mod:`backplay.gpu.read`, or a :class:`backplay.MLPSpec`); never modified.
         x: a batch (or one sample, as in :func:`backplay.explain`), floating.
         target: an int, or one class per sample.
-        rule_a, rule_b: routing laws (:data:`HANDOVERS`: AlphaBeta, RG, RGEq, GradientEquilibrium,
-            and Anchor / RiskAverse of them); any other rule is a TypeError.
+        rule_a, rule_b: laws (:data:`HANDOVERS`: AlphaBeta, RG, RGEq, GradientEquilibrium, LRP0,
+            Epsilon, Gamma and Anchor / RiskAverse of the routing laws; :data:`SINGLE_BRANCH`: Flat,
+            WSquare; composites of these); any other rule is a TypeError.
 
     Returns:
         H in [0, 1], shape [B] (0-d for one sample), in x's dtype: H = sqrt(1 - BC) with BC the

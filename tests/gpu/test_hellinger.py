@@ -2,8 +2,8 @@
 kernel equals the exact Hellinger distance of the two laws on the unrolled graph
 (backplay.theory.hellinger of backplay.theory.routing_law on backplay.gpu.unroll), float64, 1e-9:
 an MLP with biases, a CNN with max pooling, a model with a residual add, random small nets
-(hypothesis); H(a, a) = 0, symmetry, a batch of 4 = four single runs; errors for rules that are
-not laws."""
+(hypothesis); the single-branch laws Flat and WSquare and the composites; H(a, a) = 0, symmetry, a
+batch of 4 = four single runs; errors for rules that are not laws here."""
 
 import pytest
 import torch
@@ -16,7 +16,9 @@ import backplay as bp
 from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, Epsilon, Gradient, GradientEquilibrium, GradientXInput, RGEq, RiskAverse,
 )
-from backplay.rules.lrp import EpsilonPlus, Flat, Gamma, WSquare, ZPlus
+from backplay.rules.lrp import (
+    EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, WSquare, ZBox, ZPlus,
+)
 from backplay.testing import dyadics
 from backplay.theory import hellinger as exact_hellinger
 from backplay.theory import routing_law, to_float
@@ -211,10 +213,25 @@ def test_matrix_equals_the_pairs():
     assert torch.equal(res.mean(), res.values.mean(0))
 
 
-@pytest.mark.parametrize("rule", [Gradient(), GradientXInput(), Flat(), WSquare(), EpsilonPlus()],
+SINGLE = [Flat(), WSquare(), EpsilonPlus(), EpsilonPlusFlat(), EpsilonAlpha2Beta1Flat()]
+SINGLE_PAIRS = [(a, b) for i, a in enumerate(SINGLE) for b in SINGLE[i + 1:]] + \
+    [(a, b) for a in SINGLE for b in (AlphaBeta(2, 1), GradientEquilibrium(), Gamma(0.25), Anchor(RG(), 0.2))]
+
+
+@pytest.mark.parametrize("a,b", SINGLE_PAIRS, ids=lambda r: r.name[:24])
+def test_single_branch_laws_and_composites_equal_exact(a, b):
+    """Flat and WSquare (single-branch laws: p = 1, sign kept, routing along the edges W != 0,
+    THEORY.md section 10; compared edge by edge) and the composites (the law changes per layer) against
+    the exact law, on an MLP with biases, a CNN with max pooling and a residual model."""
+    assert worst(mlp(), torch.randn(2, 4, dtype=torch.float64), 1, a, b) <= TOL
+    assert worst(cnn(), torch.randn(1, 1, 4, 4, dtype=torch.float64), 2, a, b) <= TOL
+    assert worst(residual(), torch.randn(1, 3, dtype=torch.float64), 0, a, b) <= TOL
+
+
+@pytest.mark.parametrize("rule", [Gradient(), GradientXInput(), ZBox(-3.0, 3.0), EpsilonGammaBox(-3.0, 3.0)],
                          ids=lambda r: r.name[:24])
 def test_rules_that_are_not_laws_are_rejected(rule):
-    with pytest.raises(TypeError, match="not a trajectory law with sign branches.*AlphaBeta"):
+    with pytest.raises(TypeError, match="is not a trajectory law.*AlphaBeta"):
         bp.hellinger(mlp(), torch.randn(2, 4, dtype=torch.float64), 0, rule, AlphaBeta(2, 1))
 
 
