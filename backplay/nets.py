@@ -217,62 +217,6 @@ class MLPSpec:
         output = "linear" if self.output == "linear" else activation
         return MLPSpec(self.weights, self.biases, activation, eps if activation == "softplus" else None, output)
 
-    @classmethod
-    def from_torch(cls, module: Any) -> "MLPSpec":
-        """Read an MLP through the one reader (:mod:`backplay.gpu.read`): any module whose forward is a
-        chain of Linear layers (BatchNorm, scalings and constants added merged into them) with ReLU or
-        Softplus activations, written as ``nn.Sequential`` or with its own forward.
-
-        ``nn.Softplus(beta)`` gives eps = 1/beta. The spec describes the exact softplus; torch's own
-        module switches to the identity above ``threshold`` (default 20 on beta*z).
-        """
-        import torch
-        import torch.nn as nn
-
-        from backplay.gpu.engine import prepare
-        from backplay.gpu.ops import LinearGate, ReLUGate, SoftplusGate
-
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"expected a torch nn.Module, got {type(module).__name__}")
-        first = next((m for m in module.modules() if list(m.parameters(recurse=False))), None)
-        if not isinstance(first, nn.Linear):
-            raise TypeError("MLPSpec.from_torch reads MLPs (Linear layers with ReLU or Softplus); the model's "
-                            f"first layer is {type(first).__name__ if first is not None else 'missing'}")
-        x = torch.zeros(first.in_features, dtype=first.weight.dtype, device=first.weight.device)
-        trace = prepare(module, x).trace()
-        cuts = set(trace.cuts)
-        weights, biases, acts = [], [], []
-        eps = None
-        for layer in trace.layers:
-            chained = len(layer.sources) == 1 and (layer.out in cuts or layer is trace.layers[-1])
-            if layer.kind != "linear" or not chained:
-                raise TypeError(f"MLPSpec.from_torch reads a chain of Linear layers; layer {layer.index} is a "
-                                f"{layer.kind} layer at {layer.where}")
-            gate = layer.gate
-            if isinstance(gate, SoftplusGate):
-                if eps is not None and gate.eps != eps:
-                    raise ValueError("all Softplus modules must share one beta")
-                eps = gate.eps
-                acts.append("softplus")
-            elif isinstance(gate, ReLUGate):
-                acts.append("relu")
-            elif isinstance(gate, LinearGate):
-                acts.append(None)
-            else:
-                raise TypeError(f"unsupported activation {gate!r} at {layer.where} in MLPSpec.from_torch "
-                                "(supported: ReLU, Softplus)")
-            weights.append(layer.map.weight)
-            biases.append(layer.map.bias)
-        hidden = acts[:-1]
-        if any(a is None for a in hidden):
-            raise ValueError("every hidden Linear layer must be followed by ReLU or Softplus")
-        kinds = set(hidden) | ({acts[-1]} - {None})
-        if len(kinds) > 1:
-            raise ValueError(f"mixed activations {sorted(kinds)} are not supported")
-        activation = kinds.pop() if kinds else "relu"
-        output = "linear" if acts[-1] is None else activation
-        return cls(weights, biases, activation, eps if activation == "softplus" else None, output)
-
     def to_torch(self, dtype: Any = None, device: Any = None) -> Any:
         """An ``nn.Sequential`` computing this net (float64 by default).
 

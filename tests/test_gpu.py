@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backplay.gpu import explain, interval_bounds, occupation
+from backplay.gpu import explain, interval_bounds, mlp_spec, occupation
 from backplay.nets import MLPSpec
 from backplay.rules import LRP0, Gradient, GradientXInput, Rule
 
@@ -380,7 +380,7 @@ def test_target_forms():
 
 
 def test_mlpspec_and_dtype():
-    spec = MLPSpec.from_torch(relu_net([3, 5, 2], 5))
+    spec = mlp_spec(relu_net([3, 5, 2], 5))
     x64 = torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
     R64 = explain(spec, x64, 1, rule=GradientXInput())
     assert R64.dtype == F64

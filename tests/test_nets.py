@@ -13,7 +13,7 @@ import backplay as bp
 
 def test_round_trip_torch():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
-    spec = bp.MLPSpec.from_torch(model)
+    spec = bp.gpu.mlp_spec(model)
     assert spec.widths == (3, 4, 2) and spec.output == "linear" and spec.activation == "relu"
     back = spec.to_torch()
     x = torch.randn(5, 3, dtype=torch.float64)
@@ -23,7 +23,7 @@ def test_round_trip_torch():
 
 def test_softplus_and_relu_output():
     model = nn.Sequential(nn.Linear(2, 3), nn.Softplus(beta=2.0), nn.Linear(3, 1), nn.Softplus(beta=2.0))
-    spec = bp.MLPSpec.from_torch(model)
+    spec = bp.gpu.mlp_spec(model)
     assert spec.activation == "softplus" and spec.eps == 0.5 and spec.output == "softplus"
     x = torch.randn(4, 2)
     assert torch.allclose(spec.to_torch(dtype=torch.float32)(x), model(x), atol=1e-6)
@@ -80,13 +80,13 @@ def test_bad_options():
 
 def test_unsupported_module_is_named():
     with pytest.raises(TypeError, match="Tanh"):
-        bp.MLPSpec.from_torch(nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)))
+        bp.gpu.mlp_spec(nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)))
     with pytest.raises(TypeError, match="Conv2d"):
-        bp.MLPSpec.from_torch(nn.Sequential(nn.Conv2d(1, 1, 3)))
+        bp.gpu.mlp_spec(nn.Sequential(nn.Conv2d(1, 1, 3)))
     with pytest.raises(ValueError, match="followed by ReLU"):
-        bp.MLPSpec.from_torch(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1), nn.ReLU(), nn.Linear(1, 1)))
+        bp.gpu.mlp_spec(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1), nn.ReLU(), nn.Linear(1, 1)))
     with pytest.raises(ValueError, match="mixed"):
-        bp.MLPSpec.from_torch(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Softplus()))
+        bp.gpu.mlp_spec(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Softplus()))
 
 
 def test_input_and_target_errors():
@@ -105,6 +105,6 @@ def test_input_and_target_errors():
 def test_from_torch_leaves_model_unchanged():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bp.MLPSpec.from_torch(model)
+    bp.gpu.mlp_spec(model)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())

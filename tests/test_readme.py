@@ -34,7 +34,7 @@ def _validate_section():
 
 def test_validate_section_examples_are_all_run_here():
     kinds = [k for k, _ in _validate_section()]
-    assert kinds == ["python", "python", "python", "bash"], kinds  # a new example needs its test below
+    assert kinds == ["python", "python", "python", "bash", "python"], kinds  # a new example needs its test below
     assert _validate_section()[1][1].startswith("# myrules.py\n")
 
 
@@ -79,3 +79,21 @@ def test_validate_section_user_rule_property_test_validation_and_shell(tmp_path,
         assert str(tmp_path) not in sys.path
         assert cli.main(argv[1:]) == 0, cmd
         sys.modules.pop("myrules", None)
+
+
+def test_validate_section_peer_objects_example():
+    """zennit's composite and captum's LRP object passed to validate_rule as they are (I23)."""
+    import pytest
+
+    pytest.importorskip("captum")
+    from backplay.testing.peers import missing_peer
+
+    if missing_peer("zennit"):
+        pytest.skip(missing_peer("zennit"))
+    scope: dict = {}
+    exec(compile(_validate_section()[4][1], "README.md", "exec"), scope)
+    rep, rep_captum = scope["rep"], scope["rep_captum"]
+    assert rep.rule == "LayerMapComposite" or "EpsilonAlpha2Beta1" in rep.rule
+    assert rep.law is not None and rep_captum.law is not None
+    # an MLP: zennit's preset is Epsilon(1e-6) on every Linear, named as backplay's Epsilon / preset
+    assert rep.is_law and rep.nearest["maps"] <= rep.nearest["maps_tol"], str(rep)

@@ -1,4 +1,4 @@
-"""The plain-torch ViT (backplay.gpu.vit) and its checkpoint loaders (backplay.gpu.vit_checkpoints).
+"""The plain-torch ViT (backplay.gpu.vit) and its checkpoint loaders (backplay.gpu.vit.checkpoints).
 
 Every checkpoint is made here, in a tmp dir: nothing is downloaded. The reference is a randomly
 initialised Hugging Face ``ViTForImageClassification``; timm- and torchvision-format state dicts
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from backplay.gpu import vit as V
-from backplay.gpu import vit_checkpoints as C
+from backplay.gpu.vit import checkpoints as C
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: everything is made locally
 

@@ -15,8 +15,8 @@ from backplay.gpu.engine import ExplainReport, explain
 from backplay.gpu.hellinger import HellingerMatrix, hellinger, hellinger_matrix
 from backplay.gpu.modules import Add, Residual
 from backplay.gpu.occupation import Occupation, interval_bounds, occupation
-from backplay.gpu.unroll import unroll
+from backplay.gpu.unroll import mlp_spec, unroll
 from backplay.gpu import vit  # noqa: E402  (bp.gpu.vit.vit_b_16(), bp.gpu.vit.load(path))
 
-__all__ = ["explain", "occupation", "interval_bounds", "unroll", "Add", "Residual", "Occupation",
+__all__ = ["explain", "occupation", "interval_bounds", "unroll", "mlp_spec", "Add", "Residual", "Occupation",
            "ExplainReport", "vit", "hellinger", "hellinger_matrix", "HellingerMatrix"]

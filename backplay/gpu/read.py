@@ -853,6 +853,12 @@ class _Runner:
         self.units: dict = {}  # tensor -> the unit ids of one sample (float64: 1 + a running count; 0: a constant)
         self.n_units = 0
         self.pending: dict = {}  # layout outputs whose batch is not first -> (fn of origins, origin names)
+        # one pass's state (set by _bind, cleared when the pass ends)
+        self.env: dict | None = None  # fx node name -> value
+        self.val: Callable[[Any], Any] | None = None  # fx arguments -> values
+        self.feed: dict | None = None  # graph input name -> x or a keyword input
+        self.ids: dict = {}  # fx node name -> tensor id of the trace
+        self.steps: list = []
 
     def const(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
@@ -861,29 +867,43 @@ class _Runner:
                 return a.to(self.dtype)
         return a
 
-    def run(self, x: Tensor, inputs: dict, position: Tensor | None) -> Trace:
+    def _bind(self, x: Tensor, inputs: dict, alias: bool) -> tuple[dict, Callable[[Any], Any]]:
+        """The environment of one pass over the program: (env, val), ``val`` mapping fx arguments to
+        their values (through the graph's aliases when ``alias``); the placeholders are filled by
+        :meth:`_placeholder`."""
         g = self.g
         env: dict = {}
-        ids: dict = {g.root: 0}  # fx node name -> tensor id
-        feed = {g.input_names[0]: x}
-        feed.update((n, inputs[n] if n in inputs else inputs[k]) for n, k in zip(g.input_names[1:], g.kwarg_names))
-        steps: list = []
-        self.env, self.ids, self.steps = env, ids, steps
+        self.feed = {g.input_names[0]: x}
+        self.feed.update((n, inputs[n] if n in inputs else inputs[k])
+                         for n, k in zip(g.input_names[1:], g.kwarg_names))
 
         def val(a: Any) -> Any:
             if hasattr(a, "op"):
-                return env[g.alias.get(a.name, a.name)]
+                return env[g.alias.get(a.name, a.name) if alias else a.name]
             if isinstance(a, (list, tuple)):
                 return type(a)(val(b) for b in a)
             return a
 
-        self.val = val
+        self.env, self.val = env, val
+        return env, val
+
+    def _placeholder(self, node: Any, inputs: dict) -> None:
+        """A graph input's value: a parameter or buffer (in the compute dtype), x, or a keyword input."""
+        g = self.g
+        self.env[node.name] = self.const(g.params[node.name]) if node.name in g.params else \
+            self.feed[node.name] if node.name in self.feed else inputs[node.name]
+
+    def run(self, x: Tensor, inputs: dict, position: Tensor | None) -> Trace:
+        g = self.g
+        env, val = self._bind(x, inputs, alias=True)
+        ids: dict = {g.root: 0}  # fx node name -> tensor id
+        steps: list = []
+        self.ids, self.steps = ids, steps
         xe = x
         with torch.no_grad():
             for node in g.program.graph.nodes:
                 if node.op == "placeholder":
-                    env[node.name] = self.const(g.params[node.name]) if node.name in g.params else \
-                        feed[node.name] if node.name in feed else inputs[node.name]
+                    self._placeholder(node, inputs)
                     if node.name == g.root:
                         self.start(x)
                     continue
@@ -924,26 +944,16 @@ class _Runner:
             raise ReadError(f"the model's output has shape {tuple(out.shape)}; backplay explains a logit of "
                             "an output [B, classes] (a language model's [B, T, vocab] at one position: give "
                             "integer token ids, or wrap the model so that it returns [B, classes])")
-        self.env = self.units = self.val = None  # the trace alone holds the pass's tensors from here
+        self.env = self.units = self.val = self.feed = None  # the trace alone holds the pass's tensors from here
         return Trace(xe, steps, out_id, out, _surrogate(g, self.dtype, x, inputs, position))
 
     def replay(self, x: Tensor, inputs: dict, position: Tensor | None, frozen: bool, eps: float,
                freeze_softmax: bool, uniform_products: bool) -> Replay:
         """See :meth:`ModelGraph.replay`."""
         g = self.g
-        env: dict = {}
-        self.env = env
-        feed = {g.input_names[0]: x}
-        feed.update((n, inputs[n] if n in inputs else inputs[k]) for n, k in zip(g.input_names[1:], g.kwarg_names))
+        env, val = self._bind(x, inputs, alias=False)
         live: set = set()  # nodes that depend on the explained tensor
         attention, attention_out = [], []
-
-        def val(a: Any) -> Any:
-            if hasattr(a, "op"):
-                return env[a.name]
-            if isinstance(a, (list, tuple)):
-                return type(a)(val(b) for b in a)
-            return a
 
         def stabilised(z: Tensor) -> Tensor:
             if eps == 0 or not z.requires_grad:
@@ -956,13 +966,11 @@ class _Runner:
                 return 0.5 * fn(a, b.detach()) + 0.5 * fn(a.detach(), b)
             return fn(a, b)
 
-        self.val = val
         xe = None
         with torch.enable_grad():
             for node in g.program.graph.nodes:
                 if node.op == "placeholder":
-                    env[node.name] = self.const(g.params[node.name]) if node.name in g.params else \
-                        feed[node.name] if node.name in feed else inputs[node.name]
+                    self._placeholder(node, inputs)
                     if node.name == g.root:
                         xe = env[node.name] = x.detach().requires_grad_(True)
                         live.add(node.name)
@@ -1032,7 +1040,7 @@ class _Runner:
         out = env[g.output_node.name]
         if position is not None:
             out = _select_position(position)(out)
-        self.env = self.val = None
+        self.env = self.val = self.feed = None
         return Replay(xe, out, attention, attention_out)
 
     def start(self, x: Tensor) -> None:

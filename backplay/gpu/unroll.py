@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from backplay.nets import FrozenNet
+from backplay.gpu.engine import prepare
+from backplay.gpu.ops import LinearGate, ReLUGate, SoftplusGate
+from backplay.nets import FrozenNet, MLPSpec
 from backplay.rules.lrp import first_layers
 
-__all__ = ["Unrolled", "unroll", "unroll_graph", "unroll_trace"]
+__all__ = ["Unrolled", "mlp_spec", "unroll", "unroll_graph", "unroll_trace"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,6 @@ def unroll_graph(model: Any, x: torch.Tensor, eps: float | None = None, attentio
     writes it. ``eps``: the SoftplusGame surrogate's pass (every gate at temperature eps). Token ids
     ``x`` [T] of a language model: the graph starts at the input embeddings [T, D] (``attention_mask``
     [T] and ``position`` as in :func:`backplay.explain`); the model's dtype is kept."""
-    from backplay.gpu.engine import prepare
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
@@ -194,3 +196,53 @@ def unroll_trace(trace: Any) -> Unrolled:
     net = FrozenNet(weights, biases, [np.array(values[:trace.x[0].numel()])] + ys, kinds, anchors,
                     ops, modules, first, tuple(trace.x.shape[1:]))
     return Unrolled(net, boundaries, gates)
+
+
+def mlp_spec(module: Any) -> MLPSpec:
+    """An :class:`backplay.MLPSpec` read through the one reader (:mod:`backplay.gpu.read`): any module whose forward is a
+    chain of Linear layers (BatchNorm, scalings and constants added merged into them) with ReLU or
+    Softplus activations, written as ``nn.Sequential`` or with its own forward.
+
+    ``nn.Softplus(beta)`` gives eps = 1/beta. The spec describes the exact softplus; torch's own
+    module switches to the identity above ``threshold`` (default 20 on beta*z).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected a torch nn.Module, got {type(module).__name__}")
+    first = next((m for m in module.modules() if list(m.parameters(recurse=False))), None)
+    if not isinstance(first, nn.Linear):
+        raise TypeError("mlp_spec reads MLPs (Linear layers with ReLU or Softplus); the model's "
+                        f"first layer is {type(first).__name__ if first is not None else 'missing'}")
+    x = torch.zeros(first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+    trace = prepare(module, x).trace()
+    cuts = set(trace.cuts)
+    weights, biases, acts = [], [], []
+    eps = None
+    for layer in trace.layers:
+        chained = len(layer.sources) == 1 and (layer.out in cuts or layer is trace.layers[-1])
+        if layer.kind != "linear" or not chained:
+            raise TypeError(f"mlp_spec reads a chain of Linear layers; layer {layer.index} is a "
+                            f"{layer.kind} layer at {layer.where}")
+        gate = layer.gate
+        if isinstance(gate, SoftplusGate):
+            if eps is not None and gate.eps != eps:
+                raise ValueError("all Softplus modules must share one beta")
+            eps = gate.eps
+            acts.append("softplus")
+        elif isinstance(gate, ReLUGate):
+            acts.append("relu")
+        elif isinstance(gate, LinearGate):
+            acts.append(None)
+        else:
+            raise TypeError(f"unsupported activation {gate!r} at {layer.where} in mlp_spec "
+                            "(supported: ReLU, Softplus)")
+        weights.append(layer.map.weight)
+        biases.append(layer.map.bias)
+    hidden = acts[:-1]
+    if any(a is None for a in hidden):
+        raise ValueError("every hidden Linear layer must be followed by ReLU or Softplus")
+    kinds = set(hidden) | ({acts[-1]} - {None})
+    if len(kinds) > 1:
+        raise ValueError(f"mixed activations {sorted(kinds)} are not supported")
+    activation = kinds.pop() if kinds else "relu"
+    output = "linear" if acts[-1] is None else activation
+    return MLPSpec(weights, biases, activation, eps if activation == "softplus" else None, output)

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .vit import ViT, ViTConfig
+from .model import ViT, ViTConfig
 
 __all__ = [
     "load",

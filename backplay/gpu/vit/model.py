@@ -5,7 +5,7 @@ and ``nn.GELU`` modules only, so a rule engine can hook every layer, and every n
 *frozen* (LayerNorm standard deviation, GELU gate, attention weights) to turn the explained forward
 pass into a linear map of its input on an extended graph.
 
-Layout (the canonical state-dict key names; :mod:`backplay.gpu.vit_checkpoints` maps timm, Hugging
+Layout (the canonical state-dict key names; :mod:`backplay.gpu.vit.checkpoints` maps timm, Hugging
 Face and torchvision checkpoints onto them)::
 
     patch_embed.{weight,bias}              Conv2d(in_channels, dim, k = stride = patch_size)
@@ -57,8 +57,6 @@ __all__ = [
     "FREEZABLE",
     "vit_b_16",
     "vit_tiny_test",
-    "load",
-    "load_state_dict_any",
     "patch_relevance",
 ]
 
@@ -453,26 +451,6 @@ def vit_tiny_test(num_classes: int = 3, *, image_size: int = 8, patch_size: int 
                 p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float64)
                          / math.sqrt(max(p[0].numel(), 1))).to(p.dtype))
     return _finish(model, dtype, device)
-
-
-def load(path: Any, config: ViTConfig | dict[str, Any] | None = None,
-         num_classes: int | None = None, dtype: torch.dtype | None = None, **kwargs: Any) -> ViT:
-    """Load a timm / Hugging Face / torchvision / backplay ViT checkpoint; see
-    :func:`backplay.gpu.vit_checkpoints.load`."""
-    from . import vit_checkpoints
-
-    return vit_checkpoints.load(path, config=config, num_classes=num_classes, dtype=dtype, **kwargs)
-
-
-def load_state_dict_any(state_dict: Any, config: ViTConfig | dict[str, Any] | None = None,
-                        num_classes: int | None = None, dtype: torch.dtype | None = None,
-                        **kwargs: Any) -> ViT:
-    """Build a :class:`ViT` from an in-memory state dict of any supported format; see
-    :func:`backplay.gpu.vit_checkpoints.load_state_dict_any`."""
-    from . import vit_checkpoints
-
-    return vit_checkpoints.load_state_dict_any(state_dict, config=config,
-                                               num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def patch_relevance(R_pixels: Tensor, patch_size: int) -> Tensor:
