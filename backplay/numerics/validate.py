@@ -61,10 +61,20 @@ reason on its own. Conservation is not: a law need not be conservative (AlphaBet
 When a law is found, it is compared with the named rules of section 5 fitted to it (AlphaBeta from the
 mean hand-over and multiplier, RG(tau) with sigmoid(1/tau) = p, and RG(tau, T) with the route
 temperature T fitted by least squares on log pi = (1/T) log|y| + const, RGEq(kappa, nu) by least squares on
-logit p = kappa + nu log(S+/|S-|), GradientEquilibrium, AttributionEquilibriumLaw(r)), each built
-exactly by :func:`backplay.theory.routing_law` on the unrolled net; the nearest is the one with the
-smallest Hellinger distance (I21, mpmath at 30 digits), ties broken by the largest multiplier
-difference. Probing and the maps are float64 (the rule's own numbers); the law program's residual is
+logit p = kappa + nu log(S+/|S-|), GradientEquilibrium, AttributionEquilibriumLaw(r)) and with the LRP
+zoo (THEORY.md section 10: Gamma with gamma read off the hand-overs, Epsilon with eps read off the
+column sums, ZPlus, Flat, WSquare and zennit's presets), each built exactly by
+:func:`backplay.theory.routing_law` on the unrolled net. The named rules whose layer maps equal the
+probed ones (``maps``, relative ``tol``) come first: the maps decide which rule it is; among them, and
+then among the rest, the nearest is the one with the smallest Hellinger distance (I21, mpmath at 30
+digits), ties broken by the smallest hand-over and multiplier differences. Equal maps do not fix how
+a stopped mass is handed over (Epsilon's direct stop against a stop in a branch), so a rule can have
+a named rule's maps at a Hellinger distance > 0 from it; the summary says so.
+
+Families. The program fits each layer in the signed-branch family of section 5 (:data:`SIGNED`)
+and, where that leaves a residual, in the single-branch family (:data:`SINGLE`: p = 1, sign kept,
+flows on the edges W != 0 whatever y, as Flat, WSquare and the z^B rule); ``RuleReport.family``
+names the family of each layer. Probing and the maps are float64 (the rule's own numbers); the law program's residual is
 exact given the probed maps (its entries are entries of M: the minimiser keeps or drops each one, no
 arithmetic), the named laws are exact (:mod:`backplay.theory`, rationals or mpmath) and the found
 law's kernel rows are normalised in mpmath at 30 digits, so an equal law is at distance 0 to that
@@ -594,7 +604,10 @@ def _trajectory(law: FoundLaw, frozen_exact: Any, target: int, splits: dict) -> 
 
 
 def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
-    """Named rules of section 5 fitted to the found law (identified neurons with both branches)."""
+    """Named rules to compare with the found law: those of section 5 fitted to it (identified neurons
+    with both branches), Gamma with gamma read off the hand-overs (I22) and Epsilon with eps read off
+    the column sums (:func:`_epsilon_fit`), and the zoo's parameter-free laws and zennit's presets at
+    their defaults (THEORY.md section 10)."""
     ps, ms, lo_x, lo_y, gam = [], [], [], [], []
     for l in Ms:
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
