@@ -47,7 +47,7 @@ LAYER_KINDS = ("linear", "conv", "pool", "add", "norm", "scale", "map", "attenti
 # -- the first layer --------------------------------------------------------------------------------
 def _near_input(trace: "Trace", values: tuple | None = None) -> dict:
     """{index: value at the layer's input} of the layers that read the input tensor through layout
-    steps and selections / copies of it (no constants); ``values``: tensors shaped like ``trace.x``
+    steps and selections / copies of it (no constants, no gate); ``values``: tensors shaped like ``trace.x``
     carried along (a layout step applies its index map, a selection its map), or None (then the
     values are None)."""
     vals: dict = {0: values}
@@ -69,6 +69,8 @@ def _near_input(trace: "Trace", values: tuple | None = None) -> dict:
             v_in = tuple(torch.stack([u.expand(shape) for u in parts], dim=1) for parts in zip(*ins))
         if m is None:
             vals[step.out] = None
+        elif step.kind == "gate":  # a standalone gate changes the values: what follows is not first
+            continue
         elif m.pass_through and m.bias is None:
             vals[step.out] = None if v_in is None else tuple(m.apply(v) for v in v_in)
         else:
@@ -78,7 +80,9 @@ def _near_input(trace: "Trace", values: tuple | None = None) -> dict:
 
 def first_layers(trace: "Trace") -> frozenset:
     """The indices (``LayerTrace.index``) of the first layers: the layers with contributions that
-    read the input tensor, through layout steps and selections or copies of it only."""
+    read the input tensor, through layout steps and selections or copies of it only (not through a
+    standalone gate, which changes the values: a Linear after an activation of the input is not a
+    first layer here, where zennit, which takes the first module of the type, would count it)."""
     return frozenset(_near_input(trace))
 
 
