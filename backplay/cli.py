@@ -1,5 +1,5 @@
 """Command line: ``backplay verify`` checks every identity of THEORY.md three ways;
-``backplay verify --rule module:attr`` validates a user's rule (:func:`backplay.numerics.validate_rule`)
+``backplay verify --rule module:attr`` validates a user's rule (:func:`backplay.validate_rule`)
 on the built-in random nets or on the user's own model (``--model``); ``backplay explain`` draws
 heatmaps; ``backplay bench localisation`` runs the localisation benchmark."""
 
@@ -179,14 +179,14 @@ def _one_line(exc: BaseException) -> str:
 
 def verify_rule(rule: Any, seed: int = 0, cases: int = 20, model: Any = None, input_path: str | None = None,
                 target: int | None = None, solver: str = "CLARABEL", progress: bool = True) -> dict:
-    """Run :func:`backplay.numerics.validate_rule` on ``cases`` seeded random nets (ReLU and softplus)
+    """Run :func:`backplay.validate_rule` on ``cases`` seeded random nets (ReLU and softplus)
     or on ``model``; per property the number of cases where it holds, and one row per case.
 
     A case where validate_rule raises TypeError / ValueError is ``skipped`` (the rule does not apply
     to that net, e.g. Attribution Equilibrium on a net without a hidden layer); any other exception is
     an ``error``. ``passed``: at least one case validated, no error, and every property holds (or is
     not checkable) on every validated case; ``failed_properties`` and ``errors`` say what did not."""
-    from .numerics import validate_rule
+    from .validate import validate_rule
 
     todo = random_cases(seed, cases) if model is None else _model_cases(model, seed, cases, input_path, target)
     rows, props = [], {}
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.add_argument("--rule", metavar="MODULE:ATTR",
                    help="validate this rule instead (a backplay Rule, a Rule class, or a callable, see "
-                        "backplay.numerics.validate_rule) on the random nets or on --model; MODULE is "
+                        "backplay.validate_rule) on the random nets or on --model; MODULE is "
                         "looked up in the working directory first. Exit status 0: every property holds on "
                         "every validated case; 1: a property fails, a case errors, or no case applies; "
                         "2: a usage error")

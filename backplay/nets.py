@@ -13,20 +13,27 @@ so exact results and float64 results describe the same net.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import sympy as sp
 
 ACTIVATIONS = ("relu", "softplus")
+
+
+def _is_sympy(value: Any, kind: str = "Basic") -> bool:
+    """Whether ``value`` is a sympy object (``kind``: the sympy base class). sympy is imported only for
+    exact work (``import backplay`` stays light): no value can be a sympy object before it is loaded."""
+    sp = sys.modules.get("sympy")
+    return sp is not None and isinstance(value, getattr(sp, kind))
 
 
 def _as_array(value: Any, name: str) -> np.ndarray:
     """Convert torch tensors, numpy arrays, sympy matrices and nested lists to a numpy array."""
     if hasattr(value, "detach"):  # torch tensor
         value = value.detach().cpu().double().numpy()
-    if isinstance(value, sp.MatrixBase):
+    if _is_sympy(value, "MatrixBase"):
         value = np.array(value.tolist(), dtype=object)
     arr = np.asarray(value)
     if arr.dtype == object:
@@ -36,8 +43,10 @@ def _as_array(value: Any, name: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-def to_rational(value: Any) -> sp.Expr:
+def to_rational(value: Any) -> "sympy.Expr":
     """Exact sympy value: floats become the Rational of their exact binary value."""
+    import sympy as sp
+
     if isinstance(value, sp.Basic):
         return value
     if isinstance(value, (int, np.integer)):
@@ -47,6 +56,8 @@ def to_rational(value: Any) -> sp.Expr:
 
 def _check_finite(arr: np.ndarray, name: str) -> None:
     if arr.dtype == object:
+        import sympy as sp
+
         for v in arr.flat:
             if isinstance(v, sp.Basic) and v.free_symbols:
                 continue
@@ -123,14 +134,16 @@ class MLPSpec:
         if activation == "softplus":
             if eps is None:
                 raise ValueError("a softplus net needs eps > 0")
-            eps_s = sp.sympify(eps)
-            if eps_s.free_symbols:
-                if eps_s.is_positive is not True:
-                    raise ValueError(f"symbolic eps must be declared positive, got {eps}")
-            elif not (eps_s.is_finite and eps_s > 0):
-                raise ValueError(f"eps must be finite and > 0, got {eps}")
-            if not isinstance(eps, sp.Basic):
+            if _is_sympy(eps):
+                if eps.free_symbols:
+                    if eps.is_positive is not True:
+                        raise ValueError(f"symbolic eps must be declared positive, got {eps}")
+                elif not (eps.is_finite and eps > 0):
+                    raise ValueError(f"eps must be finite and > 0, got {eps}")
+            else:
                 eps = float(eps)
+                if not (math.isfinite(eps) and eps > 0):
+                    raise ValueError(f"eps must be finite and > 0, got {eps}")
         elif eps is not None:
             raise ValueError("eps is only used with activation='softplus'")
         if any(a.dtype == object for a in ws + [b for b in bs if b is not None]):
@@ -168,7 +181,7 @@ class MLPSpec:
         if b is not None:
             return b
         n = self.weights[l - 1].shape[0]
-        return np.array([sp.Integer(0)] * n, dtype=object) if self.is_exact else np.zeros(n)
+        return np.array([to_rational(0)] * n, dtype=object) if self.is_exact else np.zeros(n)
 
     @property
     def has_bias(self) -> bool:
@@ -185,7 +198,7 @@ class MLPSpec:
             return self
         conv = np.vectorize(to_rational, otypes=[object])
         eps = self.eps
-        if eps is not None and not isinstance(eps, sp.Basic):
+        if eps is not None and not _is_sympy(eps):
             eps = to_rational(eps)
         return MLPSpec(
             [conv(w) for w in self.weights],
@@ -200,7 +213,7 @@ class MLPSpec:
         if not self.is_exact:
             return self
         eps = self.eps
-        if isinstance(eps, sp.Basic):
+        if _is_sympy(eps):
             if eps.free_symbols:
                 raise ValueError("cannot make a numeric copy of a spec with symbolic eps")
             eps = float(eps)

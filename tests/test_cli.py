@@ -7,7 +7,7 @@ import torch
 
 import backplay.cli as cli
 from backplay.gpu import ops
-from backplay.numerics.validate import LAW_ROW
+from backplay.validate import LAW_ROW
 from backplay.rules import GradientXInput
 from backplay.testing import arch_checks, identities, registry, zoo
 

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from backplay.gpu.unroll import unroll
 from backplay.nets import MLPSpec
-from backplay.numerics import validate_rule
-from backplay.numerics.validate import LAW_ROW
+from backplay.validate import validate_rule
+from backplay.validate import LAW_ROW
 from backplay.rules import (RG, AlphaBeta, AttributionEquilibrium, AttributionEquilibriumLaw,
                             GradientEquilibrium, RGEq)
 from backplay.theory import routing_law

@@ -1,5 +1,5 @@
 """Rules from other libraries validated (THEORY.md sections 8 and 10, I23): zennit composites and
-captum LRP read as black boxes (``backplay.numerics.external``) are classified by validate_rule
+captum LRP read as black boxes (``backplay.validate.external``) are classified by validate_rule
 exactly as backplay's rules of the same definition.
 
 Conventions made to meet: zennit's stabiliser is the callable ``_exact`` (a zero denominator -> 1,
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import backplay as bp
-from backplay.numerics import validate_rule
-from backplay.numerics.external import as_layer_map, black_box, captum_rule, zennit_rule
+from backplay.validate import validate_rule
+from backplay.validate import as_layer_map, black_box, captum_rule, zennit_rule
 
 try:  # tests/ is on sys.path under pytest's default (prepend) import mode
     from _torchvision_stub import import_zennit, torchvision_stub

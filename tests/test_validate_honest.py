@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import backplay as bp
 from backplay.gpu.engine import prepare
 from backplay.nets import MLPSpec
-from backplay.numerics import validate_rule
-from backplay.numerics.validate import LAW_ROW
+from backplay.validate import validate_rule
+from backplay.validate import LAW_ROW
 from backplay.rules import (LRP0, RG, AlphaBeta, Anchor, AttributionEquilibrium, GradientEquilibrium,
                             LayerRule, RiskAverse, SoftplusGame, safe_divide)
 from backplay.theory import routing_law

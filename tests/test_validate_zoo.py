@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import backplay as bp
-from backplay.numerics import validate_rule
-from backplay.numerics.validate import SIGNED, SINGLE
+from backplay.validate import validate_rule
+from backplay.validate import SIGNED, SINGLE
 
 R = bp.rules
 D = torch.float64

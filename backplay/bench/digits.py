@@ -74,7 +74,11 @@ class CanvasSet:
 def digit_pools(cfg: CanvasConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train": (digits, labels), "eval": (digits, labels)}``: the 1797 load_digits images scaled
     to [0, 1] ([n, 8, 8] float64), split per class with ``cfg.eval_fraction`` kept for evaluation."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits benchmark reads scikit-learn's digits: pip install 'backplay[bench]' "
+                          "(or scikit-learn)") from None
 
     data = load_digits()
     images = data.images.astype(np.float64) / 16.0

@@ -1,9 +1,8 @@
 """Numerics: cvxpy programs for the ReLU net game and its entropic version (THEORY.md section 6).
 
 An independent oracle: only :class:`backplay.nets.MLPSpec`, numpy, scipy.sparse and cvxpy are used
-(no ``backplay.theory``, no ``backplay.gpu``). The exception is :func:`validate_rule` (module
-``validate``, THEORY.md section 8): a tool, not part of the oracle, that runs a rule with the torch
-engine, solves its law program with cvxpy and compares it with the exact laws of ``backplay.theory``.
+(no ``backplay.theory``, no ``backplay.gpu``). :func:`backplay.validate_rule`, which composes the
+three parts, is a tool above them (:mod:`backplay.validate`).
 
 Policy format (everywhere): a list of length L; entry l-1 is an array (n_l, 2) holding the
 probability of continuing at (l, i, +1) (column 0, Max) and at (l, i, -1) (column 1, Min); 1 at a
@@ -33,7 +32,6 @@ from .routing import (
     route_choice,
     routing_kernels,
 )
-from .validate import Finding, FoundLaw, RuleReport, validate_rule
 
 __all__ = [
     "DEFAULT_SOLVER_OPTIONS",
@@ -60,9 +58,4 @@ __all__ = [
     "law_occupation",
     "route_choice",
     "routing_kernels",
-    # rule validation (THEORY.md section 8)
-    "Finding",
-    "FoundLaw",
-    "RuleReport",
-    "validate_rule",
 ]

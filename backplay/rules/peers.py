@@ -53,7 +53,7 @@ class AttributionEquilibrium(LayerRule):
       the reader; the conv terms use |w_ij| / z_j and the indicator ratios, which are unchanged by
       a positive or negative per-output-channel scale, so merging equals passing R through the BN.
 
-    Properties (tested; ``backplay.numerics.validate_rule`` measures them): sum R_lower = r - 2 at a
+    Properties (tested; ``backplay.validate_rule`` measures them): sum R_lower = r - 2 at a
     kernel > 1 (or Linear) layer when R has mass of both signs and no denominator vanishes, 0 at a 1x1
     layer; not conservative, not linear in R (per-sign renormalisation), + and - mass cancel on a unit,
     the shift is not local. Residual blocks are not supported (TypeError). ``r`` in [1, 2] as in the

@@ -89,7 +89,7 @@ def assert_matches_law(rule: Rule, spec: Any, x: Any, target: int, law_rule: Rul
     on the unrolled pass) at every layer, relative error <= ``tol`` (times max(1, |exact|)); its
     stopped mass too when it reports one. Returns the exact law.
 
-    Without ``law_rule``: :func:`backplay.numerics.validate_rule` must find a Markov routing law (linear,
+    Without ``law_rule``: :func:`backplay.validate_rule` must find a Markov routing law (linear,
     local, sign-consistent, branch signs kept); returns its report (``report.nearest`` names the
     closest named rule).
 
@@ -98,7 +98,7 @@ def assert_matches_law(rule: Rule, spec: Any, x: Any, target: int, law_rule: Rul
     """
     from ..gpu.engine import explain
     from ..gpu.unroll import unroll
-    from ..numerics import validate_rule
+    from ..validate import validate_rule
     from ..theory import routing_law
     from .identities import err
 

@@ -5,7 +5,7 @@ Same contract as :mod:`backplay.testing.identities`: ``exact`` is the identity i
 ``cvxpy_err`` a cvxpy figure (None: no cvxpy counterpart).
 
 * I22: Gamma(gamma) = RGEq(kappa = +-log(1 + gamma), nu = 1) kernel by kernel (sympy, exact).
-* I23: a rule implemented in zennit, read as a black box (:func:`backplay.numerics.external.zennit_rule`),
+* I23: a rule implemented in zennit, read as a black box (:func:`backplay.validate.external.zennit_rule`),
   gets the report of backplay's rule of the same definition from ``validate_rule``. zennit is an
   optional extra (:mod:`backplay.testing.peers`): without it the check raises ImportError, and the
   row of :mod:`backplay.testing.registry` (``requires="zennit"``) is skipped, never passed.
@@ -149,15 +149,15 @@ def i23_pairs(eps: float = I23_EPS) -> list[tuple[str, Any, Any]]:
 
 def check_i23(c: Case) -> IdentityCheck:
     """I23: zennit's AlphaBeta(2, 1) and Epsilon(eps) composites, read as black boxes by
-    :func:`backplay.numerics.external.zennit_rule`, get from ``validate_rule`` the report of
+    :func:`backplay.validate.external.zennit_rule`, get from ``validate_rule`` the report of
     backplay's AlphaBeta(2, 1) and Epsilon(eps) on the case's MLP (:func:`report_difference`: same
     verdicts, same law to 1e-9, same nearest named rule). ImportError without zennit.
 
     The black box finds layer l among the model's leaf module calls by value; where a layer's input
     and output are both 0 (a dead layer) another module can match and the report differs: that is a
     failure of the adapter, reported here as a difference."""
-    from ..numerics import validate_rule
-    from ..numerics.external import zennit_rule
+    from ..validate import validate_rule
+    from ..validate.external import zennit_rule
 
     problems, laws = [], 0
     for label, composite, ours in i23_pairs():

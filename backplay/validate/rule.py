@@ -1,9 +1,9 @@
 """``validate_rule``: check a backward attribution rule against the routing game (THEORY.md sections 5, 8).
 
-Unlike the rest of :mod:`backplay.numerics` (an oracle independent of ``backplay.gpu`` and
-``backplay.theory``), this is a tool: it runs the rule with the torch engine, probes its layer maps,
-solves cvxpy feasibility programs and compares the law it finds with the exact named laws of
-:mod:`backplay.theory` (imported when called).
+A tool, not an oracle: it composes the three parts (ARCHITECTURE: ``validate`` sits above them). It
+runs the rule with the torch engine (:mod:`backplay.gpu`), probes its layer maps, solves cvxpy
+feasibility programs (:mod:`backplay.numerics`) and compares the law it finds with the exact named
+laws of :mod:`backplay.theory` (imported when called).
 
 What the probing extracts. Fix the explained forward pass of one input x. At layer l the rule maps the
 relevance of y^l (the upper relevance R, n_l numbers) to the relevance of y^{l-1}: F_l(R), read through
@@ -122,7 +122,7 @@ from ..nets import MLPSpec
 from ..rules import (RG, AlphaBeta, AttributionEquilibriumLaw, Epsilon, EpsilonAlpha2Beta1,
                      EpsilonAlpha2Beta1Flat, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, GradientEquilibrium,
                      LayerRule, RGEq, Rule, WSquare, ZPlus)
-from .game_programs import solve_problem
+from ..numerics.game_programs import solve_problem
 
 __all__ = ["Finding", "FoundLaw", "RuleReport", "validate_rule", "LAW_ROW"]
 
