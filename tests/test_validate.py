@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from backplay.gpu.unroll import unroll
 from backplay.nets import MLPSpec
@@ -16,6 +15,7 @@ from backplay.validate import LAW_ROW
 from backplay.rules import (RG, AlphaBeta, AttributionEquilibrium, AttributionEquilibriumLaw,
                             GradientEquilibrium, RGEq)
 from backplay.theory import routing_law
+from _factories import two_sign_cnn
 
 D = torch.float64
 
@@ -25,23 +25,6 @@ def _mlp():
     W = [rng.integers(-8, 9, size=s) / 4 for s in [(4, 3), (4, 4), (2, 4)]]
     B = [rng.integers(-4, 5, size=s) / 4 for s in [4, 4, 2]]
     return MLPSpec(W, B, "relu"), np.array([1.0, -0.5, 2.0])
-
-
-def _cnn():
-    """conv 3x3 - ReLU - conv 3x3 - ReLU - conv 1x1 - ReLU - Linear; the head weighs channel 0 up and
-    channel 1 down, so Attribution Equilibrium starts with mass of both signs."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
-                      nn.Conv2d(2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 5 * 5, 2)).double().eval()
-    with torch.no_grad():
-        m[2].bias.fill_(0.3)
-        m[4].weight.copy_(torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=D).view(2, 2, 1, 1))
-        m[4].bias.fill_(0.1)
-        m[7].weight.zero_()
-        m[7].weight[0, :25] = 1.0
-        m[7].weight[0, 25:] = -2.0
-    x = torch.rand((1, 5, 5), generator=torch.Generator().manual_seed(1), dtype=D) - 0.3
-    return m, x
 
 
 def _named_kernels(net, x, rule):
@@ -128,7 +111,7 @@ def test_gradient_equilibrium_negative_multiplier():
 
 @pytest.mark.parametrize("r", [1, 2])
 def test_attribution_equilibrium_failures_reported_with_sizes(r):
-    model, x = _cnn()
+    model, x = two_sign_cnn(0.1)
     rep = validate_rule(AttributionEquilibrium(r), model, x, 0)
     f = {k.name: k for k in rep.findings}
     cons = f["conservation (I14)"]
@@ -153,7 +136,7 @@ def test_attribution_equilibrium_failures_reported_with_sizes(r):
 
 
 def test_attribution_equilibrium_law_on_cnn_is_a_law():
-    model, x = _cnn()
+    model, x = two_sign_cnn(0.1)
     rep = validate_rule(AttributionEquilibriumLaw(2), model, x, 0)
     assert rep.is_law
     assert rep.nearest["hellinger"] < 1e-6

@@ -20,6 +20,7 @@ from backplay.validate import LAW_ROW
 from backplay.rules import (LRP0, RG, AlphaBeta, Anchor, AttributionEquilibrium, GradientEquilibrium,
                             LayerRule, RiskAverse, SoftplusGame, safe_divide)
 from backplay.theory import routing_law
+from _factories import two_sign_cnn
 
 D = torch.float64
 GRAD_EQ_NAMES = ("GradientEquilibrium", "RGEq(kappa=0.0, nu=1.0, route_temp=1.0)")
@@ -58,22 +59,6 @@ def _cnn_case(seed=0):
     model = SmallCNN(seed).double().eval()
     x = torch.rand((1, 5, 5), generator=torch.Generator().manual_seed(seed + 1), dtype=D) - 0.4
     return model, x
-
-
-def _ae_cnn():
-    """conv 3x3 - ReLU - conv 3x3 - ReLU - conv 1x1 - ReLU - Linear whose head weighs channel 0 up and
-    channel 1 down, so Attribution Equilibrium starts with mass of both signs."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
-                      nn.Conv2d(2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 5 * 5, 2)).double().eval()
-    with torch.no_grad():
-        m[2].bias.fill_(0.3)
-        m[4].weight.copy_(torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=D).view(2, 2, 1, 1))
-        m[7].weight.zero_()
-        m[7].weight[0, :25] = 1.0
-        m[7].weight[0, 25:] = -2.0
-    x = torch.rand((1, 5, 5), generator=torch.Generator().manual_seed(1), dtype=D) - 0.3
-    return m, x
 
 
 def _issue_mlp(seed):
@@ -274,7 +259,7 @@ def test_off_edge_mass_is_the_locality_figure():
 def test_attribution_equilibrium_rows_follow_their_figures(r):
     """The issue's "Markov routing law NO, worst 0": the law program's row now holds exactly when its
     residual is within its tolerance; the maps' verdict (no law) is the summary's, with every reason."""
-    model, x = _ae_cnn()
+    model, x = two_sign_cnn()
     rep = validate_rule(AttributionEquilibrium(r), model, x, 0)
     assert_rows_follow_their_figures(rep)
     assert not rep.is_law and rep.nearest is None

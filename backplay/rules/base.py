@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple, Union
 
 import torch
 
@@ -20,13 +20,55 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensor = torch.Tensor
 
-__all__ = ["Rule", "LayerRule", "Sweep", "safe_divide", "check_finite", "check_positive"]
+__all__ = ["Rule", "LayerRule", "Sweep", "Handover", "safe_divide", "check_finite", "check_positive"]
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """num / den with x/0 := 0 (in particular 0/0 := 0), elementwise."""
     zero = den == 0
     return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+Number = Union[float, Tensor]
+
+
+class Handover(NamedTuple):
+    """A law's hand-over at the units of one layer (docs/theory.md, routing laws, I14-I18, and the LRP
+    zoo): a token at unit i continues on the + branch (sign kept) with probability ``plus``, on the
+    - branch (sign flipped) with ``minus``, and stops directly (the cemetery) with ``stop``
+    (plus + minus + stop = 1); ``mult`` is the multiplier m at the transition, so the relevance a law
+    moves is R^{l-1}_j = sum_i m_i R_i (plus_i pi(j | i, +) - minus_i pi(j | i, -)). Each field is a
+    tensor of z's shape, or a float where the law's hand-over is the same at every unit (AlphaBeta,
+    RG, RGEq with nu = 0). The one declaration of a law's hand-over: the routing sweep, the Hellinger
+    sweep and validate_rule's named laws read it."""
+
+    plus: Number
+    minus: Number
+    stop: Number
+    mult: Number
+
+
+def constant_handover(p: float) -> Handover:
+    """The hand-over p, q = 1 - p, m = 1/(p - q) at every unit; where p = q the token stops (m would be
+    undefined): RG, RGEq with nu = 0 (I16, I18)."""
+    q = 1.0 - p
+    if p == q:
+        return Handover(0.0, 0.0, 1.0, 0.0)
+    return Handover(p, q, 0.0, 1.0 / (p - q))
+
+
+def equilibrium_handover(Sp: Tensor, Sn: Tensor, stop: Tensor | None = None) -> Handover:
+    """The gradient equilibrium (I17) from the branch sums S+ >= 0, S- <= 0 (bias included): p = S+ /
+    (S+ + |S-|), m = (S+ + |S-|) / z; the whole token stops where z = S+ + S- = 0. ``stop`` (optional):
+    a direct stop taken first where z != 0 (Epsilon's stabiliser), the branches scaled by 1 - stop."""
+    tot, z = Sp - Sn, Sp + Sn
+    halt = z == 0
+    p = safe_divide(Sp, tot)
+    keep = 1.0 if stop is None else torch.where(halt, 0.0, 1.0 - stop)
+    plus = torch.where(halt, 0.0, keep * p)
+    minus = torch.where(halt, 0.0, keep * (1.0 - p))
+    stopped = halt.to(Sp.dtype) if stop is None else torch.where(halt, 1.0, stop)
+    return Handover(plus, minus, stopped, safe_divide(tot, z))
 
 
 @dataclass(frozen=True)

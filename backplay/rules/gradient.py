@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import LayerRule, Sweep, check_positive, safe_divide
+from .base import Handover, LayerRule, Sweep, check_positive, equilibrium_handover, safe_divide
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -81,6 +81,10 @@ class LRP0(LayerRule):
             stopped = stopped + (c * b).flatten(1).sum(1)
         return layer.input * layer.map.transpose(c), stopped
 
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """LRP-0 as a law is the gradient equilibrium (I17)."""
+        return equilibrium_handover(Sp, Sn)
+
 
 @dataclass(frozen=True)
 class SoftplusGame(LayerRule):
@@ -147,6 +151,11 @@ class Epsilon(LayerRule):
         if b is not None:
             stopped = stopped + (c * b).flatten(1).sum(1)
         return layer.input * M.transpose(c), stopped
+
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """The gradient equilibrium with a direct stop eps/(|z| + eps) first (the whole token where z = 0)."""
+        eps = float(self.eps)
+        return equilibrium_handover(Sp, Sn, stop=safe_divide(torch.full_like(Sp, eps), (Sp + Sn).abs() + eps))
 
 
 __all__ += ["Epsilon"]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import LayerRule, check_finite, safe_divide
+from .base import Handover, LayerRule, check_finite, safe_divide
 from .gradient import LRP0, Epsilon
 from .routing import RG, AlphaBeta, GradientEquilibrium, RGEq
 
@@ -162,6 +162,17 @@ class Gamma(_ZooRule):
             share = cp * (b + g * b.clamp_min(0)) + cn * (b + g * b.clamp_max(0))
             stopped = stopped + share.flatten(1).sum(1)
         return yp * t1 + yn * t2, stopped
+
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """I22: p = a S+ / (a S+ + |S-|) where z > 0, S+ / (S+ + a |S-|) where z < 0 (a = 1 + gamma),
+        m = 1/(p - q); the whole token stops where z = 0."""
+        z, a = Sp + Sn, 1.0 + float(self.gamma)
+        wp, wn = torch.where(z > 0, a * Sp, Sp), torch.where(z < 0, -a * Sn, -Sn)
+        stop = z == 0
+        p = safe_divide(wp, wp + wn)
+        q = 1 - p
+        m = torch.where(stop, 0.0, 1 / torch.where(stop, 1.0, p - q))
+        return Handover(torch.where(stop, 0.0, p), torch.where(stop, 0.0, q), stop.to(Sp.dtype), m)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import LayerRule, Rule, check_finite, check_positive, safe_divide
+from .base import (Handover, LayerRule, Rule, check_finite, check_positive, constant_handover,
+                   equilibrium_handover)
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -45,57 +46,9 @@ def routing_parts(rule: "Rule") -> tuple["Rule", "Anchor | None", "RiskAverse | 
     return rule, anchor, risk
 
 
-def _handover(base: "Rule", Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(p, m, stop) per neuron for the base law, from S+ >= 0 and S- <= 0 (bias included, T = 1)."""
-    if isinstance(base, AlphaBeta):
-        a, b = float(base.alpha), float(base.beta)
-        p = torch.full_like(Sp, a / (a + b))
-        return p, torch.full_like(Sp, a + b), torch.zeros_like(Sp, dtype=torch.bool)
-    if isinstance(base, GradientEquilibrium):
-        tot, z = Sp - Sn, Sp + Sn
-        p = safe_divide(Sp, tot)
-        stop = z == 0
-        return p, safe_divide(tot, z), stop
-    if isinstance(base, RG):
-        pv = 1.0 / (1.0 + math.exp(-1.0 / base.tau))
-        p = torch.full_like(Sp, pv)
-    elif isinstance(base, RGEq):
-        kappa, nu = float(base.kappa), float(base.nu)
-        if nu == 0:
-            p = torch.full_like(Sp, 1.0 / (1.0 + math.exp(-kappa)))
-        else:
-            pos, neg = Sp > 0, Sn < 0
-            both = pos & neg
-            one = torch.ones_like(Sp)
-            lo = kappa + nu * (torch.log(torch.where(both, Sp, one)) - torch.log(torch.where(both, -Sn, one)))
-            p = torch.where(both, torch.sigmoid(lo),
-                            torch.where(pos, one, torch.where(neg, torch.zeros_like(Sp), 0.5 * one)))
-    else:  # pragma: no cover
-        raise TypeError(f"{type(base).__name__} is not a routing law")
-    q = 1 - p
-    stop = p == q
-    m = torch.where(stop, torch.zeros_like(p), 1 / torch.where(stop, torch.ones_like(p), p - q))
-    return p, m, stop
-
-
 def _sdiv(num: Tensor, den: Tensor) -> Tensor:
     """safe_divide without the extra buffers: num / den, 0 where den == 0."""
     return torch.where(den == 0, 0.0, num / den)
-
-
-def _const_handover(base: "Rule") -> tuple[float, float, bool] | None:
-    """(p, m, stop everywhere) as numbers for the laws whose hand-over does not depend on the neuron."""
-    if isinstance(base, AlphaBeta):
-        a, b = float(base.alpha), float(base.beta)
-        return a / (a + b), a + b, False
-    if isinstance(base, RG) or (isinstance(base, RGEq) and float(base.nu) == 0):
-        if isinstance(base, RG):
-            p = 1.0 / (1.0 + math.exp(-1.0 / base.tau))
-        else:
-            p = 1.0 / (1.0 + math.exp(-float(base.kappa)))
-        # the same arithmetic as _handover, in the compute dtype's precision below
-        return p, None, None
-    return None
 
 
 class _Local:
@@ -128,22 +81,12 @@ class _Local:
         if b is not None:  # fresh buffers (views of one product): the bias is added in place
             Sp, Sn = Sp.add_(b.clamp_min(0)), Sn.add_(b.clamp_max(0))
         self.full_p, self.full_n = Sp > 0, Sn < 0
-        const = _const_handover(base)
-        if const is not None:
-            pv, mv, _ = const
-            p_t = torch.tensor(pv, dtype=Sp.dtype)
-            q_t = 1 - p_t
-            self.p, self.q = float(p_t), float(q_t)
-            if mv is None:  # RG / RGEq(nu = 0): m = 1/(p - q), stop where p == q
-                if self.p == self.q:
-                    self.stop, self.m = True, 0.0
-                else:
-                    self.stop, self.m = None, float(1 / (p_t - q_t))
-            else:
-                self.stop, self.m = None, float(torch.tensor(mv, dtype=Sp.dtype))
-        else:
-            self.p, self.m, self.stop = _handover(base, Sp, Sn)
-            self.q = 1 - self.p
+        h = base.handover(Sp, Sn)
+        if isinstance(h.plus, float):  # the same hand-over at every unit: kept as numbers
+            self.p, self.q, self.m = (float(torch.tensor(v, dtype=Sp.dtype)) for v in (h.plus, h.minus, h.mult))
+            self.stop = True if h.stop == 1.0 else None
+        else:  # a routing law stops whole tokens (stop is 0 or 1)
+            self.p, self.q, self.m, self.stop = h.plus, h.minus, h.mult, h.stop > 0
         T = float(getattr(base, "route_temp", 1.0))
         self.T1 = T == 1.0
         self.bp = None if b is None else b.clamp_min(0)
@@ -495,6 +438,11 @@ class AlphaBeta(RoutingRule):
                 "pass conservative=False to use it anyway"
             )
 
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """I15: p = alpha/(alpha+beta), q = beta/(alpha+beta), m = alpha + beta, never stopped."""
+        a, b = float(self.alpha), float(self.beta)
+        return Handover(a / (a + b), b / (a + b), 0.0, a + b)
+
 
 @dataclass(frozen=True)
 class RG(RoutingRule):
@@ -508,6 +456,10 @@ class RG(RoutingRule):
     def __post_init__(self) -> None:
         check_positive("tau", self.tau)
         check_positive("route_temp", self.route_temp)
+
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """I16: the Gibbs hand-over p = sigmoid(1/tau), m = 1/(p - q) (stopped where p = q)."""
+        return constant_handover(1.0 / (1.0 + math.exp(-1.0 / self.tau)))
 
 
 @dataclass(frozen=True)
@@ -527,12 +479,31 @@ class RGEq(RoutingRule):
             raise ValueError(f"nu must be >= 0, got {self.nu}")
         check_positive("route_temp", self.route_temp)
 
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """I18: log-odds(p) = kappa + nu log(S+/|S-|) (nu > 0: p = 1 where S- = 0, p = 0 where S+ = 0),
+        m = 1/(p - q); the token stops where p = q (both branches empty included)."""
+        kappa, nu = float(self.kappa), float(self.nu)
+        if nu == 0:
+            return constant_handover(1.0 / (1.0 + math.exp(-kappa)))
+        pos, neg = Sp > 0, Sn < 0
+        both = pos & neg
+        lo = kappa + nu * (torch.log(torch.where(both, Sp, 1.0)) - torch.log(torch.where(both, -Sn, 1.0)))
+        p = torch.where(both, torch.sigmoid(lo), torch.where(pos, 1.0, torch.where(neg, 0.0, 0.5)))
+        q = 1 - p
+        stop = p == q
+        m = torch.where(stop, 0.0, 1 / torch.where(stop, 1.0, p - q))
+        return Handover(torch.where(stop, 0.0, p), torch.where(stop, 0.0, q), stop.to(Sp.dtype), m)
+
 
 @dataclass(frozen=True)
 class GradientEquilibrium(RoutingRule):
     """The gradient equilibrium (THEORY.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
     where z_i = 0 the token is stopped), route temperature 1. It is RGEq(0, 1, 1) and gives LRP-0,
     i.e. Gradient x Input on a bias-free ReLU net: the Doob (|y|-) transform of the GV kernel."""
+
+    def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
+        """I17: p = S+/(S+ + |S-|), m = (S+ + |S-|)/z, the token stopped where z = 0."""
+        return equilibrium_handover(Sp, Sn)
 
 
 @dataclass(frozen=True)
