@@ -13,6 +13,7 @@ from backplay.metrics import (
     energy_pointing_game,
     pointing_game,
     pointing_game_summary,
+    reduce_channels,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
     top_k_intersection,
@@ -298,6 +299,17 @@ def test_channel_reduction():
     _same(auroc(R4, m, channel_reduction="mean"), auroc(R4.mean(1), m))
 
 
+def test_reduce_channels():
+    R4 = np.random.default_rng(1).normal(size=(2, 3, 4, 4))
+    np.testing.assert_array_equal(reduce_channels(R4), R4.sum(1))
+    np.testing.assert_array_equal(reduce_channels(R4, "max_abs"), np.abs(R4).max(1))
+    np.testing.assert_array_equal(reduce_channels(R4, "l2"), np.sqrt((R4 * R4).sum(1)))
+    with pytest.raises(ValueError, match="unknown channel_reduction 'median'"):
+        reduce_channels(R4, "median")
+    with pytest.raises(ValueError, match=r"needs a \[B, C, H, W\] array, got shape \(3, 4, 4\)"):
+        reduce_channels(R4[0])
+
+
 def test_binary_numeric_masks_accepted():
     R = np.arange(4.0).reshape(1, 2, 2)
     mb = np.array([[[False, True], [False, True]]])
@@ -396,3 +408,82 @@ def test_empty_batch():
         out = f(np.zeros((0, 2, 2)), np.zeros((0, 2, 2), dtype=bool))
         assert out.shape == (0,)
     assert pointing_game_summary(np.zeros((0, 2, 2)), np.zeros((0, 2, 2)))["evaluated"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantus conventions: [B, 1, H, W] masks, and the scores Quantus's defaults give
+# ---------------------------------------------------------------------------------------------
+
+
+@given(batches())
+def test_masks_with_channel_axis_equal_plain_masks(data):
+    R, masks, _ = data
+    R4 = np.stack([R, -0.5 * R], axis=1)  # [B, 2, H, W]: the channel reduction is applied too
+    for name, f in METRICS:
+        _same(f(R, masks[:, None]), f(R, masks), exact=True)
+        _same(f(R4, masks[:, None]), f(R4, masks), exact=True)
+        _same(f(R, masks[:, None].astype(np.uint8)), f(R, masks), exact=True)
+        t = f(torch.from_numpy(R), torch.from_numpy(masks)[:, None])
+        _same(t.numpy(), f(R, masks), exact=True)
+    for Rin in (R, R4):
+        assert pointing_game_summary(Rin, masks[:, None]) == pytest.approx(
+            pointing_game_summary(Rin, masks), nan_ok=True)
+
+
+@pytest.mark.parametrize("name,f", METRICS + [("summary", pointing_game_summary)])
+def test_multichannel_masks_rejected(name, f):
+    R, m = _ok()
+    for bad in (np.ones((2, 3, 3, 3), dtype=bool), torch.ones(2, 2, 3, 3)):
+        with pytest.raises(ValueError, match=r"have \d channels; a mask must have one"):
+            f(R, bad)
+    with pytest.raises(ValueError, match=r"\[B, H, W\] or \[B, 1, H, W\]"):
+        f(R, np.ones((2, 1, 1, 3, 3), dtype=bool))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        f(R, m[:, None, :2])
+
+
+def _quantus_like(R, s, k):
+    """Scores as Quantus's defaults compute them (abs=False; normalise_by_max, a positive rescaling
+    that changes nothing) for one sample: strict top-k from an ascending sort, sklearn's ROC AUC,
+    the signed inside/total mass, and a hit at any maximum."""
+    from sklearn.metrics import auc, roc_curve
+
+    a, s = R.ravel(), s.ravel().astype(bool)
+    a = a / np.abs(a).max()
+    order = np.argsort(a)
+    fpr, tpr, _ = roc_curve(s, a)
+    return {
+        "pointing_game": float(s[a == a.max()].any()),
+        "rma": a[s].sum() / a.sum(),
+        "rra": np.isin(order[-s.sum():], np.flatnonzero(s)).mean(),
+        "topk": s[order[-k:]].mean(),
+        "auroc": auc(fpr, tpr),
+    }
+
+
+def test_agrees_with_quantus_defaults_without_ties():
+    rng = np.random.default_rng(3)
+    R = rng.random((6, 1, 7, 5)) + 1e-3  # non-negative (RMA), no ties (ranking metrics)
+    s = rng.random((6, 1, 7, 5)) < 0.35  # Quantus's s_batch layout
+    s[:, 0, 0, 0], s[:, 0, -1, -1] = True, False  # neither empty nor full
+    k = 9
+    ours = {
+        "pointing_game": pointing_game(R, s),
+        "rma": relevance_mass_accuracy(R, s),
+        "rra": relevance_rank_accuracy(R, s),
+        "topk": top_k_intersection(R, s, k),
+        "auroc": auroc(R, s),
+    }
+    for b in range(R.shape[0]):
+        ref = _quantus_like(R[b, 0], s[b, 0], k)
+        for key, val in ref.items():
+            assert ours[key][b] == pytest.approx(val, rel=1e-12, abs=1e-12), key
+
+
+def test_rma_clips_negative_relevance_unlike_signed_mass():
+    R = np.array([[[2.0, -1.0], [1.0, 0.0]]])
+    m = np.array([[[True, True], [False, False]]])
+    # positive part: 2 / 3 inside; Quantus's signed ratio is (2 - 1) / 2 = 0.5
+    assert relevance_mass_accuracy(R, m)[0] == pytest.approx(2 / 3)
+    assert _quantus_like(R[0], m[0], 1)["rma"] == pytest.approx(0.5)
+    assert _quantus_like(np.maximum(R[0], 0), m[0], 1)["rma"] == pytest.approx(2 / 3)

@@ -100,7 +100,7 @@ def run_explain(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .heatmaps import save_rule_grid
+    from ..plot import compare, save
     from .models import load_model
     from .rulespec import parse_rules
 
@@ -137,7 +137,7 @@ def run_explain(args: argparse.Namespace) -> int:
         except (TypeError, NotImplementedError, ValueError) as e:
             print(f"backplay explain: {f.name}: {e}", file=sys.stderr)
             return 2
-        save_rule_grid(out, [x[0].cpu()], [maps], [f"{f.name}: class {target} (logit {logit:.2f})"])
+        save(compare(maps, x[0].cpu(), titles=[f"{f.name}: class {target} (logit {logit:.2f})"]), out, dpi=110)
         if len(files) == 1:
             print(f"wrote {out}")
     if len(files) > 1:

@@ -288,7 +288,7 @@ class BenchConfig:
 @dataclass
 class BenchResult:
     """Rank 0's result: table rows (split B), selection rows (split A), notes, model information,
-    and example heatmaps for the plots."""
+    and example heatmaps for the plots (``maps``: chosen rule label -> relevance [C, H, W])."""
 
     rows: list[dict]
     selection: list[dict]
@@ -315,8 +315,8 @@ def _examples(model: nn.Module, split_b: EvalSet, chosen: dict[str, str], rules:
     out = []
     for i in range(min(count, len(split_b))):
         x = split_b.images[i:i + 1].to(device=device, dtype=torch.float64)
-        maps = {fam: bp.explain(net, x, split_b.labels[i:i + 1].to(device), rules[label])[0].cpu()
-                for fam, label in chosen.items()}
+        maps = {label: bp.explain(net, x, split_b.labels[i:i + 1].to(device), rules[label])[0].cpu()
+                for label in chosen.values()}
         out.append(dict(model=model_name, image=split_b.images[i], mask=split_b.masks[i],
                         label=int(split_b.labels[i]), maps=maps))
     return out
@@ -527,11 +527,11 @@ def write_outputs(result: BenchResult, out: str | os.PathLike, plots: bool = Tru
         paths["metrics_plot"] = out / "metrics.png"
         _bar_plot(paths["metrics_plot"], result.rows)
     if plots and result.examples:
-        from .heatmaps import save_rule_grid
+        from ..plot import compare, save
 
         paths["heatmaps"] = out / "heatmaps.png"
         ex = result.examples
-        save_rule_grid(paths["heatmaps"], [e["image"] for e in ex], [e["maps"] for e in ex],
-                       [f"{e['model']}, class {e['label']}" for e in ex], [e["mask"].numpy() for e in ex],
-                       dpi=80)
+        fig = compare([e["maps"] for e in ex], [e["image"] for e in ex], masks=[e["mask"] for e in ex],
+                      titles=[f"{e['model']}, class {e['label']}" for e in ex])
+        save(fig, paths["heatmaps"], dpi=80)
     return paths

@@ -1,4 +1,10 @@
-"""Evaluation metrics for attribution maps. See ``localisation`` for definitions and references."""
+"""Evaluation metrics for attribution maps. See ``localisation`` for definitions, references and
+how each metric compares with its Quantus counterpart.
+
+Shapes: attributions ``[B, H, W]`` or ``[B, C, H, W]`` (channels reduced by ``channel_reduction``,
+default the signed sum; :func:`reduce_channels`), masks ``[B, H, W]`` or ``[B, 1, H, W]``
+(Quantus's layout); one score per sample.
+"""
 
 from .localisation import (
     CHANNEL_REDUCTIONS,
@@ -6,6 +12,7 @@ from .localisation import (
     energy_pointing_game,
     pointing_game,
     pointing_game_summary,
+    reduce_channels,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
     top_k_intersection,
@@ -17,6 +24,7 @@ __all__ = [
     "energy_pointing_game",
     "pointing_game",
     "pointing_game_summary",
+    "reduce_channels",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
     "top_k_intersection",

@@ -3,11 +3,16 @@
 Every metric takes a batch of attributions ``R`` and a batch of binary masks ``masks`` and returns
 one score per sample:
 
-* ``R``: shape ``[B, H, W]``, or ``[B, C, H, W]`` reduced over channels by ``channel_reduction``
-  (default ``"sum"``: signed sum over channels, the usual choice for LRP/gradient x input maps;
-  ``"mean"``, ``"abs_sum"`` (sum of absolute values), ``"l2"`` (Euclidean norm over channels) and
-  ``"max_abs"`` are also available). Real, finite values (bool/int/float; cast to float64).
-* ``masks``: shape ``[B, H, W]``, dtype bool or numeric with values in {0, 1}.
+* ``R``: shape ``[B, H, W]``, or ``[B, C, H, W]`` reduced over the channel axis (axis 1) to one
+  ``[B, H, W]`` map by ``channel_reduction`` before scoring: ``"sum"`` (default: signed sum over
+  channels, the usual choice for LRP / gradient x input maps and what Quantus's examples do
+  before calling a metric, ``a_batch.sum(axis=1)``), ``"mean"`` (signed mean), ``"abs_sum"``
+  (sum of absolute values), ``"l2"`` (Euclidean norm over channels) or ``"max_abs"`` (largest
+  absolute value). ``C = 1`` is allowed (every reduction but the absolute ones is then the
+  identity). Real, finite values (bool/int/float; cast to float64).
+* ``masks``: shape ``[B, H, W]``, or ``[B, 1, H, W]`` (Quantus's ``s_batch`` convention; the
+  channel axis is dropped), dtype bool or numeric with values in {0, 1}. A mask with ``C > 1``
+  channels is an error: combine the channels first (e.g. ``masks.any(axis=1)``).
 * Inputs may be numpy arrays (or array-likes) or torch tensors. The result has the kind of ``R``:
   a numpy ``float64`` array of shape ``[B]``, or a ``torch.float64`` tensor of shape ``[B]`` on
   ``R``'s device. Computation is done in numpy (float64), vectorised over the batch; torch inputs
@@ -18,15 +23,27 @@ one score per sample:
   (``pointing_game_summary`` does this for the pointing game).
 
 Errors (``ValueError``): wrong number of dimensions, batch/spatial shape mismatch between ``R`` and
-``masks``, a non-binary mask (values other than 0/1, including NaN), non-finite attributions
-(NaN/inf), complex or non-numeric attributions, images with zero pixels, an unknown channel
-reduction, and an out-of-range ``k`` in ``top_k_intersection``.
+``masks``, a mask with more than one channel, a non-binary mask (values other than 0/1, including
+NaN), non-finite attributions (NaN/inf), complex or non-numeric attributions, images with zero
+pixels, an unknown channel reduction, and an out-of-range ``k`` in ``top_k_intersection``.
 
 Ties. Metrics that rank pixels (relevance rank accuracy, top-k intersection) are *tie-invariant*:
 pixels tied at the k-th largest value share the remaining slots fractionally (the expected score
 over a uniformly random order among the tied pixels; see ``_topk_fraction_inside``). Ties are exact
 floating-point equality; no tolerance is applied. The pointing game counts a hit when *any* of the
 tied maxima lies in the mask; AUROC counts a tied (inside, outside) pair as 1/2.
+
+Quantus. Each docstring compares the metric with its Quantus counterpart (Hedström et al. 2023;
+the class API of ``quantus/metrics/localisation/``, whose ``normalise_func`` default is
+``quantus.functions.normalise_func.normalise_by_max``). The defaults shared by the five
+counterparts (``PointingGame``, ``RelevanceMassAccuracy``, ``RelevanceRankAccuracy``,
+``TopKIntersection``, ``AUC``) are ``abs=False`` (the signed attribution is scored, as here) and
+``normalise=True`` with ``normalise_by_max`` (division by the sample's largest ``|a|``, a
+positive rescaling that changes none of these scores). Quantus expects ``s_batch`` of shape
+``[B, 1, H, W]`` and one-channel attributions (it does not reduce channels; its examples sum
+them, ``.sum(axis=1)``, before calling a metric). Unlike Quantus, backplay breaks ties
+fractionally (above) instead of by the order ``np.argsort`` happens to return, so the two agree
+whenever no tie straddles the cut.
 
 References
 ----------
@@ -39,6 +56,9 @@ References
 * Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu (2020), "Score-CAM: Score-weighted visual
   explanations for convolutional neural networks", CVPR workshops (energy-based pointing game).
 * Mann & Whitney (1947); Hanley & McNeil (1982) for AUROC as the Mann-Whitney U statistic.
+* Hedström, Weber, Krakowczyk, Bareeva, Motzkus, Samek, Lapuschkin, Höhne (2023), "Quantus: An
+  explainable AI toolkit for responsible evaluation of neural network explanations and beyond",
+  JMLR 24(34).
 """
 
 from __future__ import annotations
@@ -54,6 +74,7 @@ __all__ = [
     "energy_pointing_game",
     "pointing_game",
     "pointing_game_summary",
+    "reduce_channels",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
     "top_k_intersection",
@@ -85,7 +106,16 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
-def _reduce_channels(r: np.ndarray, how: str) -> np.ndarray:
+def reduce_channels(r: np.ndarray, how: str = "sum") -> np.ndarray:
+    """Reduce axis 1 (channels) of a ``[B, C, H, W]`` array to ``[B, H, W]`` by ``how``, one of
+    ``CHANNEL_REDUCTIONS`` (see the module docstring); the metrics' ``channel_reduction``.
+
+    Raises ValueError for an unknown ``how`` or an array without a channel axis.
+    """
+    if how not in CHANNEL_REDUCTIONS:
+        raise ValueError(f"unknown channel_reduction {how!r}; expected one of {CHANNEL_REDUCTIONS}")
+    if r.ndim != 4:
+        raise ValueError(f"reduce_channels needs a [B, C, H, W] array, got shape {tuple(r.shape)}")
     if how == "sum":
         return r.sum(axis=1)
     if how == "mean":
@@ -94,9 +124,7 @@ def _reduce_channels(r: np.ndarray, how: str) -> np.ndarray:
         return np.abs(r).sum(axis=1)
     if how == "l2":
         return np.sqrt((r * r).sum(axis=1))
-    if how == "max_abs":
-        return np.abs(r).max(axis=1)
-    raise AssertionError(how)  # unreachable: validated by the caller
+    return np.abs(r).max(axis=1)  # "max_abs"
 
 
 def _prepare(R: Any, masks: Any, channel_reduction: str) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -117,20 +145,29 @@ def _prepare(R: Any, masks: Any, channel_reduction: str) -> tuple[np.ndarray, np
             f"R must have shape [B, H, W] or [B, C, H, W], got {r.ndim} dims with shape "
             f"{tuple(r.shape)} (add a leading batch axis for a single map)"
         )
-    if m.ndim != 3:
+    if m.ndim == 4:
+        if m.shape[1] != 1:
+            raise ValueError(
+                f"masks of shape {tuple(m.shape)} have {m.shape[1]} channels; a mask must have "
+                f"one, [B, H, W] or [B, 1, H, W] (combine the channels first, e.g. "
+                f"masks.any(axis=1))"
+            )
+        m = m[:, 0]
+    elif m.ndim != 3:
         raise ValueError(
-            f"masks must have shape [B, H, W], got {m.ndim} dims with shape {tuple(m.shape)}"
+            f"masks must have shape [B, H, W] or [B, 1, H, W], got {m.ndim} dims with shape "
+            f"{tuple(m.shape)}"
         )
     r = r.astype(np.float64, copy=False)
     if not np.all(np.isfinite(r)):
         bad = int(np.count_nonzero(~np.isfinite(r)))
         raise ValueError(f"R must be finite; found {bad} NaN/inf value(s)")
     if r.ndim == 4:
-        r = _reduce_channels(r, channel_reduction)
+        r = reduce_channels(r, channel_reduction)
     if r.shape != m.shape:
         raise ValueError(
-            f"shape mismatch: R gives maps of shape {tuple(r.shape)} [B, H, W] but masks have "
-            f"shape {tuple(m.shape)}"
+            f"shape mismatch: R gives maps of shape {tuple(r.shape)} [B, H, W] but masks give "
+            f"{tuple(m.shape)}"
         )
     B, H, W = r.shape
     if H * W == 0:
@@ -235,6 +272,10 @@ def pointing_game(R: Any, masks: Any, *, channel_reduction: str = "sum"):
     original; dilate the masks beforehand to reproduce a tolerance. Samples with an empty mask are
     excluded (NaN); they are never hits. See ``pointing_game_summary`` for counts.
 
+    Quantus ``PointingGame`` (defaults ``weighted=False, abs=False, normalise=True``) scores the
+    same: a hit when any maximum of the signed map lies in the mask, NaN for an empty mask. Its
+    ``weighted=True`` (a hit scores ``1 - |mask| / (H * W)``) has no counterpart here.
+
     Returns one score per sample (0.0, 1.0 or NaN), in the kind of ``R``.
     """
     r, m, _ = _prepare(R, masks, channel_reduction)
@@ -269,6 +310,11 @@ def relevance_mass_accuracy(R: Any, masks: Any, *, channel_reduction: str = "sum
 
     NaN (excluded) when the mask is empty, or when there is no positive relevance at all
     (0/0: all ``R_i <= 0``).
+
+    Quantus ``RelevanceMassAccuracy`` (defaults ``abs=False, normalise=True``) computes
+    ``sum_{i in mask} R_i / sum_i R_i`` of the *signed* map (its docstring speaks of positive
+    attributions, but its code clips nothing): the two agree when ``R >= 0``; for signed maps pass
+    ``np.maximum(R, 0)`` to Quantus to get this score.
     """
     r, m, _ = _prepare(R, masks, channel_reduction)
     pos = np.maximum(r, 0.0)
@@ -286,6 +332,10 @@ def relevance_rank_accuracy(R: Any, masks: Any, *, channel_reduction: str = "sum
     A full mask scores 1.
 
     NaN (excluded) when the mask is empty (K = 0).
+
+    Quantus ``RelevanceRankAccuracy`` (defaults ``abs=False, normalise=True``) is the same
+    fraction over the signed values, its top K taken from ``np.argsort``, which breaks ties at the
+    K-th value by sort order; the two agree when there is no such tie.
     """
     r, m, _ = _prepare(R, masks, channel_reduction)
     K = m.sum(axis=1)
@@ -300,8 +350,16 @@ def top_k_intersection(R: Any, masks: Any, k: int, *, channel_reduction: str = "
 
     The fraction of the ``k`` highest-relevance pixels (ranked by the signed value of ``R``) that
     lie in the mask, in [0, 1]; ``1 <= k <= H * W``. Ties at the k-th value are counted
-    fractionally (tie-invariant; see module docstring). Quantus ranks ``|R|`` by default; pass
-    ``abs(R)`` (or ``channel_reduction="abs_sum"``) to reproduce that.
+    fractionally (tie-invariant; see module docstring).
+
+    Quantus ``TopKIntersection`` defaults to ``k=1000, concept_influence=False, abs=False,
+    normalise=True``: like here it ranks the *signed* values, so the scores agree for the same
+    ``k`` when no tie straddles the k-th value (Quantus breaks ties by ``np.argsort`` order).
+    ``k`` has no default here (1000 exceeds small images). To reproduce Quantus's ``abs=True``,
+    pass the absolute value of the reduced map, e.g. ``np.abs(R.sum(axis=1))`` for ``[B, C, H,
+    W]`` ``R`` (``channel_reduction="abs_sum"`` sums ``|R_c|`` per channel instead, which differs
+    for ``C > 1``). Quantus's ``concept_influence=True`` (the score times ``H * W / |mask|``) has
+    no counterpart here.
 
     NaN (excluded) when the mask is empty.
     """
@@ -329,6 +387,11 @@ def auroc(R: Any, masks: Any, *, channel_reduction: str = "sum"):
     0 = inverted.
 
     NaN (excluded) when the mask is empty or full (one class missing).
+
+    Quantus ``AUC`` (defaults ``abs=False, normalise=True``) computes the same area from
+    scikit-learn's ``roc_curve`` / ``auc`` over the signed values (tied scores share one ROC
+    point, which also counts a tied pair 1/2); it returns NaN for an empty mask, and for a full
+    mask scikit-learn warns that the ROC curve is undefined.
     """
     r, m, _ = _prepare(R, masks, channel_reduction)
     N = r.shape[1]
@@ -372,6 +435,7 @@ def energy_pointing_game(
 
     Score-CAM maps are non-negative; for signed attributions only the positive part is counted
     as energy. NaN (excluded) when the mask is empty, or when there is no positive energy (0/0).
+    Quantus has no energy-based pointing game.
     """
     r, m, (H, W) = _prepare(R, masks, channel_reduction)
     region = _bbox_masks(m, H, W) if use_bbox else m
