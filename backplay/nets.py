@@ -15,9 +15,12 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import sympy
 
 ACTIVATIONS = ("relu", "softplus")
 
@@ -283,9 +286,19 @@ class MLPSpec:
         eps = f", eps={self.eps}" if self.eps is not None else ""
         kind = "exact" if self.is_exact else "float64"
         return (
-            f"MLPSpec(widths={self.widths}, activation={self.activation!r}{eps}, "
+            f"MLPSpec(widths={_short(self.widths)}, activation={self.activation!r}{eps}, "
             f"output={self.output!r}, bias={self.has_bias}, {kind})"
         )
+
+
+def _short(values: Sequence[Any], keep: int = 6) -> str:
+    """A tuple for a repr: whole when short, else its first and last ``keep // 2`` entries and the count."""
+    values = tuple(values)
+    if len(values) <= keep:
+        return repr(values)
+    h = keep // 2
+    return "(" + ", ".join(map(repr, values[:h])) + f", ... {len(values) - keep} more ..., " + \
+        ", ".join(map(repr, values[-h:])) + ")"
 
 
 def check_input(spec: MLPSpec, x: Any) -> np.ndarray:
@@ -430,3 +443,11 @@ class FrozenNet:
     def has_selections(self) -> bool:
         """Whether some row is a max-pool or copy row."""
         return any(k == "maxpool" if isinstance(k, str) else "copy" in k for k in self.kinds)
+
+    def __repr__(self) -> str:
+        exact = any(a is not None and a.dtype == object for a in self.weights + self.biases + self.ys)
+        ops = {o: self.ops.count(o) for o in self.ops}
+        extras = ", selections" * self.has_selections + ", anchors" * any(a is not None for a in self.anchors)
+        return (f"FrozenNet(widths={_short(self.widths)}, in_shape={self.in_shape}, ops: "
+                f"{', '.join(f'{o} x{n}' for o, n in ops.items())}, "
+                f"bias={any(b is not None for b in self.biases)}{extras}, {'exact' if exact else 'float64'})")

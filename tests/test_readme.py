@@ -97,3 +97,13 @@ def test_validate_section_peer_objects_example():
     assert rep.law is not None and rep_captum.law is not None
     # an MLP: zennit's preset is Epsilon(1e-6) on every Linear, named as backplay's Epsilon / preset
     assert rep.is_law and rep.nearest["maps"] <= rep.nearest["maps_tol"], str(rep)
+
+
+def test_plot_example_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    section = text.split("### Metrics, plots and notebooks")[1].split("\n## ")[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    fig = (tmp_path / "heatmaps.png")
+    assert fig.exists() and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

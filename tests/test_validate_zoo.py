@@ -104,3 +104,19 @@ def test_flat_is_not_a_signed_branch_law():
     rep = validate_rule(R.Flat(), model, x, 0)
     assert rep.family == SINGLE and rep.is_law
     assert "single branch" in str(rep)
+
+
+def test_box_rule_is_named_at_its_own_bounds():
+    """EpsilonGammaBox at bounds other than the defaults, on the CNN (its first conv is the box
+    layer): validate_rule reads the bounds off the first layer's map and names the preset at them;
+    ZBox alone on a one-layer model likewise."""
+    model, x = case("cnn", 0)
+    lo, hi = round(float(x.min()) - 0.5, 1), round(float(x.max()) + 0.75, 1)
+    rep = validate_rule(R.EpsilonGammaBox(lo, hi), model, x, 0)
+    assert rep.is_law, str(rep)
+    assert rep.nearest["rule"] == R.EpsilonGammaBox(lo, hi).name and rep.nearest["maps"] <= rep.nearest["maps_tol"]
+    torch.manual_seed(3)
+    one = torch.nn.Linear(5, 3).to(D)
+    xo = torch.randn(5, dtype=D)
+    rep = validate_rule(R.ZBox(-3.0, 3.5), one, xo, 1)
+    assert rep.nearest["rule"] == "ZBox(low=-3.0, high=3.5)" and rep.nearest["maps"] <= rep.nearest["maps_tol"]

@@ -2,15 +2,22 @@
 
 :func:`prepare` is the one place that validates a call: the input (floating, finite, batched or
 one sample), the model (an ``nn.Module``, or a :class:`backplay.MLPSpec` converted to one), the
-device (the input's; every parameter must be there) and the compute dtype (the promotion of the
-input's and the parameters' dtypes, so a float64 input on a float32 model is computed in float64
-and a float64 model is never rounded down). The model is read by :func:`backplay.gpu.read.read`
-(torch.export, cached) and never modified.
+device (the input's; every parameter must be there, none on the meta device) and the compute dtype
+(the promotion of the input's and the parameters' dtypes, so a float64 input on a float32 model is
+computed in float64 and a float64 model is never rounded down; float32 at least: a float16 /
+bfloat16 model or input is computed in float32, with a warning, since half-precision sweeps are off
+float32 by a few percent). The model is read by :func:`backplay.gpu.read.read` (torch.export,
+cached) and never modified: where its floating parameters or buffers are not all in the compute
+dtype, a copy of it with them cast is read (a fresh copy, and so a fresh export, per call). A model
+in train mode is explained with a warning: the reader exports the eval-mode function.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +33,10 @@ from backplay.rules.routing import routing_parts
 
 Tensor = torch.Tensor
 
-__all__ = ["ExplainReport", "Prepared", "compute_dtype", "explain", "prepare", "resolve_target", "float_tensor"]
+__all__ = ["ExplainReport", "Prepared", "check_rule_instance", "compute_dtype", "explain", "prepare",
+           "resolve_target", "float_tensor"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,28 @@ class ExplainReport:
     stopped: Tensor
     rule: str
     layers: list | None = None
+
+    def __repr__(self) -> str:
+        batch = "one sample" if self.logit.ndim == 0 else f"batch {self.logit.shape[0]}"
+        layers = "none" if self.layers is None else len(self.layers)
+        return (f"ExplainReport(rule={self.rule!r}, {batch}, logit {_summary(self.logit)}, relevance_sum "
+                f"{_summary(self.relevance_sum)}, stopped {_summary(self.stopped)}, layers: {layers})")
+
+
+def _summary(t: Tensor) -> str:
+    """A per-sample tensor in a few characters: its values (up to 3), else mean and range."""
+    v = t.detach().double().flatten().cpu()
+    if v.numel() <= 3:
+        return ("[" + ", ".join(f"{float(a):.4g}" for a in v) + "]") if t.ndim else f"{float(v[0]):.4g}"
+    return f"mean {float(v.mean()):.4g} in [{float(v.min()):.4g}, {float(v.max()):.4g}]"
+
+
+def check_rule_instance(rule: Any, name: str = "rule") -> None:
+    """TypeError (one line) for a class passed where an instance belongs (``rule=LRP0`` for
+    ``rule=LRP0()``); ``name``: the argument as the caller wrote it."""
+    if isinstance(rule, type):
+        write = f"{name}={rule.__name__}()" if name.isidentifier() else f"{rule.__name__}()"
+        raise TypeError(f"{name} must be an instance, got the class {rule.__name__}: write {write}")
 
 
 def float_tensor(x: Any, name: str = "x") -> Tensor:
@@ -100,7 +132,7 @@ def _module(model: Any, x: Tensor) -> nn.Module:
     from backplay.nets import MLPSpec
 
     if isinstance(model, MLPSpec):
-        return model.to_torch(dtype=x.dtype, device=x.device)
+        return model.to_torch(dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module or a backplay.MLPSpec, got {type(model).__name__}")
     return model
@@ -155,6 +187,98 @@ def compute_dtype(module: nn.Module, x: Tensor) -> torch.dtype:
                              f"{x.device}; move the model or the input so that they share one device")
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def _check_data(module: nn.Module, x: Tensor, name: str) -> None:
+    """ValueError for tensors without data (the meta device): ``x``, or the model's parameters."""
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device and holds no data: pass a tensor with values")
+    meta = next((n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model has no data: its parameters are on the meta device ({meta}); load the "
+                         "weights first (model.to_empty(device=...) then load_state_dict, or "
+                         "load_state_dict(state, assign=True))")
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` itself when its floating parameters and buffers are all in ``dtype``, else a deep
+    copy of it with them cast to ``dtype`` (the model is never modified; only the cast tensors are
+    made, not copies of the originals first)."""
+    cast = [t for t in list(module.parameters()) + list(module.buffers())
+            if t.is_floating_point() and t.dtype != dtype]
+    if not cast:
+        return module
+    memo: dict = {id(t): nn.Parameter(t.detach().to(dtype), t.requires_grad) if isinstance(t, nn.Parameter)
+                  else t.detach().to(dtype) for t in cast}
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as e:  # noqa: BLE001 - a model object that cannot be copied: say what to do
+        raise TypeError(f"the model's parameters are not all in the compute dtype {dtype} and a copy of it "
+                        f"with them cast could not be made ({type(e).__name__}: {e}); pass a model in "
+                        f"{dtype}") from e
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside backplay: a warning names the caller's line."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level - 1
+
+
+def _name_of(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _warn_half(module: nn.Module, x_dtype: torch.dtype | None, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+    """The warning for a float16 / bfloat16 model or input (``x_dtype``; None: token ids): computed in
+    ``dtype`` (float32 at least), on a copy of the model when its parameters are half, the relevance
+    returned in ``out_dtype``."""
+    halves = sorted({_name_of(t.dtype) for t in list(module.parameters()) + list(module.buffers())
+                     if t.dtype in _HALF})
+    what = [f"the model's parameters are {' / '.join(halves)}"] if halves else []
+    what += [f"x is {_name_of(x_dtype)}"] if x_dtype in _HALF else []
+    if not what:
+        return
+    where = f" on a {_name_of(dtype)} copy of the model (the model is not modified)" if halves else ""
+    warnings.warn(f"{' and '.join(what)}: backplay computes in {_name_of(dtype)}{where}, since backward sweeps in "
+                  f"half precision are off float32 by a few percent (explain returns the relevance cast to "
+                  f"{_name_of(out_dtype)}); pass a float32 model and input to skip the cast",
+                  UserWarning, stacklevel=_caller_stacklevel())
+
+
+#: modules whose forward differs between train and eval mode
+_TRAIN_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def _reads_training(m: nn.Module) -> bool:
+    """Whether the module's own forward reads ``self.training`` (a custom dropout, a stochastic depth)."""
+    fwd = type(m).forward
+    if fwd is nn.Module.forward or type(m).__module__.startswith("torch.nn."):
+        return False
+    try:
+        return "self.training" in inspect.getsource(fwd)
+    except (OSError, TypeError):
+        return False
+
+
+def _warn_train(model: Any) -> None:
+    """The warning for a model in train mode whose function train mode changes (a dropout, a batch norm,
+    or a module of its own that reads ``self.training``, in train mode): the reader exports the
+    eval-mode function. A model in train mode with none of these computes the same in both modes."""
+    if not isinstance(model, nn.Module):
+        return
+    changed = [n or type(model).__name__ for n, m in model.named_modules()
+               if m.training and (isinstance(m, _TRAIN_SENSITIVE) or _reads_training(m))]
+    if not changed:
+        return
+    names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    warnings.warn(f"the model is in train mode ({names}), where dropout is active and BatchNorm uses batch "
+                  "statistics; backplay reads and explains the eval-mode function (torch.export in eval mode: "
+                  "dropout off, BatchNorm with its running statistics), not what model(x) computes in train "
+                  "mode; call model.eval() first (backplay does not switch it: the model is never modified)",
+                  UserWarning, stacklevel=_caller_stacklevel())
 
 
 @dataclass
@@ -251,6 +375,7 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False, atten
         raise ValueError("attention_mask and position are for language models (integer token ids)")
     x = float_tensor(x, name)
     module = _module(model, x)
+    _check_data(module, x, name)
     first = _first_layer(module)
     rank = _sample_rank(first)
     squeeze = one_sample or x.ndim == 1 or (rank is not None and rank > 1 and x.ndim == rank)
@@ -259,12 +384,14 @@ def prepare(model: Any, x: Any, name: str = "x", one_sample: bool = False, atten
                          f"sample), got shape {tuple(x.shape)}")
     if _first_op(module) is first:  # checks that need the first operation, before the export
         _check_sample(first, x, name)
-    dtype = compute_dtype(module, x)
+    dtype = torch.promote_types(compute_dtype(module, x), torch.float32)
     xb = x.detach().unsqueeze(0) if squeeze else x.detach()
     if not bool(torch.isfinite(xb).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    _warn_half(module, x.dtype, dtype, x.dtype)
+    _warn_train(model)
     xb = xb.to(dtype)
-    graph = read(module, xb)
+    graph = read(_in_dtype(module, dtype), xb)
     return Prepared(graph, xb, dtype, squeeze, x.dtype, tuple(x.shape))
 
 
@@ -274,6 +401,7 @@ def _prepare_tokens(model: Any, x: Any, name: str, attention_mask: Any, position
                         f"(an nn.Module with an nn.Embedding of the ids); got dtype {x.dtype} for a "
                         f"{type(model).__name__}")
     ids = _token_ids(x, name)
+    _check_data(model, ids, name)
     squeeze = ids.ndim == 1
     idb = ids.unsqueeze(0) if squeeze else ids
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -284,10 +412,13 @@ def _prepare_tokens(model: Any, x: Any, name: str, attention_mask: Any, position
     if float_params and float_params[0].device != idb.device:
         raise ValueError(f"the model's parameters are on {float_params[0].device} but the token ids are on "
                          f"{idb.device}; move the model or the ids so that they share one device")
-    dtype = compute_dtype(model, torch.zeros((), dtype=float_params[0].dtype if float_params else
-                                             torch.get_default_dtype(), device=idb.device))
+    out_dtype = compute_dtype(model, torch.zeros((), dtype=float_params[0].dtype if float_params else
+                                                 torch.get_default_dtype(), device=idb.device))
+    dtype = torch.promote_types(out_dtype, torch.float32)
     kwargs = _lm_inputs(model, idb, attention_mask)
-    graph = read(model, idb, kwargs)
+    _warn_half(model, None, dtype, out_dtype)
+    _warn_train(model)
+    graph = read(_in_dtype(model, dtype), idb, kwargs)
     pos = None
     out_shape = graph.output_shape()
     if out_shape is not None and len(out_shape) == 3:
@@ -295,7 +426,7 @@ def _prepare_tokens(model: Any, x: Any, name: str, attention_mask: Any, position
     elif position is not None:
         raise ValueError(f"position= picks a position of an output [B, T, vocab]; this model's output has "
                          f"shape {tuple(out_shape or ())}")
-    return Prepared(graph, idb, dtype, squeeze, dtype, tuple(ids.shape), kwargs, pos)
+    return Prepared(graph, idb, dtype, squeeze, out_dtype, tuple(ids.shape), kwargs, pos)
 
 
 def explain(
@@ -320,7 +451,8 @@ def explain(
             [B, T] of a language model (explained with respect to its input embeddings).
         target: an int, or an integer tensor of one class per sample ([B]); for a causal language
             model the token id whose logit at ``position`` is explained.
-        rule: a :class:`backplay.rules.Rule` (default :class:`~backplay.rules.Gradient`).
+        rule: a :class:`backplay.rules.Rule` instance (default :class:`~backplay.rules.Gradient`);
+            a rule class (``rule=LRP0``) is a TypeError that says to write ``rule=LRP0()``.
         return_report: also return an :class:`ExplainReport`.
         attention_mask: token ids only: the padding mask [B, T], passed to the model.
         position: token ids of a model with logits [B, T, vocab] only: the explained position (an int,
@@ -330,8 +462,14 @@ def explain(
         The relevance, in x's shape, dtype and device (detached); for token ids the relevance per
         token [B, T] (summed over the embedding dimension; the report's ``layers[0]`` has it per
         dimension [B, T, D]). With ``return_report`` a pair ``(R, report)``. One batched forward
-        pass and one backward sweep, in the compute dtype.
+        pass and one backward sweep, in the compute dtype (:func:`prepare`: a float16 / bfloat16
+        model or input is computed in float32 and the result cast back, with a warning).
+
+    Warns (UserWarning) for a half-precision model or input, and for a model in train mode: the
+    eval-mode function is explained (dropout off, BatchNorm with its running statistics); the
+    model's training flags are left as they are.
     """
+    check_rule_instance(rule)
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a backplay.rules.Rule, got {type(rule).__name__}")
     prep = prepare(model, x, attention_mask=attention_mask, position=position)

@@ -48,16 +48,17 @@ Cost: factorised layers cost about two branch products (S+/S- and the sweep; one
 T != 1 or risk aversion); edge-level (anchored) layers materialise the layer's matrix, which is
 for small models only (a ValueError names the layer when it exceeds :data:`MAX_EDGES` entries).
 
-Rules accepted (:data:`HANDOVERS`, one entry per base law): AlphaBeta (and ZPlus), RG, RGEq,
+Rules accepted (:data:`SIGNED_BRANCH`, one entry per base law): AlphaBeta (and ZPlus), RG, RGEq,
 GradientEquilibrium (and LRP0, its law, I17), Epsilon, Gamma (THEORY.md section 10), and Anchor
 (uniform or token) / RiskAverse of the routing laws. A further law whose branches are the signs of
 W_ij y_j is one entry there (its hand-over from S+ and S-). The single-branch laws
 (:data:`SINGLE_BRANCH`: Flat, routing 1{W_ij != 0}, and WSquare, routing W_ij^2 with the bias unit
 b_i^2; p = 1, every move keeps the sign, whatever y) are compared edge by edge (an edge with
 W_ij y_j < 0 leads to (j, s) in them and to (j, -s) in a sign-branch law: the two branches are kept
-apart). A :class:`~backplay.rules.Composite` is its rule's law at each layer (by kind, module and
-first layer, as its sweep picks it). ZBox (box contributions that follow the input's bounds) is not
-accepted.
+apart). ZBox is a single-branch law at the first layers, routing c_ij = y_j W_ij - low_j W+_ij -
+high_j W-_ij (the bounds followed from the input through layout steps, :meth:`ZBox.bounds_at`), also
+edge by edge. A :class:`~backplay.rules.Composite` is its rule's law at each layer (by kind, module
+and first layer, as its sweep picks it).
 """
 
 from __future__ import annotations
@@ -68,17 +69,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from backplay.gpu.engine import prepare, resolve_target
+from backplay.gpu.engine import check_rule_instance, prepare, resolve_target
 from backplay.gpu.trace import LayerTrace, Trace
 from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, Composite, Epsilon, Flat, Gamma, GradientEquilibrium, RGEq, RiskAverse, Rule,
-    WSquare, first_layers,
+    WSquare, ZBox, first_layers,
 )
 from backplay.rules.routing import routing_parts
 
 Tensor = torch.Tensor
 
-__all__ = ["HANDOVERS", "MAX_EDGES", "SINGLE_BRANCH", "HellingerMatrix", "hellinger", "hellinger_matrix"]
+__all__ = ["SIGNED_BRANCH", "MAX_EDGES", "SINGLE_BRANCH", "HellingerMatrix", "hellinger", "hellinger_matrix"]
 
 #: the largest B * n_out * n_in an anchored (edge-level) layer may materialise
 MAX_EDGES = 50_000_000
@@ -87,76 +88,6 @@ MAX_EDGES = 50_000_000
 def _sdiv(num: Tensor, den: Tensor) -> Tensor:
     """num / den, 0 where den == 0."""
     return torch.where(den == 0, 0.0, num / torch.where(den == 0, 1.0, den))
-
-
-# -- hand-overs: (h+, h-, stop) per unit from S+ >= 0 and S- <= 0 (bias included, T = 1) ---------
-def _constant(p: float, Sp: Tensor, stop_if_even: bool) -> tuple[Tensor, Tensor, Tensor]:
-    p_t = torch.tensor(p, dtype=Sp.dtype, device=Sp.device)
-    q_t = 1 - p_t
-    stop = bool(p_t == q_t) and stop_if_even
-    full = torch.full_like(Sp, 0.0 if stop else float(p_t))
-    return full, torch.full_like(Sp, 0.0 if stop else float(q_t)), torch.full_like(Sp, float(stop))
-
-
-def _alpha_beta(rule: AlphaBeta, Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """I15: p = alpha/(alpha+beta), never stopped (m = alpha + beta)."""
-    a, b = float(rule.alpha), float(rule.beta)
-    return _constant(a / (a + b), Sp, False)
-
-
-def _rg(rule: RG, Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """I16: p = sigmoid(1/tau); stopped where p = q."""
-    return _constant(1.0 / (1.0 + math.exp(-1.0 / rule.tau)), Sp, True)
-
-
-def _rgeq(rule: RGEq, Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """I18: log-odds(p) = kappa + nu log(S+/|S-|) (p = 1 if S- = 0, 0 if S+ = 0); stopped where p = q."""
-    kappa, nu = float(rule.kappa), float(rule.nu)
-    if nu == 0:
-        return _constant(1.0 / (1.0 + math.exp(-kappa)), Sp, True)
-    pos, neg = Sp > 0, Sn < 0
-    both = pos & neg
-    lo = kappa + nu * (torch.log(torch.where(both, Sp, 1.0)) - torch.log(torch.where(both, -Sn, 1.0)))
-    p = torch.where(both, torch.sigmoid(lo), torch.where(pos, 1.0, torch.where(neg, 0.0, 0.5)))
-    q = 1 - p
-    stop = p == q
-    return torch.where(stop, 0.0, p), torch.where(stop, 0.0, q), stop.to(Sp.dtype)
-
-
-def _equilibrium(rule: GradientEquilibrium, Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """I17: p = S+/(S+ + |S-|); stopped where z = S+ + S- = 0."""
-    stop = (Sp + Sn) == 0
-    p = _sdiv(Sp, Sp - Sn)
-    return torch.where(stop, 0.0, p), torch.where(stop, 0.0, 1 - p), stop.to(Sp.dtype)
-
-
-def _epsilon(rule: Epsilon, Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """THEORY.md section 10: the gradient equilibrium with a direct stop eps/(|z| + eps); the whole
-    token stops where z = 0."""
-    z = Sp + Sn
-    stop = torch.where(z == 0, 1.0, float(rule.eps) / (z.abs() + float(rule.eps)))
-    p = _sdiv(Sp, Sp - Sn)
-    return (1 - stop) * p, (1 - stop) * (1 - p), stop
-
-
-def _gamma(rule: Gamma, Sp: Tensor, Sn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """I22 (zennit's convention): p = a S+ / (a S+ + |S-|) where z > 0, S+ / (S+ + a |S-|) where
-    z < 0 (a = 1 + gamma); the whole token stops where z = 0."""
-    z, a = Sp + Sn, 1.0 + float(rule.gamma)
-    wp, wn = torch.where(z > 0, a * Sp, Sp), torch.where(z < 0, -a * Sn, -Sn)
-    stop = z == 0
-    p = _sdiv(wp, wp + wn)
-    return torch.where(stop, 0.0, p), torch.where(stop, 0.0, 1 - p), stop.to(Sp.dtype)
-
-
-#: base law -> its hand-over (h+, h-, stop) from (S+, S-), for the laws whose branches are the signs
-#: of W_ij y_j and whose routing is |W_ij| |y_j|^(1/T): the laws :func:`hellinger` accepts (with
-#: their subclasses, e.g. ZPlus = AlphaBeta(1, 0); and Anchor / RiskAverse of the routing laws).
-#: LRP0 is the gradient equilibrium's law (I17), Epsilon and Gamma the zoo's (THEORY.md section 10).
-HANDOVERS: dict[type, Callable[[Any, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]] = {
-    AlphaBeta: _alpha_beta, RG: _rg, RGEq: _rgeq, GradientEquilibrium: _equilibrium, LRP0: _equilibrium,
-    Epsilon: _epsilon, Gamma: _gamma,
-}
 
 
 #: single-branch laws (THEORY.md section 10: p = 1, sign kept, routing along the edges W_ij != 0
@@ -168,12 +99,20 @@ SINGLE_BRANCH: dict[type, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], T
 }
 
 
+#: the laws whose branches are the signs of W_ij y_j and whose routing is |W_ij| |y_j|^(1/T): each
+#: declares its hand-over (``handover(S+, S-)``, :class:`backplay.rules.Handover`); with their
+#: subclasses (ZPlus = AlphaBeta(1, 0)), and Anchor / RiskAverse of the routing laws. LRP0 is the
+#: gradient equilibrium's law (I17), Epsilon and Gamma the zoo's (THEORY.md section 10).
+SIGNED_BRANCH = (AlphaBeta, RG, RGEq, GradientEquilibrium, LRP0, Epsilon, Gamma)
+
+
+def _single(base: Rule) -> bool:
+    """A single-branch law: Flat, WSquare (:data:`SINGLE_BRANCH`) or ZBox (routing c_ij / D_i)."""
+    return type(base) in SINGLE_BRANCH or isinstance(base, ZBox)
+
+
 def _known(base: Rule) -> bool:
-    return _handover_of(base) is not None or type(base) in SINGLE_BRANCH
-
-
-def _handover_of(base: Rule) -> Callable | None:
-    return next((HANDOVERS[c] for c in type(base).__mro__ if c in HANDOVERS), None)
+    return isinstance(base, SIGNED_BRANCH) or _single(base)
 
 
 @dataclass(frozen=True)
@@ -208,7 +147,7 @@ class _Law:
 
 
 def _law(rule: Any) -> _Law:
-    accepted = (", ".join(c.__name__ for c in list(HANDOVERS) + list(SINGLE_BRANCH))
+    accepted = (", ".join(c.__name__ for c in SIGNED_BRANCH + tuple(SINGLE_BRANCH) + (ZBox,))
                 + ", Anchor and RiskAverse of the routing laws, and composites of these")
     if not isinstance(rule, Rule):
         raise TypeError(f"a rule must be a backplay.rules.Rule, got {type(rule).__name__}")
@@ -217,7 +156,7 @@ def _law(rule: Any) -> _Law:
     if not all(_known(r) for r in subs):
         bad = next(r for r in subs if not _known(r))
         raise TypeError(f"{bad.name} is not a trajectory law the Hellinger distance (I21) compares here "
-                        f"(ZBox's box contributions, non-LRP rules); accepted: {accepted}")
+                        f"(gradients, non-LRP rules); accepted: {accepted}")
     return _Law(base, anchor, risk)
 
 
@@ -272,17 +211,16 @@ class _Factor:
     cem_n: Tensor
     g: Tensor
 
-    @property
-    def cem(self) -> Tensor:
-        return self.stop + self.cem_p + self.cem_n
-
 
 @dataclass
 class _Edges:
-    """A law's kernel at one layer edge by edge, [B, n_out, n_in] per branch (an edge lies in one
-    branch); ``bias_*`` [B, n_out] the move to the bias sink, ``stop``, ``cem_*`` as in
-    :class:`_Factor` (flattened to [B, n_out])."""
+    """A law's kernel at one layer edge by edge: ``idx`` [n_out, K] the input units of each output
+    unit's edges (the map's edge list, :meth:`~backplay.gpu.ops.LinearOp.edges`), ``Pp`` / ``Pn``
+    [B, n_out, K] the move along each edge per branch (an edge lies in one branch; padding: 0),
+    ``bias_*`` [B, n_out] the move to the bias sink, ``stop``, ``cem_*`` as in :class:`_Factor`
+    (flattened to [B, n_out])."""
 
+    idx: Tensor
     Pp: Tensor
     Pn: Tensor
     bias_p: Tensor
@@ -291,13 +229,16 @@ class _Edges:
     cem_p: Tensor
     cem_n: Tensor
 
-    @property
-    def cem(self) -> Tensor:
-        return self.stop + self.cem_p + self.cem_n
+
+def _cemetery(K: _Factor | _Edges) -> Tensor:
+    """The kernel's move to the cemetery: the whole token's stop and the hand-overs to empty branches."""
+    return K.stop + K.cem_p + K.cem_n
 
 
 def _handover(law: _Law, L: _Layer) -> tuple[Tensor, Tensor, Tensor]:
-    return _handover_of(law.base)(law.base, L.Sp, L.Sn)
+    """(h+, h-, stop) per unit: the law's declared hand-over, a constant one spread over the units."""
+    h = law.base.handover(L.Sp, L.Sn)
+    return tuple(torch.full_like(L.Sp, v) if isinstance(v, float) else v for v in (h.plus, h.minus, h.stop))
 
 
 def _factor(law: _Law, L: _Layer) -> _Factor:
@@ -311,35 +252,40 @@ def _factor(law: _Law, L: _Layer) -> _Factor:
                    torch.where(L.full_p, 0.0, hp), torch.where(L.full_n, 0.0, hn), g)
 
 
-def _matrix(M: Any, y: Tensor, where: LayerTrace) -> Tensor:
-    """The map's matrix per sample, [B, n_out, n_in] (columns: the map applied to the basis)."""
-    B, shape = y.shape[0], tuple(y.shape[1:])
-    n = math.prod(shape)
-    if B * n * math.prod(where.y.shape[1:]) > MAX_EDGES:
-        raise ValueError(f"an Anchor or single-branch (Flat, WSquare) law is compared edge by edge: layer "
-                         f"{where.index} ({where.kind}, {where.where or 'no source line'}) has {n} x {math.prod(where.y.shape[1:])} edges "
-                         f"per sample, more than backplay.gpu.hellinger.MAX_EDGES = {MAX_EDGES} for the "
-                         f"batch of {B}; pass fewer samples at once, or compare the unanchored laws")
-    basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape((n, 1) + shape).expand((n, B) + shape)
-    cols = torch.func.vmap(M.apply, chunk_size=256)(basis)  # [n, B, *out]
-    return cols.reshape(n, B, -1).permute(1, 2, 0)
+def _edge_list(M: Any, y: Tensor, where: LayerTrace) -> tuple[Tensor, Tensor]:
+    """The map's edges at y: (coef [B, n_out, K], idx [n_out, K]), within :data:`MAX_EDGES`."""
+    B, n_out = y.shape[0], math.prod(where.y.shape[1:])
+    coef, idx = M.edges(y)
+    if B * n_out * idx.shape[1] > MAX_EDGES:
+        raise ValueError(f"an Anchor or single-branch (Flat, WSquare, ZBox) law is compared edge by edge: layer "
+                         f"{where.index} ({where.kind}, {where.where or 'no source line'}) has {n_out} x "
+                         f"{idx.shape[1]} edges per sample, more than backplay.gpu.hellinger.MAX_EDGES = "
+                         f"{MAX_EDGES} for the batch of {B}; pass fewer samples at once, or compare the "
+                         "unanchored laws")
+    return coef.expand(B, -1, -1), idx
 
 
-def _edges(law: _Law, L: _Layer, W: Tensor, lam: float, token: bool) -> _Edges:
-    """The kernel edge by edge. Anchor: pi = (1 - lam) pi0 + lam u with u uniform on the branch
-    support (the bias unit included), or for the token anchor the own unit where it lies in the
-    branch (else uniform), as :class:`backplay.rules.Anchor` defines them."""
+def _at(v: Tensor, idx: Tensor) -> Tensor:
+    """A per-unit tensor [B, *shape] read along the edges: [B, n_out, K]."""
+    return v.reshape(v.shape[0], -1)[:, idx]
+
+
+def _edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], lam: float, token: bool) -> _Edges:
+    """The kernel edge by edge on the map's edge list ``E`` = (coef, idx). Anchor: pi = (1 - lam) pi0
+    + lam u with u uniform on the branch support (the bias unit included), or for the token anchor
+    the own unit where it lies in the branch (else uniform), as :class:`backplay.rules.Anchor`
+    defines them."""
+    W, idx = E
     B = W.shape[0]
-    y = L.y.reshape(B, 1, -1)
-    Z = W * y
-    w = W.abs() * L.g(law).reshape(B, 1, -1)
+    Z = W * _at(L.y, idx)
+    w = W.abs() * _at(L.g(law), idx)
     b = torch.zeros(W.shape[:2], dtype=W.dtype, device=W.device) if L.b is None else L.b.reshape(B, -1)
     hp, hn, stop = (t.reshape(B, -1) for t in _handover(law, L))
     own = None
     if lam and token:  # each row's own unit: M.own_gather of the unit numbers
-        idx = torch.arange(y.shape[-1], dtype=W.dtype, device=W.device).reshape(L.y.shape[1:])
-        own = torch.zeros_like(W).scatter_(2, L.M.own_gather(idx.expand(L.y.shape)).reshape(B, -1, 1).long(),
-                                           1.0).bool()
+        units = torch.arange(math.prod(L.y.shape[1:]), dtype=W.dtype, device=W.device).reshape(L.y.shape[1:])
+        own_unit = L.M.own_gather(units.expand(L.y.shape)).reshape(B, -1, 1).long()
+        own = idx.unsqueeze(0) == own_unit
     out = []
     for h, mask, bmask in ((hp, Z > 0, b > 0), (hn, Z < 0, b < 0)):
         wb, bb = torch.where(mask, w, 0.0), torch.where(bmask, b.abs(), 0.0)
@@ -355,21 +301,32 @@ def _edges(law: _Law, L: _Layer, W: Tensor, lam: float, token: bool) -> _Edges:
             pi, pib = (1 - lam) * pi + lam * u, (1 - lam) * pib + lam * ub
         out += [h.unsqueeze(-1) * pi, h * pib]
     full_p, full_n = L.full_p.reshape(B, -1), L.full_n.reshape(B, -1)
-    return _Edges(out[0], out[2], out[1], out[3], stop, torch.where(full_p, 0.0, hp),
+    return _Edges(idx, out[0], out[2], out[1], out[3], stop, torch.where(full_p, 0.0, hp),
                   torch.where(full_n, 0.0, hn))
 
 
-def _single_edges(law: _Law, L: _Layer, W: Tensor) -> _Edges:
-    """A single-branch law (:data:`SINGLE_BRANCH`) edge by edge: every move keeps the sign, pi(j | i)
-    = w(W_ij) / D_i over the edges and the bias unit (to the bias sink), D_i = 0: the cemetery."""
+def _single_edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], box: tuple | None) -> _Edges:
+    """A single-branch law edge by edge: every move keeps the sign, pi(j | i) = w_ij / D_i over the
+    edges and the bias unit (to the bias sink), D_i = 0: the cemetery. Flat and WSquare
+    (:data:`SINGLE_BRANCH`): w_ij from the coefficient W_ij; ZBox: w_ij = c_ij = y_j W_ij - low_j W+_ij
+    - high_j W-_ij with ``box`` = (low, high) at the layer's input, no bias unit."""
+    W, idx = E
     B = W.shape[0]
-    route, bias_weight = SINGLE_BRANCH[type(law.base)]
-    w = route(W)
     zero = torch.zeros(W.shape[:2], dtype=W.dtype, device=W.device)
-    bb = zero if bias_weight is None or L.b is None else bias_weight(L.b.reshape(B, -1))
+    if isinstance(law.base, ZBox):
+        lo, hi = box
+        if bool((L.y < lo).any()) or bool((L.y > hi).any()):
+            raise ValueError(f"ZBox: the input lies outside [low, high] at layer {L.layer.index} "
+                             f"({L.layer.where}); pass bounds that hold every input value")
+        w = W * _at(L.y, idx) - W.clamp_min(0) * _at(lo, idx) - W.clamp_max(0) * _at(hi, idx)
+        bb = zero
+    else:
+        route, bias_weight = SINGLE_BRANCH[type(law.base)]
+        w = route(W)
+        bb = zero if bias_weight is None or L.b is None else bias_weight(L.b.reshape(B, -1))
     D = w.sum(-1) + bb
-    return _Edges(_sdiv(w, D.unsqueeze(-1)), torch.zeros_like(w), _sdiv(bb, D), zero, (D == 0).to(W.dtype),
-                  zero, zero)
+    return _Edges(idx, _sdiv(w, D.unsqueeze(-1)), torch.zeros_like(w), _sdiv(bb, D), zero,
+                  (D == 0).to(W.dtype), zero, zero)
 
 
 def _doob(K: _Factor | _Edges, L: _Layer, U_in: Tensor) -> tuple[_Factor | _Edges, Tensor]:
@@ -381,10 +338,9 @@ def _doob(K: _Factor | _Edges, L: _Layer, U_in: Tensor) -> tuple[_Factor | _Edge
         bp, bn = _sdiv(K.t_p, K.N_p) * sp, _sdiv(K.t_n, K.N_n) * sn
         mp, mn = bp + K.cem_p, bn + K.cem_n
     else:
-        B = U_in.shape[0]
-        u = U_in.reshape(B, -1, 1)
-        mp = (K.Pp @ u).squeeze(-1) + K.bias_p + K.cem_p
-        mn = (K.Pn @ u).squeeze(-1) + K.bias_n + K.cem_n
+        u = _at(U_in, K.idx)
+        mp = (K.Pp * u).sum(-1) + K.bias_p + K.cem_p
+        mn = (K.Pn * u).sum(-1) + K.bias_n + K.cem_n
     U = mp + mn + K.stop
     halt = (U == 0) | (_sdiv(mp, U) == _sdiv(mn, U))
     inv = _sdiv(torch.ones_like(U), U)
@@ -398,8 +354,8 @@ def _doob(K: _Factor | _Edges, L: _Layer, U_in: Tensor) -> tuple[_Factor | _Edge
                                         K.g * U_in)
     else:
         h3 = halt.unsqueeze(-1)
-        row, col = inv.unsqueeze(-1), U_in.reshape(U_in.shape[0], 1, -1)
-        out = _Edges(torch.where(h3, 0.0, K.Pp * row * col), torch.where(h3, 0.0, K.Pn * row * col),
+        row = inv.unsqueeze(-1)
+        out = _Edges(K.idx, torch.where(h3, 0.0, K.Pp * row * u), torch.where(h3, 0.0, K.Pn * row * u),
                      scale(K.bias_p), scale(K.bias_n), stop, scale(K.cem_p), scale(K.cem_n))
         U = U.reshape(L.layer.y.shape)
     return out, U
@@ -421,11 +377,10 @@ def _deficit_layer(Ka: _Factor | _Edges, Kb: _Factor | _Edges, L: _Layer, d: Ten
     Delta(s) = 1 - sum_s' sqrt(K_a K_b)(s, s') = sum_s' (sqrt K_a - sqrt K_b)^2 / 2 computed as a sum
     of nonnegative terms (no cancellation: H(a, a) = 0 exactly and small H keep their digits)."""
     if isinstance(Ka, _Edges):  # the two branches apart: an edge leads to (j, s) in one, (j, -s) in the other
-        B = d.shape[0]
-        out = ((_root(Ka.Pp, Kb.Pp) + _root(Ka.Pn, Kb.Pn)) @ d.reshape(B, -1, 1)).squeeze(-1)
+        out = ((_root(Ka.Pp, Kb.Pp) + _root(Ka.Pn, Kb.Pn)) * _at(d, Ka.idx)).sum(-1)
         out = out + _half_sq(Ka.Pp, Kb.Pp).sum(-1) + _half_sq(Ka.Pn, Kb.Pn).sum(-1)
         out = out + _half_sq(Ka.bias_p + Ka.bias_n, Kb.bias_p + Kb.bias_n)
-        return (out + _half_sq(Ka.cem, Kb.cem)).reshape(L.layer.y.shape)
+        return (out + _half_sq(_cemetery(Ka), _cemetery(Kb))).reshape(L.layer.y.shape)
     # branch c: sqrt(t_a t_b) sum_j sqrt(pi_a pi_b) d_j, pi = |W_ij| g_j / N_c
     sp, sn = L.sums(_root(Ka.g, Kb.g) * d, with_bias=False)
     kp = _sdiv(_root(Ka.t_p, Kb.t_p), _root(Ka.N_p, Kb.N_p))
@@ -433,7 +388,7 @@ def _deficit_layer(Ka: _Factor | _Edges, Kb: _Factor | _Edges, L: _Layer, d: Ten
     out = kp * sp + kn * sn
     # Delta: hand-over and cemetery terms, then the routing terms sqrt(t_a t_b) (1 - rho_c) with
     # rho_c = sum_j sqrt(pi_a pi_b) (= 1 exactly where both laws route alike: the same g)
-    out = out + _half_sq(Ka.t_p, Kb.t_p) + _half_sq(Ka.t_n, Kb.t_n) + _half_sq(Ka.cem, Kb.cem)
+    out = out + _half_sq(Ka.t_p, Kb.t_p) + _half_sq(Ka.t_n, Kb.t_n) + _half_sq(_cemetery(Ka), _cemetery(Kb))
     if not (Ka.g is Kb.g or torch.equal(Ka.g, Kb.g)):
         rp, rn = L.sums(_root(Ka.g, Kb.g))
         out = out + _root(Ka.t_p, Kb.t_p) * (1 - _sdiv(rp, _root(Ka.N_p, Kb.N_p))).clamp_min(0)
@@ -476,6 +431,8 @@ def _sweep(trace: Trace, laws: list, pairs: list) -> list:
             last[s] = k
     risky = [i for i, law in enumerate(laws) if law.risk is not None]
     firsts = first_layers(trace) if any(isinstance(law.base, Composite) for law in laws) else frozenset()
+    boxes = {id(r): r.bounds_at(trace) for law in laws
+             for r in (law.base.rules() if isinstance(law.base, Composite) else (law.base,)) if isinstance(r, ZBox)}
     vals: dict = {0: {("d", p): torch.zeros_like(trace.x) for p in pairs}}
     vals[0].update({("u", i): _risk_start(laws[i].risk, trace.x) for i in risky})
     for k, step in enumerate(trace.steps):
@@ -488,7 +445,7 @@ def _sweep(trace: Trace, laws: list, pairs: list) -> list:
             if step.map.pass_through:
                 out = {key: _pass(step, f, 1.0 if key[0] == "u" else 0.0) for key, f in f_in.items()}
             else:
-                out = _layer_step(step, trace, laws, pairs, f_in, firsts)
+                out = _layer_step(step, trace, laws, pairs, f_in, firsts, boxes)
         vals[step.out] = out
         for s in set(step.sources):
             if last.get(s) == k and s != trace.output_id:
@@ -498,24 +455,30 @@ def _sweep(trace: Trace, laws: list, pairs: list) -> list:
     return [top[("d", p)].reshape(B, -1) for p in pairs]
 
 
-def _layer_step(step: LayerTrace, trace: Trace, laws: list, pairs: list, f_in: dict, firsts: frozenset) -> dict:
-    """One layer for every pair: edge by edge for the pairs with an anchored law at this layer,
-    factorised for the others (a law in both kinds of pairs gets both forms of its kernel)."""
+def _layer_step(step: LayerTrace, trace: Trace, laws: list, pairs: list, f_in: dict, firsts: frozenset,
+                boxes: dict) -> dict:
+    """One layer for every pair: edge by edge for the pairs with an anchored or single-branch law at
+    this layer, factorised for the others (a law in both kinds of pairs gets both forms of its kernel).
+    ``boxes``: each ZBox's bounds at its first layers ({id(rule): {layer index: (low, high)}})."""
     L = _Layer(step)
     used = sorted({i for p in pairs for i in p})
     here = {i: laws[i].at(step, firsts) for i in used}  # a composite's law at this layer
-    edge_level = {i: bool(here[i].lam(step, trace)[0]) or type(here[i].base) in SINGLE_BRANCH for i in used}
+    edge_level = {i: bool(here[i].lam(step, trace)[0]) or _single(here[i].base) for i in used}
     by_edge = {p: edge_level[p[0]] or edge_level[p[1]] for p in pairs}
     need = {(i, e) for p, e in by_edge.items() for i in p}
-    W = _matrix(step.map, step.input, step) if any(by_edge.values()) else None
+    E = _edge_list(step.map, step.input, step) if any(by_edge.values()) else None
     out: dict = {}
     kernels = {}
     for i, e in sorted(need):
         law = here[i]
-        if type(law.base) in SINGLE_BRANCH:
-            K = _single_edges(law, L, W)
+        if _single(law.base):
+            box = boxes[id(law.base)].get(step.index) if isinstance(law.base, ZBox) else None
+            if isinstance(law.base, ZBox) and box is None:
+                raise ValueError(f"ZBox is a first-layer rule: layer {step.index} ({step.kind}, {step.where}) "
+                                 "does not read the input; use it as Composite(first=ZBox(...), ...)")
+            K = _single_edges(law, L, E, box)
         else:
-            K = _edges(law, L, W, *law.lam(step, trace)) if e else _factor(law, L)
+            K = _edges(law, L, E, *law.lam(step, trace)) if e else _factor(law, L)
         if law.risk is not None:
             K, out[("u", i)] = _doob(K, L, f_in[("u", i)])
         kernels[(i, e)] = K
@@ -536,6 +499,11 @@ class HellingerMatrix:
     def mean(self) -> Tensor:
         """The matrix averaged over the batch, [n, n]."""
         return self.values if self.values.ndim == 2 else self.values.mean(0)
+
+    def __repr__(self) -> str:
+        batch = "one sample" if self.values.ndim == 2 else f"batch {self.values.shape[0]}"
+        top = f", max {float(self.values.max()):.4g}" if self.values.numel() else ""
+        return f"HellingerMatrix(rules={self.rules}, {batch}, values {tuple(self.values.shape)}{top})"
 
 
 def _deficits(model: Any, x: Any, target: Any, rules: Sequence[Rule]) -> tuple[list, list, Any]:
@@ -565,9 +533,10 @@ def hellinger(model: Any, x: Any, target: Any, rule_a: Rule, rule_b: Rule) -> Te
             :mod:`backplay.gpu.read`, or a :class:`backplay.MLPSpec`); never modified.
         x: a batch (or one sample, as in :func:`backplay.explain`), floating.
         target: an int, or one class per sample.
-        rule_a, rule_b: laws (:data:`HANDOVERS`: AlphaBeta, RG, RGEq, GradientEquilibrium, LRP0,
+        rule_a, rule_b: laws (:data:`SIGNED_BRANCH`: AlphaBeta, RG, RGEq, GradientEquilibrium, LRP0,
             Epsilon, Gamma and Anchor / RiskAverse of the routing laws; :data:`SINGLE_BRANCH`: Flat,
-            WSquare; composites of these); any other rule is a TypeError.
+            WSquare, and ZBox at the first layers; composites of these, EpsilonGammaBox included); any other
+            rule is a TypeError.
 
     Returns:
         H in [0, 1], shape [B] (0-d for one sample), in x's dtype: H = sqrt(1 - BC) with BC the
@@ -575,6 +544,8 @@ def hellinger(model: Any, x: Any, target: Any, rule_a: Rule, rule_b: Rule) -> Te
         the operation graph (see the module docstring); equal to
         :func:`backplay.theory.hellinger` of the exact laws on the unrolled graph.
     """
+    check_rule_instance(rule_a, "rule_a")
+    check_rule_instance(rule_b, "rule_b")
     (d,), _, prep = _deficits(model, x, target, [rule_a, rule_b])
     h = d.sqrt().to(prep.in_dtype)
     return h.squeeze(0) if prep.squeeze else h
@@ -586,6 +557,8 @@ def hellinger_matrix(model: Any, x: Any, target: Any, rules: Sequence[Rule]) -> 
     rules = list(rules)
     if not rules:
         raise ValueError("hellinger_matrix needs at least one rule")
+    for i, r in enumerate(rules):
+        check_rule_instance(r, f"rules[{i}]")
     ds, pairs, prep = _deficits(model, x, target, rules)
     n, B = len(rules), prep.x.shape[0]
     vals = torch.zeros((B, n, n), dtype=prep.in_dtype, device=prep.x.device)

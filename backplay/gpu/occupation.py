@@ -90,6 +90,19 @@ class Occupation:
     gates: list
     bias_gradient: list
 
+    def __repr__(self) -> str:
+        return (f"Occupation(batch {self.value.shape[0]}, x shape {tuple(self.nu_plus.shape[1:])}, "
+                f"{self.output.shape[1]} outputs, {len(self.gates)} layers; value {_range(self.value)}, "
+                f"stopped {_range(self.stopped)}, sink {_range(self.sink)})")
+
+
+def _range(t: Tensor) -> str:
+    """A per-sample tensor [B] in a few characters: its value (B = 1), else its range."""
+    v = t.detach().double().cpu()
+    if v.numel() <= 1:
+        return "[]" if v.numel() == 0 else f"{float(v[0]):.4g}"
+    return f"in [{float(v.min()):.4g}, {float(v.max()):.4g}]"
+
 
 def _per_sample(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)

@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 __all__ = [
     "LinearOp", "DenseOp", "ConvOp", "WeightOp", "PoolOp", "ScaleOp", "NormOp", "AddOp", "Selection",
     "IdentityOp", "Gate", "LinearGate", "ReLUGate", "LeakyReLUGate", "ClampGate", "SoftplusGate",
-    "GELUGate", "FrozenGate", "FunctionGate", "AttentionOp", "PARTS",
+    "GELUGate", "FrozenGate", "FunctionGate", "AttentionOp", "PARTS", "dense_matrix", "edges_of_matrix",
 ]
 
 PARTS = ("W", "pos", "neg", "abs", "ipos", "ineg", "sq", "nz")
@@ -56,6 +56,25 @@ def vjp(fn: Callable[[Tensor], Tensor], in_shape: tuple, g: Tensor) -> Tensor:
         (gi,) = torch.autograd.grad(out, y0, g.reshape(out.shape), allow_unused=True)
     # a fresh, dense tensor (autograd may hand back an expanded view, e.g. for a mean)
     return torch.zeros_like(y0).detach() if gi is None else gi.detach().contiguous()
+
+
+def dense_matrix(op: "LinearOp", y: Tensor) -> Tensor:
+    """The matrix of ``op`` per sample at ``y``'s batch, [B, n_out, n_in] (columns: the map applied
+    to the basis vectors)."""
+    B, shape = y.shape[0], tuple(y.shape[1:])
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape((n, 1) + shape).expand((n, B) + shape)
+    cols = torch.func.vmap(op.apply, chunk_size=256)(basis)  # [n, B, *out]
+    return cols.reshape(n, B, -1).permute(1, 2, 0)
+
+
+def edges_of_matrix(W: Tensor) -> tuple[Tensor, Tensor]:
+    """``(coef, idx)`` of a matrix [B, n_out, n_in]: each row's nonzero entries (the union over the
+    batch), padded with coefficient 0 to the largest row."""
+    nz = (W != 0).any(0)  # [n_out, n_in]
+    K = max(int(nz.sum(1).max()) if nz.numel() else 0, 1)
+    idx = torch.sort(nz.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :K]
+    return W.gather(2, idx.unsqueeze(0).expand(W.shape[0], -1, -1)), idx
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +110,15 @@ class LinearOp:
 
     def drop_parts(self) -> None:
         """Free the coefficient parts built for the routing laws (they are rebuilt when next used)."""
+
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The map's coefficients edge by edge at the input ``y`` [B, *in_shape]: ``(coef, idx)`` with
+        ``idx`` [n_out, K] the flat input units of each output unit's K incoming edges and ``coef``
+        [B or 1, n_out, K] their coefficients (padding: coefficient 0). This default builds the map's
+        matrix per sample (its columns: the map applied to the basis) and keeps each row's nonzeros;
+        the maps with a known structure (dense, convolution, attention, scale, norm, sum) list their
+        edges directly."""
+        return edges_of_matrix(dense_matrix(self, y))
 
     # the two parts of the map at once (the routing laws): ind=False W+ / W-, ind=True 1{W>0} / 1{W<0}
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -235,6 +263,14 @@ class DenseOp(WeightOp):
         out = buf @ self.crossed[False]
         return out[..., :m], out[..., m:]
 
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Output (t, o) reads the inputs (t, k), k < d_in, with W_ok (t: the leading positions)."""
+        d_out, d_in = self.weight.shape
+        T = math.prod(y.shape[1:-1])
+        base = torch.arange(T, device=y.device).repeat_interleave(d_out).unsqueeze(1) * d_in
+        idx = base + torch.arange(d_in, device=y.device)
+        return self.weight.to(y.dtype).repeat(T, 1).unsqueeze(0), idx
+
     def __repr__(self) -> str:
         return f"DenseOp({self.weight.shape[1]} -> {self.weight.shape[0]})"
 
@@ -332,6 +368,25 @@ class ConvOp(WeightOp):
         out = _CONV_T[self.dims](buf, self.crossed[False], None, **tkw)
         return out[:, :m], out[:, m:]
 
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The convolution applied to the input's unit numbers (+1; 0: padding) with one output channel
+        per kernel tap selecting that tap: output (o, position) reads, at tap k, the input unit
+        found there (exact in float64), with the coefficient W[o] at tap k."""
+        C_out, C_g = self.weight.shape[:2]
+        taps = C_g * math.prod(self.weight.shape[2:])
+        groups = self.kw["groups"]
+        n_in = math.prod(y.shape[1:])
+        units = torch.arange(1, n_in + 1, dtype=torch.float64, device=y.device).reshape((1,) + tuple(y.shape[1:]))
+        pick = torch.eye(taps, dtype=torch.float64, device=y.device).reshape((taps,) + tuple(self.weight.shape[1:]))
+        found = _CONV[self.dims](units, pick.repeat(groups, *([1] * (pick.ndim - 1))), None, **self.kw)
+        found = found.reshape(groups, taps, -1).round().long()  # [g, K, L]
+        L = found.shape[-1]
+        per_group = C_out // groups
+        idx = found.repeat_interleave(per_group, 0).permute(0, 2, 1).reshape(C_out * L, taps)  # rows (o, pos)
+        coef = self.weight.to(y.dtype).reshape(C_out, 1, taps).expand(C_out, L, taps).reshape(1, C_out * L, taps)
+        coef = torch.where(idx > 0, coef, 0.0)
+        return coef, (idx - 1).clamp_min(0)
+
     def __repr__(self) -> str:
         return f"ConvOp({tuple(self.weight.shape)}, {self.kw})"
 
@@ -386,6 +441,11 @@ class ScaleOp(LinearOp):
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         return g * self.parts[part]
 
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Output j reads input j with the scale s_j (one edge per unit)."""
+        coef = (self.scale * torch.ones_like(y)).reshape(y.shape[0], -1, 1)
+        return coef, torch.arange(coef.shape[1], device=y.device).unsqueeze(1)
+
     def __repr__(self) -> str:
         return f"ScaleOp({self.label})"
 
@@ -434,6 +494,27 @@ class NormOp(LinearOp):
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         return self._apply(g, part, True)
 
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Output unit a of a group reads every unit b of its group: c_a / std on the diagonal, o_a / std
+        off it (RMSNorm: the diagonal only)."""
+        n_in = math.prod(y.shape[1:])
+        units = self.group(torch.arange(n_in, dtype=torch.float64, device=y.device).reshape((1,) + tuple(y.shape[1:])))
+        units = units.round().long()  # [1, ..., n] grouped
+        n = self.n
+        rows = units.reshape(-1)  # the output unit of each grouped position
+        idx_g = units.unsqueeze(-2).expand(units.shape[:-1] + (n, n)).reshape(-1, n)
+        eye = torch.eye(n, dtype=torch.bool, device=y.device)
+        def per_row(v: Any) -> Tensor:  # a coefficient per grouped position, [1, ..., n, 1]
+            return torch.broadcast_to(torch.as_tensor(v, dtype=y.dtype, device=y.device), units.shape).unsqueeze(-1)
+
+        coef_g = per_row(self.c) * eye
+        if self.o is not None:
+            coef_g = coef_g + per_row(self.o) * ~eye
+        coef_g = coef_g * self.inv.unsqueeze(-1)  # [B or 1, ..., n, n]
+        coef_g = coef_g.reshape(coef_g.shape[0], -1, n)
+        order = torch.argsort(rows)
+        return coef_g[:, order], idx_g[order]
+
     def __repr__(self) -> str:
         return f"NormOp({self.label}, n={self.n})"
 
@@ -464,6 +545,13 @@ class AddOp(LinearOp):
 
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         return torch.stack([g if c == 1 else g * c for c in self._coef(part)], dim=1)
+
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Output j reads input j of each of the k stacked tensors, with the coefficients c_k."""
+        k, n = y.shape[1], math.prod(y.shape[2:])
+        idx = torch.arange(n, device=y.device).unsqueeze(1) + n * torch.arange(k, device=y.device)
+        coef = torch.tensor(self.coefficients, dtype=y.dtype, device=y.device).expand(1, n, k)
+        return coef, idx
 
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
         pos, neg = self.apply(y, "ipos" if ind else "pos"), None
@@ -534,6 +622,20 @@ class AttentionOp(WeightOp):
 
     def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
         return self.transpose(g, "ipos" if ind else "pos")
+
+    def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Output (..., q, d) reads (..., t, d) for every key t, with A[..., q, t] (per sample)."""
+        B, T_k, d = y.shape[0], y.shape[-2], y.shape[-1]
+        if tuple(self.weight.shape[1:-2]) != tuple(y.shape[1:-2]):  # heads shared by broadcasting
+            return super().edges(y)
+        A = self.weight.to(y.dtype).expand(y.shape[:-2] + self.weight.shape[-2:])  # [B, ..., T_q, T_k]
+        T_q, H = A.shape[-2], math.prod(y.shape[1:-2])
+        head = torch.arange(H, device=y.device).view(H, 1, 1, 1) * (T_k * d)
+        idx = head + torch.arange(T_k, device=y.device).view(1, 1, 1, T_k) * d \
+            + torch.arange(d, device=y.device).view(1, 1, d, 1)  # [H, 1, d, T_k]
+        idx = idx.expand(H, T_q, d, T_k).reshape(-1, T_k)
+        coef = A.reshape(B, H, T_q, 1, T_k).expand(B, H, T_q, d, T_k).reshape(B, -1, T_k)
+        return coef, idx
 
     def own_contribution(self, y: Tensor) -> Tensor:
         """A_qq v_qd: the contribution of the query's own token to output (q, d)."""

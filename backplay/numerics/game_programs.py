@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import cvxpy as cp
@@ -135,6 +135,11 @@ class BestResponse:
     solver: str
     n_states: int
     solve_time: float
+
+    def __repr__(self) -> str:
+        return (f"BestResponse(player={self.player!r}, value={self.value:.6g}, "
+                f"policy_payoff={self.policy_payoff:.6g}, depth {len(self.policy)}, {self.n_states} states, "
+                f"status={self.status!r}, solver={self.solver!r}, {self.solve_time:.3g} s)")
 
 
 def best_response(
@@ -374,7 +379,13 @@ class Certificate:
     exploitability: float
     max_response: BestResponse
     min_response: BestResponse
-    state_values: list = field(repr=False)
+    state_values: list
+
+    def __repr__(self) -> str:
+        return (f"Certificate(value={self.value:.6g}, max_value={self.max_value:.6g}, "
+                f"min_value={self.min_value:.6g}, exploitability={self.exploitability:.3g} "
+                f"(max_gain {self.max_gain:.3g}, min_gain {self.min_gain:.3g}), depth {len(self.policy)}, "
+                f"solver={self.max_response.solver!r})")
 
 
 def certify_equilibrium(
@@ -463,6 +474,12 @@ class Occupation:
     sink: float
     status: str
     solver: str
+
+    def __repr__(self) -> str:
+        return (f"Occupation({len(self.nu_plus)} inputs, depth {len(self.continue_mass)}; value={self.value:.6g}, "
+                f"bias_share={self.bias_share:.6g}, entropy_share={self.entropy_share:.6g}, "
+                f"rho.sum={float(np.sum(self.rho)):.6g}, stopped={self.stopped:.6g}, sink={self.sink:.6g}, "
+                f"status={self.status!r}, solver={self.solver!r})")
 
 
 def occupation_measure(

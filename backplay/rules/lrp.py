@@ -245,11 +245,15 @@ class ZBox(_ZooRule):
         return (_broadcast(self.low, tuple(shape), dtype, device, "low"),
                 _broadcast(self.high, tuple(shape), dtype, device, "high"))
 
-    def sweep_context(self, trace: "Trace", target: Tensor) -> dict:
+    def bounds_at(self, trace: "Trace") -> dict:
+        """{layer index: (low, high) at the layer's input} for the first layers of ``trace``
+        (:func:`first_layers`): the bounds carried from the input through layout steps and selections."""
         x = trace.x
         lo, hi = self.bounds(tuple(x.shape[1:]), x.dtype, x.device)
-        near = _near_input(trace, (lo.expand(x.shape), hi.expand(x.shape)))
-        return {"stopped": None, "bounds": near}
+        return _near_input(trace, (lo.expand(x.shape), hi.expand(x.shape)))
+
+    def sweep_context(self, trace: "Trace", target: Tensor) -> dict:
+        return {"stopped": None, "bounds": self.bounds_at(trace)}
 
     def sweep_step(self, layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
         if layer.map.pass_through:

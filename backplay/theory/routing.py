@@ -194,6 +194,23 @@ class LocalLaw:
     z: Any
     stop: Any = 0
 
+    def __repr__(self) -> str:
+        m = "stopped" if self.stopped else f"m={_num(self.m)}"
+        stop = f", stop={_num(self.stop)}" if self.stop != 0 else ""
+        return (f"LocalLaw(p={_num(self.p)}, q={_num(self.q)}, {m}{stop}, z={_num(self.z)}, moves: "
+                f"{len(self.routing.get(1, {}))} on +, {len(self.routing.get(-1, {}))} on -)")
+
+
+def _num(v: Any) -> str:
+    """A number of any field in a few characters: exact when short, else a float (or cut)."""
+    s = str(v)
+    if len(s) <= 14:
+        return s
+    try:
+        return f"{float(v):.8g}"
+    except (TypeError, ValueError):  # a symbolic expression
+        return s[:14] + "..."
+
 
 @dataclass
 class RoutePath:
@@ -240,6 +257,10 @@ class LawOccupation:
         plus, minus = self.layer(l)
         return plus - minus
 
+    def __repr__(self) -> str:
+        return (f"LawOccupation(widths={self.widths}, {len(self.nu)} states, cemetery total "
+                f"{_num(sum(self.cemetery))}, bias_sink total {_num(sum(self.bias_sink))})")
+
 
 # -- trajectory laws ------------------------------------------------------------------------------
 class TrajectoryLaw:
@@ -262,6 +283,14 @@ class TrajectoryLaw:
 
     def moves(self, state: tuple[int, int, int]) -> list[Move]:
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._describe())})"
+
+    def _describe(self) -> list[str]:
+        """The parts of the repr (a subclass adds its own)."""
+        return [f"target={self.target}", f"depth={self.net.depth}", f"widths={self.net.widths}",
+                f"field={self.field!r}"]
 
     def kernel_row(self, state: tuple[int, int, int]) -> dict:
         """K(state, .) as {target state: probability} (cemetery and bias sink are single states)."""
@@ -338,6 +367,9 @@ class RoutingLaw(TrajectoryLaw):
     def _w0(self) -> Any:
         return self.w0
 
+    def _describe(self) -> list[str]:
+        return [f"rule={self.rule.name!r}"] + super()._describe() + [f"{len(self._kernels)} local laws"]
+
     # -- local laws --------------------------------------------------------------------------------
     def _units(self, l: int, i: int) -> list[tuple[Any, Any, Any]]:
         """(unit, W, y) of the lower units of neuron (l, i): neurons j, then the bias unit."""
@@ -377,18 +409,7 @@ class RoutingLaw(TrajectoryLaw):
                 lam = A.num(to_rational(rule.lam_at(l, self.net.depth)))
             rule = rule.rule
         inv_t = 1 / A.num(to_rational(getattr(rule, "route_temp", 1)))
-        branches: dict = {1: {}, -1: {}}
-        s_plus = s_minus = A.num(0)
-        for unit, w, y in self._units(l, i):
-            zc = w * y
-            if zc == 0:
-                continue
-            b = 1 if zc > 0 else -1
-            branches[b][unit] = abs(w) * A.power(abs(y), inv_t)
-            if b > 0:
-                s_plus += zc
-            else:
-                s_minus += zc
+        branches, s_plus, s_minus = self._branches(l, i, inv_t)
         routing: dict = {}
         for b, ws in branches.items():
             tot = sum(ws.values(), A.num(0))
@@ -431,9 +452,9 @@ class RoutingLaw(TrajectoryLaw):
             return LocalLaw(p, q, None, True, routing, s_plus, s_minus, z)
         return LocalLaw(p, q, 1 / (p - q), False, routing, s_plus, s_minus, z)
 
-    def _contributions(self, l: int, i: int) -> tuple[dict, Any, Any]:
-        """(routing, S+, S-) at route temperature 1: pi(j | i, b) = |Z_ij| / |S_b| on each branch (the
-        bias unit included), {} for an empty branch."""
+    def _branches(self, l: int, i: int, inv_t: Any) -> tuple[dict, Any, Any]:
+        """(routing weights, S+, S-) at unit i: each contribution Z_ij = W_ij y_j != 0 (the bias unit
+        included) lies in the branch of its sign with weight |W_ij| |y_j|^(1/T); S+- at T = 1."""
         A = self.arith
         branches: dict = {1: {}, -1: {}}
         s_plus = s_minus = A.num(0)
@@ -441,11 +462,19 @@ class RoutingLaw(TrajectoryLaw):
             zc = w * y
             if zc == 0:
                 continue
-            branches[1 if zc > 0 else -1][unit] = abs(zc)
             if zc > 0:
+                branches[1][unit] = abs(w) * A.power(abs(y), inv_t)
                 s_plus += zc
             else:
+                branches[-1][unit] = abs(w) * A.power(abs(y), inv_t)
                 s_minus += zc
+        return branches, s_plus, s_minus
+
+    def _contributions(self, l: int, i: int) -> tuple[dict, Any, Any]:
+        """(routing, S+, S-) at route temperature 1: pi(j | i, b) = |Z_ij| / |S_b| on each branch (the
+        bias unit included), {} for an empty branch."""
+        A = self.arith
+        branches, s_plus, s_minus = self._branches(l, i, A.num(1))
         routing = {b: {u: v / sum(ws.values(), A.num(0)) for u, v in ws.items()} for b, ws in branches.items()}
         return routing, s_plus, s_minus
 

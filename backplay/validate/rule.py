@@ -120,8 +120,8 @@ import torch
 
 from ..nets import MLPSpec
 from ..rules import (RG, AlphaBeta, AttributionEquilibriumLaw, Epsilon, EpsilonAlpha2Beta1,
-                     EpsilonAlpha2Beta1Flat, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, GradientEquilibrium,
-                     LayerRule, RGEq, Rule, WSquare, ZPlus)
+                     EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma,
+                     GradientEquilibrium, LayerRule, RGEq, Rule, WSquare, ZBox, ZPlus)
 from ..numerics.game_programs import solve_problem
 
 __all__ = ["Finding", "FoundLaw", "RuleReport", "validate_rule", "LAW_ROW"]
@@ -319,6 +319,18 @@ class RuleReport:
                  fmt.format(*head), fmt.format(*("-" * w for w in widths), "-" * 6)]
         lines += [fmt.format(*r) for r in rows]
         return "\n".join(lines + self._summary())
+
+    def __repr__(self) -> str:
+        held = sum(f.holds is True for f in self.findings)
+        if self.is_law:
+            n = self.nearest
+            verdict = "a Markov routing law" + ("" if n is None else f", nearest {n['rule']} (Hellinger "
+                                                                  f"{'<=' if n.get('bound') else '='} "
+                                                                  f"{n['hellinger']:.3g})")
+        else:
+            verdict = f"not a law ({len(self.violated)} condition(s) violated)"
+        return (f"RuleReport(rule={self.rule!r}, net={self.net!r}, target={self.target}: {verdict}; "
+                f"{held} of {len(self.findings)} properties hold; print() it for the table)")
 
     def _repr_markdown_(self) -> str:
         lines = [f"**validate_rule**: `{self.rule}` on {self.net}, target {self.target} (holds: figure <= tol)",
@@ -605,9 +617,10 @@ def _trajectory(law: FoundLaw, frozen_exact: Any, target: int, splits: dict) -> 
 
 def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
     """Named rules to compare with the found law: those of section 5 fitted to it (identified neurons
-    with both branches), Gamma with gamma read off the hand-overs (I22) and Epsilon with eps read off
-    the column sums (:func:`_epsilon_fit`), and the zoo's parameter-free laws and zennit's presets at
-    their defaults (THEORY.md section 10)."""
+    with both branches), Gamma with gamma read off the hand-overs (I22), Epsilon with eps read off
+    the column sums (:func:`_epsilon_fit`), the zoo's parameter-free laws and zennit's presets at
+    their defaults, and ZBox / EpsilonGammaBox at the bounds read off the first layers
+    (:func:`_box_fit`) (THEORY.md section 10)."""
     ps, ms, lo_x, lo_y, gam = [], [], [], [], []
     for l in Ms:
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
@@ -671,7 +684,46 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
     # the zoo's parameter-free laws and zennit's presets at their defaults (THEORY.md section 10)
     out += [ZPlus(), Flat(), WSquare(), EpsilonPlus(), EpsilonPlusFlat(), EpsilonAlpha2Beta1(),
             EpsilonAlpha2Beta1Flat()]
+    box = _box_fit(frozen, Ms)
+    if box is not None:  # the box rule at the bounds read off the first layers' maps
+        out.append(EpsilonGammaBox(*box))
+        if all(frozen.first[l - 1] for l in Ms):
+            out.append(ZBox(*box))
     return out
+
+
+def _box_fit(frozen: Any, Ms: dict) -> tuple[float, float] | None:
+    """(low, high) of the z^B rule read off the maps of the first layers (THEORY.md section 10): its
+    column i is c_ij / D_i with c_ij = y_j W_ij - low W+_ij - high W-_ij, so M_ji D_i + low W+_ij +
+    high W-_ij = y_j W_ij is linear in (D_i, low, high); least squares over the first layers' units
+    with a nonzero column. Scalar bounds only (per-channel bounds do not fit and are not named). None
+    when no first layer has such units, the fit leaves a residual (relative 1e-9), or the input is not
+    inside the fitted box."""
+    rows, rhs, n_units, cols = [], [], 0, []
+    for l, M in Ms.items():
+        if not frozen.first[l - 1]:
+            continue
+        W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
+        y = np.asarray(frozen.ys[l - 1], dtype=np.float64)
+        for i in np.nonzero(np.abs(M).sum(0) > 0)[0]:
+            for j in np.nonzero(W[i] != 0)[0]:
+                rows.append((n_units, M[j, i], max(W[i, j], 0.0), min(W[i, j], 0.0)))
+                rhs.append(y[j] * W[i, j])
+            n_units += 1
+        cols.append(y)
+    if not rows or n_units + 2 > len(rows):
+        return None
+    A = np.zeros((len(rows), n_units + 2))
+    for r, (u, m, wp, wn) in enumerate(rows):
+        A[r, u], A[r, -2], A[r, -1] = m, wp, wn
+    sol, *_ = np.linalg.lstsq(A, np.array(rhs), rcond=None)
+    if np.abs(A @ sol - rhs).max() > 1e-9 * max(1.0, np.abs(rhs).max()):
+        return None
+    low, high = _sig6(float(sol[-2])), _sig6(float(sol[-1]))
+    ys = np.concatenate(cols)
+    if not low <= high or ys.min() < low or ys.max() > high:
+        return None
+    return low, high
 
 
 def _sig6(v: float) -> float:
@@ -767,8 +819,10 @@ def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float
     Returns:
         A :class:`RuleReport` (print it, or ``to_dict()`` / ``to_json()``).
     """
+    from ..gpu.engine import check_rule_instance
     from ..gpu.unroll import unroll
 
+    check_rule_instance(rule)
     if isinstance(spec_or_model, MLPSpec):
         model = spec_or_model.to_torch(dtype=D)
         net_name = f"MLP {list(spec_or_model.widths)}"

@@ -17,7 +17,7 @@ from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, Epsilon, Gradient, GradientEquilibrium, GradientXInput, RGEq, RiskAverse,
 )
 from backplay.rules.lrp import (
-    EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, WSquare, ZBox, ZPlus,
+    Composite, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, WSquare, ZBox, ZPlus,
 )
 from backplay.testing import dyadics
 from backplay.theory import hellinger as exact_hellinger
@@ -228,8 +228,25 @@ def test_single_branch_laws_and_composites_equal_exact(a, b):
     assert worst(residual(), torch.randn(1, 3, dtype=torch.float64), 0, a, b) <= TOL
 
 
-@pytest.mark.parametrize("rule", [Gradient(), GradientXInput(), ZBox(-3.0, 3.0), EpsilonGammaBox(-3.0, 3.0)],
+@pytest.mark.parametrize("a,b", [(ZBox(-4.0, 4.0), Flat()), (EpsilonGammaBox(-4.0, 4.0), AlphaBeta(2, 1)),
+                                 (EpsilonGammaBox(-4.0, 4.0), Composite(first=ZBox(-5.0, 4.0), default=Gamma(0.5)))],
                          ids=lambda r: r.name[:24])
+def test_box_rule_and_its_composites_equal_exact(a, b):
+    """ZBox (a single-branch law at the first layer: routing c_ij / D_i, THEORY.md section 10) and
+    the composites that use it; a ZBox reaching a layer that does not read the input is an error."""
+    x = (torch.rand(2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 0.5) * 6
+    first_only = a if isinstance(a, Composite) else Composite(first=a, default=Epsilon(0.1))
+    assert worst(mlp(), x, 1, first_only, b) <= TOL
+    xc = (torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) - 0.5) * 6
+    assert worst(cnn(), xc, 2, first_only, b) <= TOL
+    if not isinstance(a, Composite):
+        with pytest.raises(ValueError, match="first-layer rule"):
+            bp.hellinger(mlp(), x, 1, a, b)
+    with pytest.raises(ValueError, match="outside"):  # the first conv (zennit's presets: not a dense layer)
+        bp.hellinger(cnn(), xc * 10, 2, first_only, b)
+
+
+@pytest.mark.parametrize("rule", [Gradient(), GradientXInput()], ids=lambda r: r.name[:24])
 def test_rules_that_are_not_laws_are_rejected(rule):
     with pytest.raises(TypeError, match="is not a trajectory law.*AlphaBeta"):
         bp.hellinger(mlp(), torch.randn(2, 4, dtype=torch.float64), 0, rule, AlphaBeta(2, 1))
@@ -255,3 +272,17 @@ def test_tiny_vit_with_token_anchor_equals_exact():
     x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
     assert worst(model, x, 1, Anchor(RG(), 0.3, anchor="token"), AlphaBeta(2, 1)) <= TOL
     assert worst(model, x, 2, GradientEquilibrium(), RiskAverse(Anchor(RG(), 0.2), theta=0.5)) <= TOL
+
+
+def test_tiny_vit_every_layer_edge_by_edge_equals_exact():
+    """The edge lists of every map kind of a ViT (patch conv, dense per token, LayerNorm, attention,
+    residual sums) carry the laws compared edge by edge at every layer: the uniform anchor and the
+    single-branch laws against the exact law."""
+    from backplay.bench.models import small_vit
+
+    torch.manual_seed(4)
+    model = small_vit(in_channels=1, num_classes=3, size=8, dim=4, depth=1, heads=1, patch_size=4,
+                      mlp_ratio=1).double().eval()
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    assert worst(model, x, 1, Anchor(RG(), 0.3), Flat()) <= TOL
+    assert worst(model, x, 0, WSquare(), RiskAverse(GradientEquilibrium(), theta=0.5)) <= TOL
