@@ -1,4 +1,4 @@
-"""One network description shared by theory, numerics and gpu (THEORY.md section 0).
+"""One network description shared by theory, numerics and gpu (docs/theory.md section 1).
 
 ``MLPSpec`` holds a fully connected net in torch layer order: ``weights[l-1]`` is W^l with shape
 (n_l, n_{l-1}) and acts on y^{l-1}; ``biases[l-1]`` is b^l or ``None``. Hidden layers use the
@@ -72,7 +72,7 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class MLPSpec:
-    """A ReLU or softplus MLP in torch layer order (THEORY.md section 0).
+    """A ReLU or softplus MLP in torch layer order (docs/theory.md section 1).
 
     Args:
         weights: W^1..W^L, W^l of shape (n_l, n_{l-1}).
@@ -325,7 +325,7 @@ def check_target(spec: MLPSpec, target: int) -> int:
 
 @dataclass(frozen=True, eq=False)
 class FrozenNet:
-    """One explained forward pass written as affine layers (THEORY.md sections 5 and 7).
+    """One explained forward pass written as affine layers (docs/theory.md sections 8 and 10).
 
     ``weights[l-1]`` (n_l, n_{l-1}) and ``biases[l-1]`` (or None) give z^l = W^l y^{l-1} + b^l;
     ``ys`` holds the recorded y^0 (the input), ..., y^L (the output). The activation between z^l and
@@ -343,7 +343,7 @@ class FrozenNet:
     a ViT, one lower unit per row (the query's own token, -1 for none): the anchor of
     ``Anchor(..., anchor="token")``, which acts only at the layers that have anchors.
 
-    What a composite rule (THEORY.md section 10) reads per layer, as the reader recorded it
+    What a composite rule (docs/theory.md section 12) reads per layer, as the reader recorded it
     (:func:`backplay.gpu.unroll`): ``ops[l-1]`` the operation kind (``LayerTrace.kind``: "linear",
     "conv", "pool", "add", ...; default "linear"), ``modules[l-1]`` the qualified module name
     (default ""), ``first[l-1]`` whether layer l reads the input (default: layer 1 only), and

@@ -1,4 +1,4 @@
-"""The Hellinger distance matrix (THEORY.md I21) between the routing laws and the LRP zoo's laws,
+"""The Hellinger distance matrix (docs/theory.md I21) between the routing laws and the LRP zoo's laws,
 on a trained digits CNN and a trained digits ViT (``backplay.bench``: the canvases of
 ``backplay.bench.digits``, the digits benchmark's own models and training configurations, cached like
 ``backplay bench``'s), averaged over a few held-out test canvases.
@@ -83,7 +83,7 @@ def main() -> None:
     x = test.images.double()
     lines = ["# Hellinger distance between trajectory laws on the digits models", "",
              f"Command: `python benchmarks/hellinger_matrix.py --images {args.images}` "
-             f"(torch {torch.__version__}, float64). H (THEORY.md I21) averaged over {args.images} held-out "
+             f"(torch {torch.__version__}, float64). H (docs/theory.md I21) averaged over {args.images} held-out "
              "canvases (seed 7), explained at the true label; `bp.hellinger_matrix` (one sweep per image).", ""]
     for kind, cfg in MODELS.items():
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Cost of ``bp.hellinger`` (THEORY.md I21) as a ratio to one rule's sweep, on the benchmark CNN.
+"""Cost of ``bp.hellinger`` (docs/theory.md I21) as a ratio to one rule's sweep, on the benchmark CNN.
 
 The model is ``rules_speed.py``'s VGG-like CNN (random init, seed 0, float32, batch 16 at 3x64x64;
 ``build("cnn")``). For each pair of laws it times ``bp.hellinger(model, x, t, a, b)`` and

@@ -2,7 +2,7 @@
 
 ViT-B/16 as users hold it: the Hugging Face ``transformers.ViTForImageClassification`` object
 (``ViTConfig()``: 12 layers, dim 768, 12 heads, patch 16, 1000 classes; random init, seed 0, eval,
-its default sdpa attention), read by the one reader (THEORY.md sections 7 and 9: attention as
+its default sdpa attention), read by the one reader (docs/theory.md sections 10 and 11: attention as
 token-mixing edges with the frozen weights); ``--model backplay`` takes backplay's own ViT
 (``bp.gpu.vit.vit_b_16(seed=0)``) instead. A batch of ``--batch`` images at 224 x 224 (default 8),
 float32 by default. The baseline is the plain autograd gradient of the model's own forward for the

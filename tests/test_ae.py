@@ -1,4 +1,4 @@
-"""Attribution Equilibrium (THEORY.md section 8): every term on hand-checked cases, the layer sums,
+"""Attribution Equilibrium (docs/theory.md section 13): every term on hand-checked cases, the layer sums,
 r = 1 and 2; and its closest law, AttributionEquilibriumLaw, exact-checked and conservative (I14)."""
 
 from fractions import Fraction

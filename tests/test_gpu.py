@@ -1,7 +1,7 @@
 """Tests of backplay.gpu (occupation, explain, interval_bounds) and backplay.rules.
 
 Every check is against an independent computation: torch autograd (on a deep copy of the model),
-hand-computed values, MLPSpec.forward, or the identities of THEORY.md (I3, I4, I5, I7, I8, I11, I13).
+hand-computed values, MLPSpec.forward, or the identities of docs/theory.md (I3, I4, I5, I7, I8, I11, I13).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Routing rules in torch (THEORY.md section 5) on MLPs, CNNs and residual blocks: backplay.gpu.
+"""Routing rules in torch (docs/theory.md section 8) on MLPs, CNNs and residual blocks: backplay.gpu.
 
 Independent references: closed-form alpha-beta written here layer by layer on dense matrices, an
 alpha-beta law on the unrolled FrozenNet, torch autograd (Gradient x Input), hand-folded BatchNorm.

@@ -1,4 +1,4 @@
-"""Property tests: every identity of THEORY.md in the verification table holds three ways (exact ==
+"""Property tests: every identity of docs/theory.md in the verification table holds three ways (exact ==
 cvxpy 1e-6 == torch float64 1e-10) on random nets (widths 1-6, depth 1-4, mixed signs, zero rows,
 exact ties, zero weights, biases on/off, linear or activated output, negative and positive inputs).
 A row that needs an optional peer library (I23: zennit) is skipped where the library is not installed."""

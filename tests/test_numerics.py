@@ -1,6 +1,6 @@
 """Tests of backplay.numerics: the cvxpy oracle for the ReLU net game and its entropic version.
 
-Checks THEORY.md I1-I5, I9-I11, I13 and section 6 to solver tolerance on small hand-made and random
+Checks docs/theory.md I1-I5, I9-I11, I13 and section 6 to solver tolerance on small hand-made and random
 nets, against the numpy forward pass (spec.forward), torch autograd, finite differences, interval
 bound propagation and numpy best-response recursions written here.
 """
@@ -381,7 +381,7 @@ def test_softplus_wrong_policy_exploitable():
 @pytest.mark.parametrize("player", ["max", "min"])
 def test_entropic_program_unreachable_subtrees_not_inf(player):
     """Zero column, zero row and exact-zero opponent choices leave unreachable subtrees; the
-    Clarabel exponential-cone program stays finite (THEORY.md section 6)."""
+    Clarabel exponential-cone program stays finite (docs/theory.md section 7)."""
     W1 = np.array([[1.0, -0.5, 0.3], [0.7, 0.2, -1.0], [-0.4, 0.9, 0.5], [0.6, -0.8, 0.2]])
     W2 = np.array([[0.8, -0.6, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.5, 0.9, 0.0, 0.0], [0.3, 0.4, 0.0, 0.0]])
     W3 = np.array([[1.0, 0.5, -0.7, 0.4], [0.2, -0.3, 0.6, 0.9]])

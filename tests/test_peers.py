@@ -35,7 +35,7 @@ round-off. The bound is attained to within a factor ~1-2 on these nets (diff/bou
 so it is not loose; observed normwise gaps: captum default ~1e-7, zennit AlphaBeta default ~1e-4
 (an S- made of a few small contributions makes eps/|S-| large).
 
-Biases in alpha-beta. backplay (THEORY.md section 5) counts a bias b_i as a constant unit in the
+Biases in alpha-beta. backplay (docs/theory.md section 8) counts a bias b_i as a constant unit in the
 branch of its sign: S+_i includes max(b_i, 0), S-_i includes min(b_i, 0), and the share routed to
 the bias unit ends in the bias sink (report ``stopped``). zennit's AlphaBeta does the same: its
 positive denominator is the output of (W+, b+) on x+ plus (W-, no bias) on x-, its negative one
@@ -48,7 +48,7 @@ cases are asserted here). zennit's ``AlphaBeta`` also requires alpha - beta = 1 
 
 Biases in LRP-0 / Epsilon. zennit's Epsilon and captum's EpsilonRule divide by the full
 pre-activation z (bias included) and hand down only the x_j W_ij share, the bias share is absorbed:
-backplay's LRP0 convention (and GradientXInput on a ReLU net, THEORY.md I8).
+backplay's LRP0 convention (and GradientXInput on a ReLU net, docs/theory.md I8).
 
 ReLU / Flatten. zennit (``Pass`` on activations) and captum (``backward_hook_activation``) pass
 the relevance through a ReLU unchanged; backplay folds the ReLU into the layer below (an inactive
@@ -398,7 +398,7 @@ def test_alphabeta_avgpool_convention_vs_zennit_norm(zennit, kind, seed):
 @pytest.mark.parametrize("kind,bias", NETS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_routing_laws_equal_to_alphabeta_vs_zennit(zennit, kind, bias, seed):
-    """RG() (tau = 1/ln 2, T = 1) and RGEq(kappa = ln 2, nu = 0) are alpha-beta(2, 1) (THEORY.md
+    """RG() (tau = 1/ln 2, T = 1) and RGEq(kappa = ln 2, nu = 0) are alpha-beta(2, 1) (docs/theory.md
     I16, I18): compared against zennit's AlphaBeta(2, 1) directly."""
     model = make(kind, bias, seed)
     x = inputs(model, seed)

@@ -1,4 +1,4 @@
-"""Routing laws (THEORY.md section 5, I14-I21): exact laws (backplay.theory.routing) against their
+"""Routing laws (docs/theory.md section 8, I14-I21): exact laws (backplay.theory.routing) against their
 closed forms, the GV game, path enumeration, and the cvxpy programs of backplay.numerics.routing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""validate_rule (THEORY.md section 8): the named laws are found with their section 5 parameters,
+"""validate_rule (docs/theory.md section 13): the named laws are found with their section 5 parameters,
 Attribution Equilibrium's failures are reported with their sizes, black boxes, the report formats."""
 
 import json
@@ -63,7 +63,7 @@ def test_named_laws_found_with_their_parameters(rule):
 
 
 def test_named_law_values_match_theory_section_5():
-    """Spot values of THEORY.md section 5: alpha-beta p = 2/3, m = 3; RG(tau) p = sigmoid(1/tau),
+    """Spot values of docs/theory.md section 8: alpha-beta p = 2/3, m = 3; RG(tau) p = sigmoid(1/tau),
     m = coth(1/(2 tau)); AttributionEquilibriumLaw(2) p = 3/4, q = 1/4, m = 2 (m (p - q) = 1)."""
     spec, x = _mlp()
     for rule, pv, mv in ((AlphaBeta(2, 1), 2 / 3, 3.0), (RG(tau=0.5), 1 / (1 + math.exp(-2)), 1 / math.tanh(1)),

@@ -1,4 +1,4 @@
-"""Rules from other libraries validated (THEORY.md sections 8 and 10, I23): zennit composites and
+"""Rules from other libraries validated (docs/theory.md sections 13 and 12, I23): zennit composites and
 captum LRP read as black boxes (``backplay.validate.external``) are classified by validate_rule
 exactly as backplay's rules of the same definition.
 
@@ -201,7 +201,7 @@ def test_zennit_epsilon_is_backplay_epsilon(zennit, kind):
 def test_zennit_epsilon_stop_is_the_stabiliser_share(zennit):
     """The layer map of zennit's Epsilon probed on unit vectors: column i sums to (z_i - b_i) /
     (z_i + eps sign z_i), so the reported stop is the bias share plus eps/(|z_i| + eps) of the rest
-    (THEORY.md section 10), computed here from the weights, not from zennit."""
+    (docs/theory.md section 12), computed here from the weights, not from zennit."""
     model, x, eps = MLP(), mlp_input(), 0.25
     box = zennit_rule(zennit_epsilon(eps))
     y = x[None]

@@ -1,5 +1,5 @@
 """validate_rule tells the truth (issue 15): LRP-0 with biases is the gradient equilibrium with its
-bias mass in the bias sink (THEORY.md I17, I14); a user's LayerRule reports its stopped mass through
+bias mass in the bias sink (docs/theory.md I17, I14); a user's LayerRule reports its stopped mass through
 ``backward -> (lower, stopped)``; every row's verdict follows from its own figure and tolerance; the
 hand-over that the maps do not identify is said, with the distance as a bound; the public
 ``LayerRule.layer_map`` is the sweep's own layer map."""

@@ -1,4 +1,4 @@
-"""validate_rule names each LRP zoo rule as the law it is (issue 15 item 2; THEORY.md section 10).
+"""validate_rule names each LRP zoo rule as the law it is (issue 15 item 2; docs/theory.md section 12).
 
 The probed layer maps decide which named rule a rule is (``nearest["maps"]``, the largest difference
 of the named law's layer maps from the probed ones); the path law behind equal maps is identified up

@@ -1,5 +1,5 @@
 """``explain`` on backplay's ViT, read by the one reader like any model: the frozen extended graph of
-THEORY.md sections 7 and 9.
+docs/theory.md sections 10 and 11.
 
 * exactness: on tiny ViTs the torch code path equals, at the input and at every report layer (the
   cuts of the reader's graph), the exact laws run on the unrolled extended graph

@@ -73,7 +73,7 @@ def _rg_grid(quick: bool) -> tuple[Rule, ...]:
 def cnn_families(quick: bool = False) -> list[RuleFamily]:
     """The rule families evaluated on the CNN (grids halved in ``quick`` mode): the graph rules of
     :func:`graph_families` and Nam and Lee's Attribution Equilibrium with its closest law on the graph
-    (THEORY.md section 8; r in 1, 1.5, 2, quick 1, 2)."""
+    (docs/theory.md section 13; r in 1, 1.5, 2, quick 1, 2)."""
     rs = (1.0, 2.0) if quick else (1.0, 1.5, 2.0)
     return graph_families(quick) + [
         RuleFamily("AttributionEquilibrium", tuple(AttributionEquilibrium(r) for r in rs)),

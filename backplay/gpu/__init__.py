@@ -1,13 +1,13 @@
 """backplay.gpu: the fast batched torch path (any device).
 
-One reader (:mod:`backplay.gpu.read`) turns any torch model into its operation graph (THEORY.md
+One reader (:mod:`backplay.gpu.read`) turns any torch model into its operation graph (docs/theory.md
 section 9); ``explain`` runs a rule (:mod:`backplay.rules`) on it for a batch; ``unroll`` writes the
 explained pass of one input as a :class:`backplay.nets.FrozenNet` (the exact law runs on it);
-``occupation`` returns the occupation measures of the GV game / entropic game (THEORY.md sections
+``occupation`` returns the occupation measures of the GV game / entropic game (docs/theory.md sections
 2-3); ``interval_bounds`` is IBP, the game's monotone bound on a box (I13); ``hellinger`` and
 ``hellinger_matrix`` compare how routing laws compute (I21). Transformers (backplay's ViT, Hugging
 Face ViT / BERT / GPT-2 objects, models with ``nn.MultiheadAttention``) are read the same way:
-attention is a layer of token-mixing edges with the frozen weights (THEORY.md section 7); the
+attention is a layer of token-mixing edges with the frozen weights (docs/theory.md section 10); the
 transformer rules run on those nodes (:mod:`backplay.gpu.transformer`).
 """
 

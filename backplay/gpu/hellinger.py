@@ -1,13 +1,13 @@
-"""Hellinger distance between the trajectory laws of two rules, on any model (THEORY.md I21).
+"""Hellinger distance between the trajectory laws of two rules, on any model (docs/theory.md I21).
 
 Two routing laws P, Q started at the same state (L, target, +) are compared by
 
     H = sqrt(1 - BC),   BC(s) = sum_{s'} sqrt(K_P(s, s') K_Q(s, s')) BC(s'),
 
-with BC = 1 at the inputs, the cemetery and the bias sink (I21, THEORY.md section 5). The
+with BC = 1 at the inputs, the cemetery and the bias sink (I21, docs/theory.md section 8). The
 multipliers m do not enter: H is a distance between path laws ("how the two rules compute"), not
 between heatmaps. :func:`hellinger` computes BC for a batch by ONE sweep of the Bhattacharyya
-kernel sqrt(K_P K_Q) over the operation graph of :mod:`backplay.gpu.read` (THEORY.md section 9),
+kernel sqrt(K_P K_Q) over the operation graph of :mod:`backplay.gpu.read` (docs/theory.md section 11),
 from the input up to the output, in torch order (backward in game time).
 
 The kernel of a routing law at unit i of a layer (the convention of :mod:`backplay.rules.routing`):
@@ -49,7 +49,7 @@ T != 1 or risk aversion); edge-level (anchored) layers materialise the layer's m
 for small models only (a ValueError names the layer when it exceeds :data:`MAX_EDGES` entries).
 
 Rules accepted (:data:`SIGNED_BRANCH`, one entry per base law): AlphaBeta (and ZPlus), RG, RGEq,
-GradientEquilibrium (and LRP0, its law, I17), Epsilon, Gamma (THEORY.md section 10), and Anchor
+GradientEquilibrium (and LRP0, its law, I17), Epsilon, Gamma (docs/theory.md section 12), and Anchor
 (uniform or token) / RiskAverse of the routing laws. A further law whose branches are the signs of
 W_ij y_j is one entry there (its hand-over from S+ and S-). The single-branch laws
 (:data:`SINGLE_BRANCH`: Flat, routing 1{W_ij != 0}, and WSquare, routing W_ij^2 with the bias unit
@@ -90,7 +90,7 @@ def _sdiv(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den == 0, 0.0, num / torch.where(den == 0, 1.0, den))
 
 
-#: single-branch laws (THEORY.md section 10: p = 1, sign kept, routing along the edges W_ij != 0
+#: single-branch laws (docs/theory.md section 12: p = 1, sign kept, routing along the edges W_ij != 0
 #: whatever y): routing weight per edge from the coefficient W, and the bias unit's weight from b
 #: (None: no bias unit). Compared edge by edge (their routing is not |W| |y|^(1/T)).
 SINGLE_BRANCH: dict[type, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]] = {
@@ -102,7 +102,7 @@ SINGLE_BRANCH: dict[type, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], T
 #: the laws whose branches are the signs of W_ij y_j and whose routing is |W_ij| |y_j|^(1/T): each
 #: declares its hand-over (``handover(S+, S-)``, :class:`backplay.rules.Handover`); with their
 #: subclasses (ZPlus = AlphaBeta(1, 0)), and Anchor / RiskAverse of the routing laws. LRP0 is the
-#: gradient equilibrium's law (I17), Epsilon and Gamma the zoo's (THEORY.md section 10).
+#: gradient equilibrium's law (I17), Epsilon and Gamma the zoo's (docs/theory.md section 12).
 SIGNED_BRANCH = (AlphaBeta, RG, RGEq, GradientEquilibrium, LRP0, Epsilon, Gamma)
 
 

@@ -1,9 +1,9 @@
 """Occupation measures of the GV game (ReLU) and of the entropic game (softplus), batched, on the
 operation graph of any model the reader takes (:mod:`backplay.gpu.read`).
 
-THEORY.md sections 2-3. The game is started at (output, target, +). At a unit of layer l the mover
+docs/theory.md sections 3-5. The game is started at (output, target, +). At a unit of layer l the mover
 continues with probability p^l_i (the gate: ReLU 1{z > 0}, ties stop; softplus_eps sigmoid(z/eps);
-1 without activation; the frozen gate of THEORY.md section 9 otherwise), collects the reward
+1 without activation; the frozen gate of docs/theory.md section 11 otherwise), collects the reward
 s*b^l_i, and moves along the edge (i, j) with probability |W^l_ij| / gamma^l_i, multiplying the
 future payoff by gamma^l_i = sum_j |W^l_ij|. Layout steps (reshape, cat, ...) move every measure by
 their transpose; a sum node is a unit with one edge per summand.
@@ -174,7 +174,7 @@ _MONOTONE = (LinearGate, ReLUGate, LeakyReLUGate, ClampGate, SoftplusGate)
 
 
 def interval_bounds(model: Any, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Bounds on the output over the box [lo, hi] by interval bound propagation (THEORY.md I13).
+    """Bounds on the output over the box [lo, hi] by interval bound propagation (docs/theory.md I13).
 
     Layer by layer: z_lo = W+ y_lo + W- y_hi + b, z_hi = W+ y_hi + W- y_lo + b, then the (monotone)
     activation of both ends; layout steps and max selections (monotone) act on both ends. This is

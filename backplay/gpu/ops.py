@@ -1,4 +1,4 @@
-"""The operations of the frozen extended graph (THEORY.md section 9), as torch objects.
+"""The operations of the frozen extended graph (docs/theory.md section 11), as torch objects.
 
 Every explained operation of a model read by :mod:`backplay.gpu.read` becomes one of:
 
@@ -7,7 +7,7 @@ Every explained operation of a model read by :mod:`backplay.gpu.read` becomes on
   a sum node, a max selection). A map applies itself with the parts of its coefficients
   (``"W"``; ``"pos"`` = W+, ``"neg"`` = W-, ``"abs"`` = |W|, ``"ipos"`` = 1{W > 0},
   ``"ineg"`` = 1{W < 0}, ``"sq"`` = W^2, ``"nz"`` = 1{W != 0}) and their transposes; the routing
-  laws (THEORY.md section 5) read the branch sums of a unit through these parts, the LRP zoo's
+  laws (docs/theory.md section 8) read the branch sums of a unit through these parts, the LRP zoo's
   WSquare and Flat rules (section 10) the last two;
 * a **gate** :class:`Gate`: ``y = p z + c`` per unit with p frozen at the explained pass (section 3
   and 9): ReLU, LeakyReLU, ReLU6 / hardtanh, softplus (the game's own policies), GELU, SiLU, tanh
@@ -451,7 +451,7 @@ class ScaleOp(LinearOp):
 
 
 class NormOp(LinearOp):
-    """A frozen normaliser (LayerNorm, GroupNorm, RMSNorm; THEORY.md section 9): per group of n
+    """A frozen normaliser (LayerNorm, GroupNorm, RMSNorm; docs/theory.md section 11): per group of n
     units (the normalised dimensions of one sample and token, or one group of channels), the scale
     1/std is frozen and the map is z = diag(gamma) (I - 11^T / n) y / std + beta (no centring for
     RMSNorm). Row i has the diagonal entry c_i = gamma_i (1 - 1/n) and the off-diagonal entries
@@ -602,7 +602,7 @@ class Selection(LinearOp):
 
 
 class AttentionOp(WeightOp):
-    """Attention out = A v with the frozen attention matrix A (THEORY.md sections 7 and 9): token-
+    """Attention out = A v with the frozen attention matrix A (docs/theory.md sections 10 and 11): token-
     mixing edges of weight A_qt >= 0 (a softmax), per head; ``v`` [B, ..., T_k, d] -> [B, ..., T_q, d],
     A [B, ..., T_q, T_k] (per sample). No bias; W = W+ = |W| = A, W- = 0. ``own_*``: the query's own
     token (the token anchor of ``Anchor(..., anchor="token")``), defined when T_q = T_k."""
@@ -676,7 +676,7 @@ class Gate:
     ``gate(z)`` returns ``(y, p)``. ReLU, LeakyReLU, ReLU6 / hardtanh and softplus are the game's own
     policies (p = the probability of continuing, c = the reward collected on stopping: eps H(p) for
     softplus (I9), the clamp constant of a saturated ReLU6); GELU, SiLU, tanh and sigmoid are frozen
-    gates p = act(z)/z (THEORY.md section 9). ``offset(z, p)`` is c (``None`` when identically 0)."""
+    gates p = act(z)/z (docs/theory.md section 11). ``offset(z, p)`` is c (``None`` when identically 0)."""
 
     #: True when the gate may stop (an activation); False for a linear layer.
     activated: bool = True
@@ -688,7 +688,7 @@ class Gate:
         return None
 
     def at_temperature(self, eps: float) -> "Gate":
-        """The gate of the SoftplusGame surrogate at temperature eps (the entropic game; THEORY.md
+        """The gate of the SoftplusGame surrogate at temperature eps (the entropic game; docs/theory.md
         section 3): ReLU and softplus -> softplus_eps, GELU z Phi(z) -> z Phi(z/eps), SiLU
         z sigmoid(z) -> z sigmoid(z/eps); other gates are not game policies and stay as they are."""
         return self
@@ -757,7 +757,7 @@ class SoftplusGate(Gate):
     """softplus_eps(z) = eps*log(1 + exp(z/eps)); continue with p = sigmoid(z/eps) (I9, I10).
 
     Computed as ``eps * logaddexp(0, z/eps)`` in the compute dtype (exact to round-off in float64, no
-    identity switch above ``threshold`` as in ``nn.Softplus``: THEORY.md section 3)."""
+    identity switch above ``threshold`` as in ``nn.Softplus``: docs/theory.md section 5)."""
 
     def __init__(self, eps: float) -> None:
         eps = float(eps)
@@ -843,7 +843,7 @@ class FrozenGate(Gate):
 
 
 class FunctionGate(Gate):
-    """An elementwise subgraph y = f(z) of one explained tensor z read as one frozen gate (THEORY.md
+    """An elementwise subgraph y = f(z) of one explained tensor z read as one frozen gate (docs/theory.md
     section 9; e.g. a tanh-approximate GELU the exporter decomposed into pow / mul / tanh / add):
     p = f(z)/z, 0/0 := f'(0); where z = 0 and f(0) != 0 the value f(0) is the reward c, so
     y = p z + c everywhere (the convention of :class:`FrozenGate`). ``f`` is evaluated by the

@@ -1,4 +1,4 @@
-"""THE reader: any torch model -> one graph of operations (THEORY.md section 9).
+"""THE reader: any torch model -> one graph of operations (docs/theory.md section 11).
 
 ``read(model, x)`` captures the model's forward at the explained input with ``torch.export``
 (non-strict first, strict where that fails; a dynamic batch dimension where the model allows it),
@@ -96,7 +96,7 @@ _register("selection", "max pool / adaptive max pool / amax / max along a dim (w
           "adaptive_max_pool2d", "amax", "max")
 _register("norm", "frozen normaliser (1/std frozen, centring linear)", "layer_norm", "native_layer_norm",
           "group_norm", "native_group_norm", "rms_norm")
-_register("attention", "softmax: the frozen attention weights A (THEORY 9: A in A v is frozen, q k^T carries "
+_register("attention", "softmax: the frozen attention weights A (docs/theory.md section 11: A in A v is frozen, q k^T carries "
           "no relevance); A v is a layer of token-mixing edges", "softmax", "_softmax", "_safe_softmax")
 _register("attention", "fused scaled-dot-product attention: token mixing of v with the frozen softmax(q k^T)",
           "scaled_dot_product_attention")
@@ -346,7 +346,7 @@ class ModelGraph:
                *, frozen: bool = True, eps: float = 0.0, freeze_softmax: bool = False,
                uniform_products: bool = False) -> Replay:
         """The model's pass re-run with autograd from the explained tensor, modified as the
-        transformer rules read it (THEORY.md section 7): ``frozen``: normaliser std and gates frozen
+        transformer rules read it (docs/theory.md section 10): ``frozen``: normaliser std and gates frozen
         (the identity rule: y = p z + c with p, c detached); ``eps > 0``: every dense / convolution
         output z's backward signal scaled by z / (z + eps sign z) (the epsilon rule, sign(0) = +1);
         ``freeze_softmax``: attention weights detached (no relevance into q, k); ``uniform_products``:
@@ -499,7 +499,7 @@ def _needs_gate(node: Any, explained: set) -> bool:
 
 def _regions(ep: Any, explained: set, output_node: Any) -> tuple[dict, dict]:
     """Elementwise subgraphs of one explained tensor z that must be read as one gate y = f(z)
-    (THEORY 9): {exit node name: (root node, region nodes in order)} and the nodes inside those
+    (docs/theory.md section 11): {exit node name: (root node, region nodes in order)} and the nodes inside those
     gates that are no step of their own ({name: whether something outside the explained graph
     reads it, so that the pass computes it as a constant too})."""
     root: dict = {}
@@ -813,7 +813,7 @@ class _RepeatOp(LinearOp):
     """A layout that repeats units (expand, nearest upsampling, repeat) or writes constants (a cls
     token concatenated to the patch tokens): a layer of copy rows, each output unit a copy of one
     input unit (relevance passes by the transpose whatever the rule), so that a later layer sees
-    each copy as its own contribution (THEORY.md section 9: copy edges); the constant entries are
+    each copy as its own contribution (docs/theory.md section 11: copy edges); the constant entries are
     the bias (a unit made of a constant only: its relevance goes to the bias sink)."""
 
     pass_through = True

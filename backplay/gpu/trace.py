@@ -3,7 +3,7 @@
 A :class:`Trace` holds the batch ``x`` and the steps of the pass in topological order. Tensors are
 numbered (0 is the input); each step reads ``sources`` and writes ``out``:
 
-* a :class:`LayerTrace` (a layer: one linear map of THEORY.md section 9 and the gate that follows it;
+* a :class:`LayerTrace` (a layer: one linear map of docs/theory.md section 11 and the gate that follows it;
   ``map``, ``gate``, ``input`` = y^{l-1} (the stacked inputs of a sum node), ``z``, ``p``, ``y``);
 * a :class:`LayoutStep` (view, permute, cat, slice, pad, expand, nearest upsampling ...): an index
   map, transparent to every rule (relevance moves by its transpose).

@@ -1,4 +1,4 @@
-"""The torch side of the transformer rules (THEORY.md section 7), on the attention nodes of any
+"""The torch side of the transformer rules (docs/theory.md section 10), on the attention nodes of any
 model the reader takes (:mod:`backplay.gpu.read`).
 
 * :class:`~backplay.rules.AttnLRP` and :class:`~backplay.rules.CPLRP` are modified gradients of the

@@ -1,7 +1,7 @@
 """``unroll``: the explained forward pass of one input as a layered :class:`backplay.nets.FrozenNet`.
 
 Any model the reader takes (:mod:`backplay.gpu.read`) is unrolled at one input, so the exact law of
-:func:`backplay.theory.routing_law` runs on it (THEORY.md section 9: a small instance of every
+:func:`backplay.theory.routing_law` runs on it (docs/theory.md section 11: a small instance of every
 architecture has a graph small enough for the exact solvers).
 """
 

@@ -1,4 +1,4 @@
-"""Numerics: cvxpy programs for the ReLU net game and its entropic version (THEORY.md section 6).
+"""Numerics: cvxpy programs for the ReLU net game and its entropic version (docs/theory.md section 7).
 
 An independent oracle: only :class:`backplay.nets.MLPSpec`, numpy, scipy.sparse and cvxpy are used
 (no ``backplay.theory``, no ``backplay.gpu``). :func:`backplay.validate_rule`, which composes the
@@ -50,7 +50,7 @@ __all__ = [
     "occupation_measure",
     "policy_state_values",
     "policy_value",
-    # routing laws (THEORY.md section 5)
+    # routing laws (docs/theory.md section 8)
     "FlowOccupation",
     "LocalMaximiserReport",
     "check_local_maximisers",

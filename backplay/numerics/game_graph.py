@@ -1,6 +1,6 @@
 """The numpy side of the numerics oracle: the extended graph, input checks, policies, recursions.
 
-Everything here follows THEORY.md sections 0-2 and uses only :class:`backplay.nets.MLPSpec`, numpy
+Everything here follows docs/theory.md sections 1-3 and uses only :class:`backplay.nets.MLPSpec`, numpy
 and scipy; it deliberately does not import ``backplay.theory`` or ``backplay.gpu`` (the numerics
 package is an independent oracle).
 
@@ -119,7 +119,7 @@ def entropic_eps(spec: MLPSpec) -> float:
 
 # -- forward pass and candidate policy -------------------------------------------------------------
 def equilibrium_policy(spec: MLPSpec, x: Any) -> list[np.ndarray]:
-    """Candidate equilibrium policy from a float64 forward pass (THEORY.md I2 and I10).
+    """Candidate equilibrium policy from a float64 forward pass (docs/theory.md I2 and I10).
 
     ReLU net: both copies of neuron (l, i) continue iff z^l_i > 0 (ties z = 0 stop, I2).
     Softplus net: both copies continue with probability sigmoid(z^l_i / eps) (I10).
@@ -144,7 +144,7 @@ def equilibrium_policy(spec: MLPSpec, x: Any) -> list[np.ndarray]:
 
 # -- numpy recursions ------------------------------------------------------------------------------
 def _continue_values(W: np.ndarray, b: np.ndarray, v_plus: np.ndarray, v_minus: np.ndarray):
-    """c(l,i,+) and c(l,i,-) from the values of layer l-1 (THEORY.md section 2, Shapley operator)."""
+    """c(l,i,+) and c(l,i,-) from the values of layer l-1 (docs/theory.md section 3, Shapley operator)."""
     Wp, Wn = np.maximum(W, 0.0), np.maximum(-W, 0.0)
     c_plus = b + Wp @ v_plus + Wn @ v_minus
     c_minus = -b + Wp @ v_minus + Wn @ v_plus
@@ -158,7 +158,7 @@ def policy_state_values(
 
     Returns a list of length L+1; entry l has shape (n_l, 2) (columns +, -); entry 0 holds the
     terminal payoffs. In the entropic game (softplus spec) the value at an activated state includes
-    the entropy term s * eps * H(p) (+ for Max, - for Min, THEORY.md section 3).
+    the entropy term s * eps * H(p) (+ for Max, - for Min, docs/theory.md section 5).
     """
     spec = numeric_spec(spec)
     xf = float_input(spec, x)
@@ -184,7 +184,7 @@ def policy_value(
 ) -> float:
     """Payoff J(sigma, tau) to Max of a policy pair, by a numpy backward recursion (no cvxpy).
 
-    The recursion is the policy-evaluation form of the Shapley operator (THEORY.md section 2):
+    The recursion is the policy-evaluation form of the Shapley operator (docs/theory.md section 3):
     v(l,i,s) = p(l,i,s) * c(l,i,s) (+ s * eps * H(p) at activated layers of a softplus net,
     section 3), with c the continue value. At the equilibrium this is f_target(x) (I1, I10).
 
@@ -193,7 +193,7 @@ def policy_value(
         x: the input (terminal payoffs (x, -x) unless ``terminal`` is given).
         target: output index; the start state is (L, target, +1).
         policy: the pair, in the public policy format.
-        terminal: optional (payoff_plus, payoff_minus) replacing (x, -x) (THEORY.md section 4).
+        terminal: optional (payoff_plus, payoff_minus) replacing (x, -x) (docs/theory.md section 6).
     """
     spec = numeric_spec(spec)
     target = check_target(spec, target)
@@ -204,7 +204,7 @@ def policy_value(
 def shapley_solution(
     spec: MLPSpec, payoff_plus: np.ndarray, payoff_minus: np.ndarray
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Shapley recursion of the ReLU game on given terminal payoffs (THEORY.md sections 2 and 4).
+    """Shapley recursion of the ReLU game on given terminal payoffs (docs/theory.md sections 3 and 6).
 
     Returns (values, policy): values is a list of L+1 arrays (n_l, 2); policy continues iff
     continuing beats stopping strictly (c > 0 at +, c < 0 at -; ties stop), and always at a linear
@@ -229,7 +229,7 @@ def shapley_solution(
 
 # -- the extended graph as sparse matrices ---------------------------------------------------------
 class GameGraph:
-    """The extended network graph (THEORY.md section 1) as scipy.sparse matrices.
+    """The extended network graph (docs/theory.md section 2) as scipy.sparse matrices.
 
     Attributes:
         widths: (n_0, ..., n_L).

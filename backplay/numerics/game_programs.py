@@ -1,4 +1,4 @@
-"""cvxpy programs for the ReLU net game and its entropic (softplus) version (THEORY.md section 6).
+"""cvxpy programs for the ReLU net game and its entropic (softplus) version (docs/theory.md section 7).
 
 An independent oracle: it uses only :class:`backplay.nets.MLPSpec`, numpy, scipy.sparse and cvxpy,
 never ``backplay.theory`` or ``backplay.gpu``.
@@ -13,7 +13,7 @@ never ``backplay.theory`` or ``backplay.gpu``.
 * :func:`entropic_choice`: the one-state variational identity (I9).
 * :func:`box_bound`: the game on box terminal payoffs (section 4, I13).
 
-Two practical rules from THEORY.md section 6 are applied throughout: states unreachable from the
+Two practical rules from docs/theory.md section 7 are applied throughout: states unreachable from the
 start are dropped before a program is built (their rel_entr(0, 0) terms make Clarabel report an
 objective of -inf), and objectives are recomputed with numpy from the variable values instead of
 trusting ``problem.value``.
@@ -94,7 +94,7 @@ def solve_problem(problem: cp.Problem, solver: str, solver_options: Mapping[str,
 # -- best response ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BestResponse:
-    """A best response of one player against a fixed policy of the other (THEORY.md section 6).
+    """A best response of one player against a fixed policy of the other (docs/theory.md section 7).
 
     Attributes:
         player: ``"max"`` or ``"min"``.
@@ -153,7 +153,7 @@ def best_response(
     solver: str = "CLARABEL",
     solver_options: Mapping[str, Any] | None = None,
 ) -> BestResponse:
-    """Best response of ``player`` to the other player's fixed policy (THEORY.md section 6).
+    """Best response of ``player`` to the other player's fixed policy (docs/theory.md section 7).
 
     ReLU game: the linear program over discounted occupation measures of the mover's states,
 
@@ -163,7 +163,7 @@ def best_response(
                               mu_c = p_opp * nu at the opponent's states, mu_c = nu at a linear
                               output layer, mu >= 0.
 
-    Entropic game (softplus spec, THEORY.md section 3): the mover's regulariser
+    Entropic game (softplus spec, docs/theory.md section 5): the mover's regulariser
     eps * nu(s) H(mu_c(s)/nu(s)) = -eps * (rel_entr(mu_c, nu) + rel_entr(mu_stop, nu)) is added with
     sign +1 for Max and -1 for Min (Min pays its entropy, J contains -eps nu H(q)); the opponent's
     entropy terms are linear in its nu. Max maximises a concave objective, Min minimises a convex
@@ -231,7 +231,7 @@ def _best_response_program(
       Q(s) = s b(s) + sum_j |W_ij| phi(successor) the continue value under phi, the objective
       J = sum_s mu_c(s) s b(s) + sum_t nu(t) g(t) (+ entropy) is written as
       J + phi . (start + A mu_c - nu) = phi(start) + sum_s [mu_c(s) (Q(s) - phi(s)) - mu_stop(s) phi(s)]
-      (+ entropy), the same function on the feasible set (THEORY.md section 6's LP, its dual being
+      (+ entropy), the same function on the feasible set (docs/theory.md section 7's LP, its dual being
       the values). It avoids summing huge + and - occupations; the numpy recomputation of the value
       uses the same form.
     """
@@ -355,7 +355,7 @@ def _best_response_program(
 # -- equilibrium certificate -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Certificate:
-    """Best-response certificate of a candidate policy pair (THEORY.md I2, I10, section 6).
+    """Best-response certificate of a candidate policy pair (docs/theory.md I2, I10, section 6).
 
     Attributes:
         policy: the candidate pair (public format).
@@ -398,7 +398,7 @@ def certify_equilibrium(
     solver: str = "CLARABEL",
     solver_options: Mapping[str, Any] | None = None,
 ) -> Certificate:
-    """Certify a candidate policy pair by the two best-response programs (THEORY.md section 6).
+    """Certify a candidate policy pair by the two best-response programs (docs/theory.md section 7).
 
     The default candidate is :func:`equilibrium_policy` (I2 for ReLU nets, I10 for softplus nets).
     At an equilibrium max_value = value = min_value, so the exploitability is 0 up to solver
@@ -491,7 +491,7 @@ def occupation_measure(
     solver: str = "CLARABEL",
     solver_options: Mapping[str, Any] | None = None,
 ) -> Occupation:
-    """Occupation measures of a fixed policy pair as a flow program (THEORY.md I3-I5, I7, I11).
+    """Occupation measures of a fixed policy pair as a flow program (docs/theory.md I3-I5, I7, I11).
 
     Variables nu >= 0 (discounted) and r >= 0 (undiscounted) over the non-terminal states with
 
@@ -600,7 +600,7 @@ def box_bound(
     solver: str = "CLARABEL",
     solver_options: Mapping[str, Any] | None = None,
 ) -> tuple[float, float]:
-    """Certified bounds of f_target on the box [lo, hi] by the game (THEORY.md section 4, I13).
+    """Certified bounds of f_target on the box [lo, hi] by the game (docs/theory.md section 6, I13).
 
     Lower bound: the game with terminal payoffs (lo, -hi); upper bound: with (hi, -lo). Each is
     computed by a cvxpy best response against the policies of a numpy Shapley recursion on those
@@ -611,7 +611,7 @@ def box_bound(
     """
     spec = numeric_spec(spec)
     if spec.activation != "relu":
-        raise ValueError("box_bound is defined for ReLU nets only (THEORY.md section 4)")
+        raise ValueError("box_bound is defined for ReLU nets only (docs/theory.md section 6)")
     target = check_target(spec, target)
     lo_v = float_input(spec, lo)
     hi_v = float_input(spec, hi)

@@ -1,4 +1,4 @@
-"""Routing laws (THEORY.md section 5) with numpy and cvxpy: an independent oracle.
+"""Routing laws (docs/theory.md section 8) with numpy and cvxpy: an independent oracle.
 
 Uses only :mod:`backplay.nets`, the parameter classes of :mod:`backplay.rules`, numpy and cvxpy,
 never ``backplay.theory`` or ``backplay.gpu``.

@@ -12,7 +12,7 @@ with ``map`` (apply / transpose with any part of its coefficients), ``gate``, ``
 relevance by their transpose for every rule (:meth:`~backplay.gpu.trace.Trace.walk`).
 
 Modules: :mod:`.base` (Rule, LayerRule, Sweep), :mod:`.gradient` (Gradient, GradientXInput, LRP0,
-Epsilon, SoftplusGame), :mod:`.routing` (the routing laws of THEORY.md section 5), :mod:`.lrp` (the
+Epsilon, SoftplusGame), :mod:`.routing` (the routing laws of docs/theory.md section 8), :mod:`.lrp` (the
 LRP zoo of section 10: Gamma, ZPlus, ZBox, Flat, WSquare, Composite and zennit's presets),
 :mod:`.peers` (Attribution
 Equilibrium), :mod:`.transformer` (AttnLRP, CPLRP, Rollout, TransformerAttribution). The package

@@ -108,7 +108,7 @@ class LayerRule(Rule):
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Map the relevance of layer l (shape of ``layer.y``) to layer l-1 (shape of ``layer.input``).
 
-        The stopped-mass API (THEORY.md I14): a rule that absorbs relevance at this layer (a bias
+        The stopped-mass API (docs/theory.md I14): a rule that absorbs relevance at this layer (a bias
         sink, a cemetery, a stabiliser) returns ``(lower, stopped)`` with ``stopped`` the signed mass
         it absorbed per sample (shape [B]), so that sum(upper) = sum(lower) + stopped per sample. The
         sweep adds it up in :attr:`Sweep.stopped`, and :func:`backplay.validate_rule` checks
@@ -130,7 +130,7 @@ class LayerRule(Rule):
         Returns ``apply(layer, upper) -> (lower, stopped)``: ``layer`` one of ``trace.layers``,
         ``upper`` its output relevance (any shape with ``layer.y``'s number of elements), ``lower``
         shaped like ``layer.input``, ``stopped`` the signed mass absorbed at this layer per sample
-        ([B], the stopped-mass API of :meth:`backward`, THEORY.md I14) or ``None`` when the rule
+        ([B], the stopped-mass API of :meth:`backward`, docs/theory.md I14) or ``None`` when the rule
         reports none. Each call sets up the sweep's context afresh (e.g. the routing laws' anchor
         and the risk-averse U sweep over the whole trace, I20), so layers may be mapped in any order
         and more than once. NotImplementedError for a rule with no per-layer map on this trace."""

@@ -1,5 +1,5 @@
 """Gradient-type rules: Gradient, GradientXInput, LRP0 and the entropic game SoftplusGame
-(THEORY.md I3, I4, I8, I10-I12; docs: README "Rules")."""
+(docs/theory.md I3, I4, I8, I10-I12; docs: README "Rules")."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ __all__ = ["Gradient", "GradientXInput", "LRP0", "SoftplusGame"]
 @dataclass(frozen=True)
 class Gradient(LayerRule):
     """The gradient df_target/dx: the signed terminal occupation nu(+) - nu(-) of the GV game started
-    at (L, target, +) (THEORY.md I3; softplus nets: I11 under the Gibbs policies).
+    at (L, target, +) (docs/theory.md I3; softplus nets: I11 under the Gibbs policies).
 
     Layer map (I7, backprop): S^{l-1} = (S^l * p^l) W^l, from the one-hot at the target; p is the gate
     (ReLU 1{z > 0}, ties stop; softplus sigmoid(z/eps)). Not a conservative rule: relevance_sum is
@@ -39,7 +39,7 @@ class Gradient(LayerRule):
 class GradientXInput(Gradient):
     """Gradient x Input, x_j df/dx_j: the terminal payoff x_j weighted by the signed occupation.
 
-    Completeness (THEORY.md I4; I11 for softplus): sum_j GxI_j = f_target(x) - E[discounted bias
+    Completeness (docs/theory.md I4; I11 for softplus): sum_j GxI_j = f_target(x) - E[discounted bias
     rewards] (- E[discounted entropy terms] on softplus nets); the report's ``stopped`` is that rest.
     Equal to LRP-0 with biases on a ReLU net (I8).
     """
@@ -56,7 +56,7 @@ class LRP0(LayerRule):
     """LRP-0 with biases, layer by layer: R^{l-1}_j = y^{l-1}_j sum_i W^l_ij R^l_i / z^l_i (0/0 := 0),
     z including the bias; the start is R^L = f_target(x) at the target.
 
-    On a ReLU net it equals Gradient x Input (THEORY.md I8), R^l_i = y^l_i df/dy^l_i at every layer;
+    On a ReLU net it equals Gradient x Input (docs/theory.md I8), R^l_i = y^l_i df/dy^l_i at every layer;
     the relevance absorbed by the biases is the bias share of I4 (report ``stopped``). Computed
     genuinely by the LRP recursion, not through the gradient, so I8 is a real check. On a softplus
     net it is the plain LRP-0 recursion (y != z), with no identity claimed.
@@ -88,7 +88,7 @@ class LRP0(LayerRule):
 
 @dataclass(frozen=True)
 class SoftplusGame(LayerRule):
-    """The entropic game (THEORY.md I10-I12): Gradient x Input of the softplus_eps surrogate (same
+    """The entropic game (docs/theory.md I10-I12): Gradient x Input of the softplus_eps surrogate (same
     weights, every activation replaced by softplus_eps), i.e. x times the signed occupation under
     the Gibbs policies sigmoid(z/eps). eps -> 0 recovers the ReLU Gradient x Input."""
 
@@ -105,7 +105,7 @@ class SoftplusGame(LayerRule):
 
 @dataclass(frozen=True)
 class Epsilon(LayerRule):
-    """LRP-epsilon (THEORY.md section 10): R^{l-1}_j = sum_i Z_ij / (z_i + eps sign(z_i)) R^l_i with
+    """LRP-epsilon (docs/theory.md section 12): R^{l-1}_j = sum_i Z_ij / (z_i + eps sign(z_i)) R^l_i with
     Z_ij = W_ij y_j and z_i = S+_i + S-_i the pre-activation (bias included); start R^L = f_k(x) at
     the target. ``eps`` >= 0; ``eps = 0`` is LRP-0 (I17).
 

@@ -1,9 +1,9 @@
-"""The LRP rule zoo (THEORY.md section 10): Gamma, ZPlus, ZBox, Flat, WSquare (Epsilon is in
+"""The LRP rule zoo (docs/theory.md section 12): Gamma, ZPlus, ZBox, Flat, WSquare (Epsilon is in
 :mod:`.gradient`), the composite rule :class:`Composite` (a rule per operation kind, per module
 name, and for the first layer) and zennit's presets EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox,
 EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat.
 
-Every rule here is a law on the extended graph in the terms of THEORY.md section 5, stated in its
+Every rule here is a law on the extended graph in the terms of docs/theory.md section 8, stated in its
 docstring: at unit i of layer l the probability p of the + branch (sign kept), q of the - branch
 (sign flipped), stop of a direct move to the cemetery (multiplier 1, sign kept; p + q + stop = 1),
 the multiplier m of a branch move, and the routing pi(j | i, b) inside each branch. Mass handed to
@@ -128,7 +128,7 @@ class Gamma(_ZooRule):
     branch of its sign (zennit: b + gamma b+ in the z > 0 denominator, b + gamma b- in the z < 0 one;
     its share R_i (b_i + gamma b_i^{sign z_i}) / (z_i + gamma S_i^{sign z_i}) ends in the bias sink).
 
-    As a law (I22, THEORY.md section 10): routing in each branch proportional to |Z_ij| (route
+    As a law (I22, docs/theory.md section 12): routing in each branch proportional to |Z_ij| (route
     temperature 1, bias unit included), no stop (stop = 0), and with a = 1 + gamma
         z_i > 0:  p = a S+ / (a S+ + |S-|),  q = |S-| / (a S+ + |S-|),  m = (a S+ + |S-|) / (z + gamma S+),
         z_i < 0:  p = S+ / (S+ + a |S-|),    q = a |S-| / (S+ + a |S-|),  m = (S+ + a |S-|) / (z + gamma S-)
@@ -213,7 +213,7 @@ class ZBox(_ZooRule):
         R_j = sum_i c_ij / D_i R_i,  c_ij = x_j W_ij - low_j W+_ij - high_j W-_ij >= 0,  D_i = sum_j c_ij,
 
     (zennit 0.5.1's ``ZBox``; the bias cancels in zennit's denominator and takes no share). As a law
-    (THEORY.md section 10): one branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = c_ij / D_i;
+    (docs/theory.md section 12): one branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = c_ij / D_i;
     D_i = 0 sends the mass to the cemetery. Its terminal weights are the contributions c_ij, not x_j
     times a gradient. Conservative (I14).
 
@@ -286,7 +286,7 @@ class ZBox(_ZooRule):
 @dataclass(frozen=True)
 class Flat(_ZooRule):
     """The flat rule: R_j = sum_i 1{W_ij != 0} / N_i R_i, N_i = #{j : W_ij != 0} (the lower units
-    connected to i; a convolution's zero padding is not a unit). As a law (THEORY.md section 10): one
+    connected to i; a convolution's zero padding is not a unit). As a law (docs/theory.md section 12): one
     branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = 1{W_ij != 0} / N_i, whatever the values
     y; no bias unit (zennit zeroes the bias); a row with no edge (N_i = 0) sends its mass to the
     cemetery. Conservative (I14).
@@ -303,7 +303,7 @@ class Flat(_ZooRule):
 
 @dataclass(frozen=True)
 class WSquare(_ZooRule):
-    """The w^2 rule: R_j = sum_i W_ij^2 / D_i R_i, D_i = sum_j W_ij^2 + b_i^2. As a law (THEORY.md
+    """The w^2 rule: R_j = sum_i W_ij^2 / D_i R_i, D_i = sum_j W_ij^2 + b_i^2. As a law (docs/theory.md
     section 10): one branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = W_ij^2 / D_i whatever
     the values y, the bias b_i a unit with weight b_i^2 (its share R_i b_i^2 / D_i ends in the bias
     sink; zennit 0.5.1's ``WSquare`` squares the bias too); D_i = 0 sends the mass to the cemetery.
@@ -360,7 +360,7 @@ def _check_rule(rule: Any, what: str) -> LayerRule:
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class Composite(LayerRule):
-    """A rule per layer (THEORY.md section 10): a law whose kernel changes with the layer; it is Markov
+    """A rule per layer (docs/theory.md section 12): a law whose kernel changes with the layer; it is Markov
     because each layer's rule is (I14 holds with every layer's stopped mass).
 
     Which rule a layer with contributions gets, first match wins:

@@ -1,4 +1,4 @@
-"""Attribution Equilibrium (Nam and Lee), THEORY.md section 8: the rule as the authors' code
+"""Attribution Equilibrium (Nam and Lee), docs/theory.md section 13: the rule as the authors' code
 computes it (not a law on the graph), and its closest routing law."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["AttributionEquilibrium", "AttributionEquilibriumLaw"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Attribution Equilibrium (Nam and Lee), THEORY.md section 8: the rule as the authors' code computes
+# Attribution Equilibrium (Nam and Lee), docs/theory.md section 13: the rule as the authors' code computes
 # it (not a law on the graph), and its closest routing law.
 # ---------------------------------------------------------------------------------------------
 def _per_sample(t: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def _per_sample(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class AttributionEquilibrium(LayerRule):
-    """Attribution Equilibrium (Nam and Lee) as THEORY.md section 8 states it, batched.
+    """Attribution Equilibrium (Nam and Lee) as docs/theory.md section 13 states it, batched.
 
     Start (:meth:`start_map`): at the output A of the last conv block (the input of the trailing run
     of Linear layers, the "head", which is not propagated), R0 = A * mean_spatial(dy_t/dA) per
@@ -164,14 +164,14 @@ class AttributionEquilibrium(LayerRule):
 
 @dataclass(frozen=True)
 class AttributionEquilibriumLaw(AlphaBeta):
-    """The closest routing law to Attribution Equilibrium on the extended graph (THEORY.md section 8).
+    """The closest routing law to Attribution Equilibrium on the extended graph (docs/theory.md section 13).
 
     AE's hand-over at a + unit, p = (r+1)/(r+2) (keep) and q = 1/(r+2) (flip), routing along the
     edges of the graph by the shared convention (route temperature 1, branches by sign W_ij y_j,
     bias in the branch of its sign), no renormalisation, no annihilation, no non-local shift; the
     same law at + and - tokens (sign-symmetric, so linear in the signed relevance).
 
-    Multiplier convention: THEORY.md gives m = r + 2 for AE's + unit, but m (p - q) = r there, and
+    Multiplier convention: docs/theory.md gives m = r + 2 for AE's + unit, but m (p - q) = r there, and
     conservation of signed mass (I14) needs m (p - q) = 1. As :class:`RiskAverse` does, the multiplier
     is reset to m = 1/(p - q) = (r+2)/r, so the law is conservative. With these values the law is
     exactly alpha-beta (I15) with alpha = m p = (r+1)/r and beta = m q = 1/r (alpha - beta = 1), which

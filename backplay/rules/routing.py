@@ -1,4 +1,4 @@
-"""The routing laws (THEORY.md section 5): AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor,
+"""The routing laws (docs/theory.md section 8): AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor,
 RiskAverse, their shared convention and their batched torch form (:class:`RoutingRule`)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["RoutingRule", "AlphaBeta", "RG", "RGEq", "GradientEquilibrium", "Anc
 
 
 # ---------------------------------------------------------------------------------------------
-# Routing laws (THEORY.md section 5). The parameters live here; backplay.gpu implements them as
+# Routing laws (docs/theory.md section 8). The parameters live here; backplay.gpu implements them as
 # batched layer maps and backplay.theory as exact laws on the extended graph, independently.
 #
 # Shared convention for every routing law, at neuron i of layer l with lower units j (the neurons
@@ -107,7 +107,7 @@ class _Local:
             self.ibp = None if b is None else (b > 0).to(y.dtype)
             self.ibn = None if b is None else (b < 0).to(y.dtype)
             self.Np, self.Nn = self._i2(self.ip, self.in_)
-            # the token anchor (ViT attention, THEORY.md section 7): the anchor is the own unit
+            # the token anchor (ViT attention, docs/theory.md section 10): the anchor is the own unit
             # (M.own_gather / M.own_scatter) where its contribution lies in the branch, else uniform
             self.own = None
             if own:
@@ -316,7 +316,7 @@ def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
 
 
 def _equilibrium_backward(layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
-    """The gradient equilibrium at one layer in its closed form (THEORY.md I17): with p = S+/(S+ + |S-|)
+    """The gradient equilibrium at one layer in its closed form (docs/theory.md I17): with p = S+/(S+ + |S-|)
     and m = (S+ + |S-|)/z both branches carry R_i / z_i per unit of |Z_ij|, so R^{l-1}_j =
     y_j sum_i W_ij R_i / z_i (LRP-0; no mass is ever handed to an empty branch); the token stops where
     z_i = 0 and the share R_i b_i / z_i ends in the bias sink. Two products instead of four."""
@@ -419,7 +419,7 @@ class RoutingRule(LayerRule):
 
 @dataclass(frozen=True)
 class AlphaBeta(RoutingRule):
-    """alpha-beta-LRP as a routing law (THEORY.md I15): p = alpha/(alpha+beta), q = beta/(alpha+beta),
+    """alpha-beta-LRP as a routing law (docs/theory.md I15): p = alpha/(alpha+beta), q = beta/(alpha+beta),
     m = alpha + beta, route temperature 1, so R_j = sum_i (alpha Z+_ij/S+_i - beta Z-_ij/S-_i) R_i
     (0/0 := 0). Conservative (I14) iff alpha - beta = 1; other values need ``conservative=False``."""
 
@@ -446,7 +446,7 @@ class AlphaBeta(RoutingRule):
 
 @dataclass(frozen=True)
 class RG(RoutingRule):
-    """The routing game RG(tau, T) (THEORY.md I16): Gibbs hand-over p = sigmoid(1/tau), the maximiser
+    """The routing game RG(tau, T) (docs/theory.md I16): Gibbs hand-over p = sigmoid(1/tau), the maximiser
     of p + tau H(p); m = 1/(p - q) = coth(1/(2 tau)); route temperature T (I19). T = 1 is alpha-beta
     with alpha = 1/(1 - e^(-1/tau)), beta = 1/(e^(1/tau) - 1); the default tau = 1/ln 2 is alpha=2, beta=1."""
 
@@ -464,7 +464,7 @@ class RG(RoutingRule):
 
 @dataclass(frozen=True)
 class RGEq(RoutingRule):
-    """RG+Eq(kappa, nu, T) (THEORY.md I18): log-odds(p) = kappa + nu log(S+/|S-|), m = 1/(p - q),
+    """RG+Eq(kappa, nu, T) (docs/theory.md I18): log-odds(p) = kappa + nu log(S+/|S-|), m = 1/(p - q),
     route temperature T. (log(alpha/beta), 0) is alpha-beta; (0, 1) the gradient equilibrium.
     With nu > 0, S- = 0 gives p = 1 and S+ = 0 gives p = 0; where p = q the token is stopped."""
 
@@ -497,7 +497,7 @@ class RGEq(RoutingRule):
 
 @dataclass(frozen=True)
 class GradientEquilibrium(RoutingRule):
-    """The gradient equilibrium (THEORY.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
+    """The gradient equilibrium (docs/theory.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
     where z_i = 0 the token is stopped), route temperature 1. It is RGEq(0, 1, 1) and gives LRP-0,
     i.e. Gradient x Input on a bias-free ReLU net: the Doob (|y|-) transform of the GV kernel."""
 
@@ -508,12 +508,12 @@ class GradientEquilibrium(RoutingRule):
 
 @dataclass(frozen=True)
 class Anchor(RoutingRule):
-    """Extended action set (THEORY.md section 5): routing pi_lam = (1 - lam) pi + lam u; lam = 0 is
+    """Extended action set (docs/theory.md section 8): routing pi_lam = (1 - lam) pi + lam u; lam = 0 is
     the base law.
 
     ``anchor="uniform"`` (default): u uniform on the branch support (bias unit included), at every
     layer; ``lam`` a number or one per layer (torch order, layer 1 first).
-    ``anchor="token"`` (ViTs only, THEORY.md section 7): the anchor acts at the token-mixing edges of
+    ``anchor="token"`` (ViTs only, docs/theory.md section 10): the anchor acts at the token-mixing edges of
     attention only; at the attention neuron (query q, feature d) u is the query's own token (q, d)
     when its contribution A_qq v_qd lies in the branch, else uniform on the branch; ``lam`` a number
     or one per block. Every other layer (LayerNorm, Linear, GELU, add nodes) keeps the base law."""
@@ -547,7 +547,7 @@ class Anchor(RoutingRule):
 
 @dataclass(frozen=True)
 class RiskAverse(RoutingRule):
-    """Risk aversion (THEORY.md I20): with cost X = c_j = sigma^2 / x_j^2 at the input reached (0 for
+    """Risk aversion (docs/theory.md I20): with cost X = c_j = sigma^2 / x_j^2 at the input reached (0 for
     stopped paths), the law Q* proportional to P exp(-theta X) is Markov: K_theta(s, s') =
     K(s, s') U(s')/U(s), U(s) = E_s[exp(-theta X)] (one extra sweep). The multiplier is reset to
     m = 1/(p_theta - q_theta) so the law stays in the conservative family (I14). theta = 0 is the

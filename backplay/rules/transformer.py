@@ -1,4 +1,4 @@
-"""Transformer rules (THEORY.md section 7): parameters only; computed by
+"""Transformer rules (docs/theory.md section 10): parameters only; computed by
 :mod:`backplay.gpu.transformer` on the attention nodes of any model's graph."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ __all__ = ["TransformerRule", "CPLRP", "AttnLRP", "Rollout", "TransformerAttribu
 
 
 # ----------------------------------------------------------------------------------------------
-# transformer rules (THEORY.md section 7): parameters only; computed on the attention nodes of the
+# transformer rules (docs/theory.md section 10): parameters only; computed on the attention nodes of the
 # model's graph by backplay.gpu.transformer (they are not laws on the frozen graph)
 
 
@@ -39,7 +39,7 @@ class CPLRP(TransformerRule):
     tokens with the fixed weights A, no relevance enters q or k), and every dense / convolution layer
     uses LRP-0 (``eps=0``, default) or the epsilon rule ``eps > 0``.
 
-    With ``eps=0`` it is Gradient x Input of the frozen graph (THEORY.md section 7), i.e.
+    With ``eps=0`` it is Gradient x Input of the frozen graph (docs/theory.md section 10), i.e.
     ``GradientXInput``: the frozen pass is positively homogeneous of degree 1 in (input, every
     bias-like constant), so ``logit = sum R + sum_p <p, d logit / d p>`` over the bias-like constants
     (zero when they are all zero)."""

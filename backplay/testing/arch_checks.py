@@ -1,5 +1,5 @@
 """Every rule class through ``bp.explain`` on a tiny instance of every zoo architecture, against the
-exact law / recursion on its unrolled graph (THEORY.md section 9): the second table of
+exact law / recursion on its unrolled graph (docs/theory.md section 11): the second table of
 ``backplay verify``. The exact side (:mod:`backplay.testing.graph_exact`) never runs the torch rule
 code: the routing laws come from :func:`backplay.theory.routing_law` on the FrozenNet, Gradient, GxI,
 LRP-0 and SoftplusGame from their layer recursions, in mpmath at 50 digits."""

@@ -1,4 +1,4 @@
-"""The exact reference for ``explain`` on any model (THEORY.md sections 7 and 9): the frozen extended
+"""The exact reference for ``explain`` on any model (docs/theory.md sections 10 and 11): the frozen extended
 graph of one input (:func:`backplay.gpu.unroll.unroll_graph`; :func:`backplay.gpu.unroll.unroll_vit`
 for backplay's ViT: a layered FrozenNet whose skips are copy rows) with every rule computed on it
 independently of the torch code path:

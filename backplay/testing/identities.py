@@ -1,4 +1,4 @@
-"""The identities I1-I13 of THEORY.md, each checked three ways on one (net, input, target).
+"""The identities I1-I13 of docs/theory.md, each checked three ways on one (net, input, target).
 
 For every identity a check function returns an :class:`IdentityCheck`:
   * ``exact``: the identity itself, in exact arithmetic (sympy rationals; mpmath at 50 digits for the
@@ -147,7 +147,7 @@ class Case:
 
     @cached_property
     def frozen(self) -> FrozenNet:
-        """The exact explained forward pass (routing laws, THEORY.md section 5)."""
+        """The exact explained forward pass (routing laws, docs/theory.md section 8)."""
         return freeze(self.spec, self.x)
 
     def law(self, rule: Any) -> Any:

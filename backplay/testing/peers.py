@@ -1,4 +1,4 @@
-"""Importing the peer libraries that the cross-library checks use as oracles (I23, THEORY.md section
+"""Importing the peer libraries that the cross-library checks use as oracles (I23, docs/theory.md section
 10), optional extras: zennit 0.5.1 (``pip install --no-deps zennit==0.5.1``) and captum.
 
 zennit 0.5.1 runs ``from torchvision.models.resnet import Bottleneck, BasicBlock`` at import time

@@ -1,4 +1,4 @@
-"""The routing-game identities I14-I21 (THEORY.md section 5), each checked three ways.
+"""The routing-game identities I14-I21 (docs/theory.md section 8), each checked three ways.
 
 Same contract as :mod:`backplay.testing.identities`: ``exact`` is the identity in exact arithmetic
 (rationals; mpmath at 50 digits for the Gibbs forms, "exact" meaning within 1e-30), ``torch_err`` the
@@ -214,7 +214,7 @@ def check_per_layer_lam(c: Case) -> IdentityCheck:
 
     exact: at every neuron of layer l the anchored routing is (1 - lam_l) pi + lam_l u with lam_l =
     ``lam[l - 1]`` (torch order, layer 1 first), pi the base law's routing and u uniform on the branch
-    support (THEORY.md section 5, extended action set), the hand-over is the base law's, and I14
+    support (docs/theory.md section 8, extended action set), the hand-over is the base law's, and I14
     holds; torch: ``explain`` (float64) equals the exact law at every layer and in its stopped mass;
     cvxpy: the occupation of ``numerics.routing_kernels`` (its own per-layer lam) equals it too."""
     lams = distinct_lams(c.spec.depth)

@@ -1,4 +1,4 @@
-"""The LRP zoo identities I22 and I23 (THEORY.md section 10), checked on one (net, input, target).
+"""The LRP zoo identities I22 and I23 (docs/theory.md section 12), checked on one (net, input, target).
 
 Same contract as :mod:`backplay.testing.identities`: ``exact`` is the identity in exact arithmetic,
 ``torch_err`` the worst float64 error of ``backplay.explain`` against the exact law (every layer),

@@ -1,4 +1,4 @@
-"""Exact objects: the extended graph, the GV game and its entropic version (THEORY.md 1-4)."""
+"""Exact objects: the extended graph, the GV game and its entropic version (docs/theory.md 1-4)."""
 
 from .game import (
     Field,

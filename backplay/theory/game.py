@@ -1,6 +1,6 @@
 """The ReLU net game of Gaubert and Vlassopoulos and its entropic (softplus) version, exactly.
 
-THEORY.md sections 2-4. The game is solved on the extended graph of :func:`extended_graph`:
+docs/theory.md sections 3-6. The game is solved on the extended graph of :func:`extended_graph`:
 a Shapley recursion from the inputs up (values, I1), the optimal policies (I2, ties stop), and a
 sweep from the start state down that gives the occupation measures (I3, I4, I5, I7, I11).
 Arithmetic: sympy Rationals for ReLU nets (exact); for softplus nets mpmath at 50 digits when eps is
@@ -95,7 +95,7 @@ class Path:
 
 
 class ReLUNetGame:
-    """The GV game of a ReLU net, or the entropic game of a softplus net (THEORY.md 2-4).
+    """The GV game of a ReLU net, or the entropic game of a softplus net (docs/theory.md 2-4).
 
     ``solve(x, target)`` returns a :class:`GameSolution`; ``paths`` enumerates trajectories (I6);
     ``bounds`` gives the box bounds of section 4 (I13).

@@ -1,4 +1,4 @@
-"""The extended network graph (THEORY.md section 1) as a networkx DiGraph."""
+"""The extended network graph (docs/theory.md section 2) as a networkx DiGraph."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _sign(w: Any) -> int:
 
 
 def extended_graph(spec: MLPSpec, x: Any = None) -> nx.DiGraph:
-    """Build the extended network graph of ``spec`` (THEORY.md section 1, section 2 for the game).
+    """Build the extended network graph of ``spec`` (docs/theory.md section 2, section 2 for the game).
 
     Nodes:
       * ``(l, i, s)`` for 0 <= l <= L, neuron i, copy s in {+1, -1}; attributes ``layer``,

@@ -1,4 +1,4 @@
-"""LRP-0 with biases, exactly (THEORY.md I8)."""
+"""LRP-0 with biases, exactly (docs/theory.md I8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routing laws (THEORY.md section 5) as exact trajectory laws on the extended graph.
+"""Routing laws (docs/theory.md section 8) as exact trajectory laws on the extended graph.
 
 A routing law moves a token from (l, i, s) to layer l-1: hand-over to the + branch (sign kept) with
 probability p or to the - branch (sign flipped) with q = 1 - p, then routing inside the branch, with
@@ -8,7 +8,7 @@ of its sign and a path routed to it ends in the bias sink; mass handed to an emp
 cemetery with its sign; where p = q (m = 1/(p - q) undefined) the whole token is stopped (one move to
 the cemetery, multiplier 1, sign kept).
 
-The LRP zoo (THEORY.md section 10) is a family of such laws too: Epsilon (the gradient equilibrium
+The LRP zoo (docs/theory.md section 12) is a family of such laws too: Epsilon (the gradient equilibrium
 with a direct stop of probability eps/(|z| + eps), :attr:`LocalLaw.stop`), Gamma (I22), ZPlus
 (AlphaBeta(1, 0), I15), ZBox, Flat and WSquare (single-branch laws), and a Composite picks one of
 them per layer (by the FrozenNet's ``ops``, ``modules`` and ``first``).
@@ -61,7 +61,7 @@ __all__ = [
 
 _ROUTING_RULES = (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse, LRP0, Epsilon, Gamma, ZBox,
                   Flat, WSquare, Composite)
-#: the LRP zoo's single-layer laws (THEORY.md section 10; ZPlus is AlphaBeta(1, 0))
+#: the LRP zoo's single-layer laws (docs/theory.md section 12; ZPlus is AlphaBeta(1, 0))
 _ZOO = (LRP0, Epsilon, Gamma, ZBox, Flat, WSquare)
 
 
@@ -173,7 +173,7 @@ class Move:
 
 @dataclass
 class LocalLaw:
-    """The local law at neuron i of layer l (THEORY.md section 5).
+    """The local law at neuron i of layer l (docs/theory.md section 8).
 
     ``p``/``q``: hand-over probabilities, ``m`` the multiplier (None where the whole token is
     stopped: ``stopped`` True, p = q or both branches empty for rules with m = 1/(p - q)).
@@ -181,7 +181,7 @@ class LocalLaw:
     for an empty branch). ``s_plus``, ``s_minus``, ``z``: S+_i, S-_i and z_i = S+ + S- (bias included).
     ``stop``: the probability of a direct move to the cemetery (multiplier 1, sign kept) beside the
     two branches, so p + q + stop = 1 (0 for every law of section 5; LRP-epsilon's stabiliser share
-    eps/(|z| + eps), THEORY.md section 10); conservation (I14) needs m (p - q) + stop = 1.
+    eps/(|z| + eps), docs/theory.md section 12); conservation (I14) needs m (p - q) + stop = 1.
     """
 
     p: Any
@@ -355,7 +355,7 @@ class TrajectoryLaw:
 
 
 class RoutingLaw(TrajectoryLaw):
-    """A routing law of THEORY.md section 5 on one explained forward pass (build with
+    """A routing law of docs/theory.md section 8 on one explained forward pass (build with
     :func:`routing_law`). ``w0`` = f_k(x); ``rule`` the parameter object of :mod:`backplay.rules`."""
 
     def __init__(self, net: FrozenNet, target: int, rule: Rule, arith: LawArith) -> None:
@@ -479,7 +479,7 @@ class RoutingLaw(TrajectoryLaw):
         return routing, s_plus, s_minus
 
     def _zoo_local(self, rule: Rule, l: int, i: int) -> LocalLaw:
-        """The local law of an LRP zoo rule (THEORY.md section 10; the rules' docstrings state each)."""
+        """The local law of an LRP zoo rule (docs/theory.md section 12; the rules' docstrings state each)."""
         A = self.arith
         zero, one = A.num(0), A.num(1)
         routing, s_plus, s_minus = self._contributions(l, i)
@@ -661,7 +661,7 @@ class RoutingLaw(TrajectoryLaw):
 def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: Rule = RG(),
                 field: str | None = None, dps: int = 50) -> RoutingLaw:
     """The routing law ``rule`` (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor, RiskAverse; the LRP
-    zoo of THEORY.md section 10: Epsilon, Gamma, ZPlus, ZBox, Flat, WSquare and a Composite of these,
+    zoo of docs/theory.md section 12: Epsilon, Gamma, ZPlus, ZBox, Flat, WSquare and a Composite of these,
     LRP0 and the routing laws) of output ``target`` on one explained forward pass.
 
     ``net``: an MLPSpec (then ``x`` is required and the pass is frozen exactly, ReLU only) or a
@@ -691,7 +691,7 @@ def routing_law(net: MLPSpec | FrozenNet, x: Any = None, target: int = 0, rule: 
 
 # -- the GV game's trajectory law -----------------------------------------------------------------
 class GVLaw(TrajectoryLaw):
-    """The trajectory law of the GV game at its equilibrium (THEORY.md I2, I3): from (l, i, s)
+    """The trajectory law of the GV game at its equilibrium (docs/theory.md I2, I3): from (l, i, s)
     continue iff z^l_i > 0 (always at a linear output; ties stop), then move to
     (l-1, j, s*sign W_ij) with probability |W_ij|/gamma_i and multiplier gamma_i (a zero row goes to
     the bias sink with multiplier 0). Its signed terminal occupation is the gradient (I3), and

@@ -1,4 +1,4 @@
-"""Rules implemented in other libraries as black boxes of :func:`validate_rule` (THEORY.md sections
+"""Rules implemented in other libraries as black boxes of :func:`validate_rule` (docs/theory.md sections
 8 and 10, I23: a rule implemented elsewhere is classified exactly as backplay's rule of the same
 definition).
 
@@ -241,7 +241,7 @@ class LayerMap:
 
 def black_box(setup: Setup, name: str | None = None, stopped: bool = True) -> LayerMap:
     """A modified-gradient implementation (hooks that make autograd move relevance) as validate_rule's
-    five-parameter black box (module docstring; THEORY.md section 8, I23).
+    five-parameter black box (module docstring; docs/theory.md section 13, I23).
 
     Args:
         setup: ``setup(model, x)`` -> a context manager that puts the implementation's hooks on

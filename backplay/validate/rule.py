@@ -1,4 +1,4 @@
-"""``validate_rule``: check a backward attribution rule against the routing game (THEORY.md sections 5, 8).
+"""``validate_rule``: check a backward attribution rule against the routing game (docs/theory.md sections 8, 13).
 
 A tool, not an oracle: it composes the three parts (ARCHITECTURE: ``validate`` sits above them). It
 runs the rule with the torch engine (:mod:`backplay.gpu`), probes its layer maps, solves cvxpy
@@ -14,7 +14,7 @@ linear map the rule would be if it were linear), the actual relevance R^l of the
 sign parts R^l+ and R^l-, an independent probe R' (seeded normal, of the size of R^l) and R^l + R', and
 for every lower unit k the restriction of R^l to the upper units joined to k by an edge (W^l_ik != 0).
 
-The stopped-mass API (THEORY.md I14). A rule stops mass where it absorbs relevance: the bias sink, the
+The stopped-mass API (docs/theory.md I14). A rule stops mass where it absorbs relevance: the bias sink, the
 cemetery of an empty branch, a stabiliser. Its ``backward(layer, upper)`` then returns ``(lower,
 stopped)`` with ``stopped`` the signed mass absorbed per sample (shape [B]), so that sum(upper) =
 sum(lower) + stopped; a user's :class:`~backplay.rules.LayerRule` does the same. Every backplay rule
@@ -62,7 +62,7 @@ When a law is found, it is compared with the named rules of section 5 fitted to 
 mean hand-over and multiplier, RG(tau) with sigmoid(1/tau) = p, and RG(tau, T) with the route
 temperature T fitted by least squares on log pi = (1/T) log|y| + const, RGEq(kappa, nu) by least squares on
 logit p = kappa + nu log(S+/|S-|), GradientEquilibrium, AttributionEquilibriumLaw(r)) and with the LRP
-zoo (THEORY.md section 10: Gamma with gamma read off the hand-overs, Epsilon with eps read off the
+zoo (docs/theory.md section 12: Gamma with gamma read off the hand-overs, Epsilon with eps read off the
 column sums, ZPlus, Flat, WSquare and zennit's presets), each built exactly by
 :func:`backplay.theory.routing_law` on the unrolled net. The named rules whose layer maps equal the
 probed ones (``maps``, relative ``tol``) come first: the maps decide which rule it is; among them, and
@@ -128,8 +128,8 @@ __all__ = ["Finding", "FoundLaw", "RuleReport", "validate_rule", "LAW_ROW"]
 
 D = torch.float64
 #: the two families of laws validate_rule fits (RuleReport.family)
-SIGNED = "signed branches: + on Z > 0 kept, - on Z < 0 flipped (THEORY.md section 5)"
-SINGLE = "single branch: p = 1, sign kept, routing along the edges W != 0 (THEORY.md section 10)"
+SIGNED = "signed branches: + on Z > 0 kept, - on Z < 0 flipped (docs/theory.md section 8)"
+SINGLE = "single branch: p = 1, sign kept, routing along the edges W != 0 (docs/theory.md section 12)"
 LAW_ROW = "Markov law fits M (LP)"  # the finding of the law program (the maps' verdict is is_law)
 
 
@@ -226,7 +226,7 @@ class RuleReport:
 
     ``family``: the family of laws the maps were fitted in: :data:`SIGNED` (section 5: + branch on
     the edges with Z_ij > 0, - branch on Z_ij < 0) or, when the maps are not one of those but keep the
-    sign on every edge, :data:`SINGLE` (THEORY.md section 10: p = 1, routing along the edges
+    sign on every edge, :data:`SINGLE` (docs/theory.md section 12: p = 1, routing along the edges
     W_ij != 0 whatever Z_ij, as Flat and WSquare)."""
 
     rule: str
@@ -440,7 +440,7 @@ def _contributions(frozen: Any, l: int) -> np.ndarray:
 
 def _stop_places(frozen: Any, l: int) -> tuple[np.ndarray, np.ndarray]:
     """Per neuron of layer l: whether its + branch, its - branch can stop mass (an empty branch: the
-    cemetery; the branch of its bias: the bias sink), THEORY.md section 5."""
+    cemetery; the branch of its bias: the bias sink), docs/theory.md section 8."""
     Z = _contributions(frozen, l)
     b = frozen.biases[l - 1]
     b = np.zeros(Z.shape[0]) if b is None else np.asarray(b, dtype=np.float64)
@@ -541,7 +541,7 @@ def _law_program(Ms: dict, stops: dict, frozen: Any, solver: str) -> tuple[Found
 
 
 def _single_branch(Ms: dict, stops: dict, frozen: Any) -> tuple[FoundLaw, dict]:
-    """The single-branch law of the probed maps (THEORY.md section 10, Flat and WSquare): per neuron
+    """The single-branch law of the probed maps (docs/theory.md section 12, Flat and WSquare): per neuron
     the orientation sigma_i (the sign of its column sum), p = 1, flows sigma_i M_ki >= 0 on the edges
     W_ik != 0, the stopped mass (times |m|) in the + branch; the residual is what such flows cannot
     reproduce (mass off the edges, mass of the other sign). Closed form: the program separates per
@@ -620,7 +620,7 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
     with both branches), Gamma with gamma read off the hand-overs (I22), Epsilon with eps read off
     the column sums (:func:`_epsilon_fit`), the zoo's parameter-free laws and zennit's presets at
     their defaults, and ZBox / EpsilonGammaBox at the bounds read off the first layers
-    (:func:`_box_fit`) (THEORY.md section 10)."""
+    (:func:`_box_fit`) (docs/theory.md section 12)."""
     ps, ms, lo_x, lo_y, gam = [], [], [], [], []
     for l in Ms:
         W = np.asarray(frozen.weights[l - 1], dtype=np.float64)
@@ -681,7 +681,7 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
     eps = _epsilon_fit(frozen, Ms)
     if eps is not None:
         out.append(Epsilon(eps))
-    # the zoo's parameter-free laws and zennit's presets at their defaults (THEORY.md section 10)
+    # the zoo's parameter-free laws and zennit's presets at their defaults (docs/theory.md section 12)
     out += [ZPlus(), Flat(), WSquare(), EpsilonPlus(), EpsilonPlusFlat(), EpsilonAlpha2Beta1(),
             EpsilonAlpha2Beta1Flat()]
     box = _box_fit(frozen, Ms)
@@ -693,7 +693,7 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
 
 
 def _box_fit(frozen: Any, Ms: dict) -> tuple[float, float] | None:
-    """(low, high) of the z^B rule read off the maps of the first layers (THEORY.md section 10): its
+    """(low, high) of the z^B rule read off the maps of the first layers (docs/theory.md section 12): its
     column i is c_ij / D_i with c_ij = y_j W_ij - low W+_ij - high W-_ij, so M_ji D_i + low W+_ij +
     high W-_ij = y_j W_ij is linear in (D_i, low, high); least squares over the first layers' units
     with a nonzero column. Scalar bounds only (per-channel bounds do not fit and are not named). None
@@ -731,7 +731,7 @@ def _sig6(v: float) -> float:
 
 
 def _epsilon_fit(frozen: Any, Ms: dict) -> float | None:
-    """eps of LRP-epsilon from the probed maps (THEORY.md section 10): a unit's column of M sums to
+    """eps of LRP-epsilon from the probed maps (docs/theory.md section 12): a unit's column of M sums to
     (z_i - b_i) / (z_i + eps sign z_i), so eps_i = sign(z_i) ((z_i - b_i) / colsum_i - z_i); the median
     over the units with z_i != 0 and a nonzero column (None when no unit gives a positive eps)."""
     found = []
@@ -803,7 +803,7 @@ def _law_map(named: Any, l: int, shape: tuple) -> np.ndarray:
 # -- the entry point -----------------------------------------------------------------------------------
 def validate_rule(rule: Any, spec_or_model: Any, x: Any, target: int, tol: float = 1e-9,
                   law_tol: float = 1e-6, solver: str = "CLARABEL", compare: bool = True) -> RuleReport:
-    """Validate ``rule`` on one explained forward pass (THEORY.md section 8, "Rule validation").
+    """Validate ``rule`` on one explained forward pass (docs/theory.md section 13, "Rule validation").
 
     Args:
         rule: a :class:`backplay.rules.LayerRule` or a callable (two forms, module docstring).

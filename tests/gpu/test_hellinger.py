@@ -1,4 +1,4 @@
-"""bp.hellinger / bp.hellinger_matrix (THEORY.md I21) on any model: the one-sweep Bhattacharyya
+"""bp.hellinger / bp.hellinger_matrix (docs/theory.md I21) on any model: the one-sweep Bhattacharyya
 kernel equals the exact Hellinger distance of the two laws on the unrolled graph
 (backplay.theory.hellinger of backplay.theory.routing_law on backplay.gpu.unroll), float64, 1e-9:
 an MLP with biases, a CNN with max pooling, a model with a residual add, random small nets
@@ -119,7 +119,7 @@ def test_residual_add_equals_exact(a, b):
 
 @pytest.mark.parametrize("a,b", ZOO_PAIRS, ids=lambda r: r.name[:24])
 def test_zoo_laws_equal_exact(a, b):
-    """The LRP zoo's sign-branch laws (THEORY.md section 10): Epsilon (the gradient equilibrium with
+    """The LRP zoo's sign-branch laws (docs/theory.md section 12): Epsilon (the gradient equilibrium with
     its stop), Gamma (I22, both signs of z), ZPlus (AlphaBeta(1, 0))."""
     assert worst(mlp(), torch.randn(2, 4, dtype=torch.float64), 1, a, b) <= TOL
     assert worst(cnn(), torch.randn(1, 1, 4, 4, dtype=torch.float64), 2, a, b) <= TOL
@@ -221,7 +221,7 @@ SINGLE_PAIRS = [(a, b) for i, a in enumerate(SINGLE) for b in SINGLE[i + 1:]] + 
 @pytest.mark.parametrize("a,b", SINGLE_PAIRS, ids=lambda r: r.name[:24])
 def test_single_branch_laws_and_composites_equal_exact(a, b):
     """Flat and WSquare (single-branch laws: p = 1, sign kept, routing along the edges W != 0,
-    THEORY.md section 10; compared edge by edge) and the composites (the law changes per layer) against
+    docs/theory.md section 12; compared edge by edge) and the composites (the law changes per layer) against
     the exact law, on an MLP with biases, a CNN with max pooling and a residual model."""
     assert worst(mlp(), torch.randn(2, 4, dtype=torch.float64), 1, a, b) <= TOL
     assert worst(cnn(), torch.randn(1, 1, 4, 4, dtype=torch.float64), 2, a, b) <= TOL
@@ -232,7 +232,7 @@ def test_single_branch_laws_and_composites_equal_exact(a, b):
                                  (EpsilonGammaBox(-4.0, 4.0), Composite(first=ZBox(-5.0, 4.0), default=Gamma(0.5)))],
                          ids=lambda r: r.name[:24])
 def test_box_rule_and_its_composites_equal_exact(a, b):
-    """ZBox (a single-branch law at the first layer: routing c_ij / D_i, THEORY.md section 10) and
+    """ZBox (a single-branch law at the first layer: routing c_ij / D_i, docs/theory.md section 12) and
     the composites that use it; a ZBox reaching a layer that does not read the input is an error."""
     x = (torch.rand(2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 0.5) * 6
     first_only = a if isinstance(a, Composite) else Composite(first=a, default=Epsilon(0.1))

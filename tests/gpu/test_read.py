@@ -1,5 +1,5 @@
 """The one reader (backplay.gpu.read): random architectures, every supported operation kind, the
-export cache, errors with their cause, and the model never modified (THEORY.md section 9)."""
+export cache, errors with their cause, and the model never modified (docs/theory.md section 11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transformers and language models on the one reader (THEORY.md sections 7 and 9).
+"""Transformers and language models on the one reader (docs/theory.md sections 10 and 11).
 
 Models are passed as users hold them (tests/_transformers.py): Hugging Face ``ViTForImageClassification``,
 ``BertForSequenceClassification`` and ``GPT2LMHeadModel`` objects (default attention implementation),

@@ -1,5 +1,5 @@
 """Any model: the zoo of architectures written the way people write them (backplay.testing.zoo), read
-through the one reader (THEORY.md section 9).
+through the one reader (docs/theory.md section 11).
 
 For each architecture:
 * exact: on a tiny instance, every graph rule's per-layer relevance, stopped mass and logit equal
@@ -105,7 +105,7 @@ def test_gradient_x_input_is_x_times_autograd(name):
 
 def test_mlp_with_norms_and_gates_is_the_detached_gradient(monkeypatch):
     """LayerNorm, GELU, SiLU: GxI is x times the gradient of the model with its std and its gates
-    detached (THEORY.md section 9), computed here by patching the functional ops."""
+    detached (docs/theory.md section 11), computed here by patching the functional ops."""
     case, x = _small("mlp_norm")
     R = bp.explain(case.model, x, 2, rule=GradientXInput())
     plain = F.layer_norm

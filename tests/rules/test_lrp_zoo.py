@@ -1,4 +1,4 @@
-"""The LRP rule zoo (THEORY.md section 10; backplay/rules/lrp.py, Epsilon in backplay/rules/gradient.py)
+"""The LRP rule zoo (docs/theory.md section 12; backplay/rules/lrp.py, Epsilon in backplay/rules/gradient.py)
 as laws on the extended graph of any model the reader takes.
 
 (a) torch = the exact law on the unrolled graph at every report layer (relevance, stopped mass,

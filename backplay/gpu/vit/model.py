@@ -1,4 +1,4 @@
-"""A plain-torch Vision Transformer (ViT) for explanation (THEORY.md section 7).
+"""A plain-torch Vision Transformer (ViT) for explanation (docs/theory.md section 10).
 
 No timm, no torchvision: the model is written with ``nn.Conv2d``, ``nn.Linear``, ``nn.LayerNorm``
 and ``nn.GELU`` modules only, so a rule engine can hook every layer, and every nonlinear step can be
