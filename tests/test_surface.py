@@ -335,3 +335,23 @@ def test_train_mode_that_changes_nothing_is_not_warned_about():
 
     with pytest.warns(UserWarning, match=r"train mode \(Noisy\)"):
         bp.explain(Noisy(), torch.randn(2, 4), 0, rule=LRP0())
+
+
+def test_result_objects_print_short():
+    """The results of the exact solver, the unroll, the law program and the flow program print a line,
+    never their arrays."""
+    import numpy as np
+
+    from backplay.gpu.unroll import unroll_graph
+    from backplay.nets import MLPSpec
+
+    rng = np.random.default_rng(0)
+    spec = MLPSpec([rng.normal(size=(30, 20)), rng.normal(size=(3, 30))], [rng.normal(size=30), None])
+    x = rng.normal(size=20)
+    shown = [bp.theory.ReLUNetGame(spec.exact()).solve(x, 0),
+             unroll_graph(spec.to_torch(dtype=torch.float64), torch.as_tensor(x)),
+             bp.validate_rule(AlphaBeta(2, 1), spec, x, 0).law]
+    for obj in shown:
+        r = repr(obj)
+        assert len(r) < 400 and "array(" not in r and "\n" not in r, r
+    assert "widths=(20, 30, 3)" in repr(shown[0]) and "FrozenNet(widths=(20, 30, 3)" in repr(shown[1])

@@ -7,7 +7,7 @@ architecture has a graph small enough for the exact solvers).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ class Unrolled:
 
     net: FrozenNet
     boundaries: list
-    gates: list
+    gates: list = field(repr=False)
 
 
 def unroll(model: Any, x: torch.Tensor) -> FrozenNet:

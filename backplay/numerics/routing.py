@@ -324,6 +324,11 @@ class FlowOccupation:
     bias_sink: float
     status: str
 
+    def __repr__(self) -> str:
+        widths = [len(r) for r in self.relevance]
+        return (f"FlowOccupation(layers {widths}, cemetery {self.cemetery:.6g}, bias_sink {self.bias_sink:.6g}, "
+                f"status {self.status!r})")
+
 
 _FLOW_KEYS = ("P_keep", "P_flip", "stop_keep", "stop_flip", "sink_keep", "sink_flip")
 

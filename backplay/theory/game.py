@@ -70,6 +70,9 @@ class GameSolution:
     bias_gradient: list
     widths: tuple = field(repr=False)
 
+    def __repr__(self) -> str:
+        return f"GameSolution(value={self.value}, widths={self.widths}, input gradient of {len(self.gradient)} entries)"
+
     def layer(self, l: int, which: str = "signed") -> np.ndarray:
         """Per-neuron occupation at layer l: "signed" nu+ - nu-, "abs" nu+ + nu-, or "rho"."""
         src = self.rho_states if which == "rho" else self.nu

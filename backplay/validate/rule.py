@@ -175,6 +175,10 @@ class FoundLaw:
     ambiguous: list
     residual: float
 
+    def __repr__(self) -> str:
+        shown = [l + 1 for l, s in enumerate(self.sigma) if s is not None]
+        return f"FoundLaw(layers {shown}, residual {self.residual:.3g})"
+
     def handover(self, l: int, stop_plus: np.ndarray | None = None, stop_minus: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p, q, m) at layer l, NaN where nothing moves (optionally with other stop splits)."""
