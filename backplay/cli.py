@@ -1,7 +1,10 @@
-"""Command line: ``backplay verify`` checks every identity of THEORY.md three ways;
-``backplay verify --rule module:attr`` validates a user's rule (:func:`backplay.validate_rule`)
-on the built-in random nets or on the user's own model (``--model``); ``backplay explain`` draws
-heatmaps; ``backplay bench localisation`` runs the localisation benchmark."""
+"""The backplay command line.
+
+backplay verify checks every identity of docs/theory.md three ways (exact, cvxpy, torch);
+backplay verify --rule MODULE:ATTR validates your own rule on the built-in random nets or on your own
+model (--model); backplay explain draws heatmaps of images under one or more rules; backplay bench
+localisation runs the localisation benchmark. Run backplay COMMAND --help for the options of each.
+"""
 
 from __future__ import annotations
 
@@ -83,9 +86,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def _working_directory_on_path() -> Iterator[None]:
+def working_directory_on_path() -> Iterator[None]:
     """The working directory first on ``sys.path`` for the duration (as ``python -m`` does), so that
-    ``--rule mymodule:MyRule`` finds a module next to the user."""
+    ``--rule mymodule:MyRule`` finds a module next to the user, and a model saved whole with
+    ``torch.save`` finds the module that defines its class."""
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
@@ -104,7 +108,7 @@ def load_rule(ref: str) -> Any:
     mod, sep, attr = ref.partition(":")
     if not sep or not mod or not attr:
         raise ValueError(f"--rule must be module:attr (e.g. backplay.rules:AlphaBeta), got {ref!r}")
-    with _working_directory_on_path():
+    with working_directory_on_path():
         try:
             obj: Any = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -255,9 +259,20 @@ def _rule_table(res: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="backplay", description=__doc__)
+    """The ``backplay`` command; returns the exit status (0 success, 1 a check fails, 2 a usage error)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="backplay", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="check the identities of THEORY.md: exact == cvxpy == torch")
+    v = sub.add_parser(
+        "verify", help="check the identities of docs/theory.md: exact == cvxpy == torch",
+        description="Check every identity of docs/theory.md on seeded random nets three ways (the exact "
+                    "theory, cvxpy programs, the torch code) and every rule on a tiny instance "
+                    "of each architecture. With --rule: validate your own rule instead, on the random nets "
+                    "or on your own model (--model). Exit status 0: everything holds; 1: a check fails; "
+                    "2: a usage error.")
     v.add_argument("--seed", type=int, default=0, help="seed of the built-in random nets (default 0)")
     v.add_argument("--cases", type=int, default=100, help="number of random nets (default 100)")
     v.add_argument("--solver", default="CLARABEL", help="cvxpy solver (default CLARABEL)")
@@ -269,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "looked up in the working directory first. Exit status 0: every property holds on "
                         "every validated case; 1: a property fails, a case errors, or no case applies; "
                         "2: a usage error")
-    v.add_argument("--model", metavar="FILE", help="with --rule: a torch.save'd nn.Module or MLPSpec")
+    v.add_argument("--model", metavar="FILE",
+                   help="with --rule: a file written by torch.save holding an nn.Module or an MLPSpec (loading it "
+                        "unpickles Python code: use it only for files you trust)")
     v.add_argument("--input", metavar="FILE", help="with --model: a torch.save'd input (one sample or a "
                    "batch); default: --cases random dyadic inputs (MLPs)")
     v.add_argument("--target", type=int, help="with --model: the explained output (default: the argmax)")
@@ -289,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.rule is not None:
         try:
-            with _working_directory_on_path():  # the rule's module may import its neighbours when run
+            with working_directory_on_path():  # the rule's module may import its neighbours when run
                 rule = load_rule(args.rule)
                 model = load_model(args.model) if args.model else None
                 res = verify_rule(rule, args.seed, args.cases, model, args.input, args.target, args.solver,
@@ -321,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"backplay verify: seed {args.seed}, {args.cases} random nets (ReLU and softplus), "
               f"solver {args.solver}; tolerances torch {TOL_TORCH:g}, cvxpy {TOL_CVXPY:g} "
-              "(relative to max(1, |exact|))")
+              "(relative to max(1, |exact|)); each identity is stated, with its code and its test, in "
+              "docs/theory.md")
         print(_table(rows))
         for r in rows:
             for f in r["failures"][:3]:
@@ -330,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + "".join(f"; NOT RUN: {r['identity']} ({r['skipped']})" for r in skipped))
         print()
         print("every rule through bp.explain on a tiny instance of each architecture (backplay.testing.zoo), "
-              f"against the exact law / recursion on its unroll (docs: THEORY section 9); worst relative error "
+              f"against the exact law / recursion on its unroll (docs/theory.md section 11); worst relative error "
               f"per layer, tolerance {TOL_TORCH:g}")
         print(architecture_table(arch_rows))
         for r in arch_rows:

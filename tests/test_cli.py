@@ -83,7 +83,7 @@ def test_verify_rule_table_attribution_equilibrium(capsys):
                      "--no-progress"]) == 1
     out = capsys.readouterr().out
     # on the nets where AE propagates its first layer only (2 layers: the head is not propagated) that
-    # layer is the z^B rule, a single-branch law (THEORY.md section 10): 3 of the 6 cases
+    # layer is the z^B rule, a single-branch law (docs/theory.md section 12): 3 of the 6 cases
     assert "conservation (I14)" in out and "Markov routing law on 3 of 6 cases" in out
     assert "skipped: ValueError: AttributionEquilibrium needs a hidden layer" in out
     assert "FAILS: conservation (I14) on" in out and "FAILS: additivity on" in out

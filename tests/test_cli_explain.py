@@ -86,7 +86,9 @@ def test_explain_missing_files(ckpt, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(2)}, tmp_path / "junk.pt")
     assert cli.main(["explain", str(img), "--model", str(tmp_path / "junk.pt")]) == 2
-    assert "neither a backplay bench checkpoint nor a ViT checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a state dict that is not a ViT checkpoint" in err and "--arch NAME (cnn, vit)" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_explain_vit_checkpoint(tmp_path, capsys):

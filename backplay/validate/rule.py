@@ -691,7 +691,7 @@ def _candidates(law: FoundLaw, frozen: Any, Ms: dict) -> list:
     box = _box_fit(frozen, Ms)
     if box is not None:  # the box rule at the bounds read off the first layers' maps
         out.append(EpsilonGammaBox(*box))
-        if all(frozen.first[l - 1] for l in Ms):
+        if all(frozen.first):  # ZBox alone applies only where every layer reads the input
             out.append(ZBox(*box))
     return out
 

@@ -62,8 +62,10 @@ __all__ = [
     "convert_state_dict",
     "infer_config",
     "read_state_dict",
+    "unwrap_state_dict",
     "CheckpointError",
     "UnknownFormatError",
+    "HeadsUnknownError",
     "KeyMismatchError",
     "DEFAULT_HEADS",
     "DEFAULT_LN_EPS",
@@ -85,6 +87,17 @@ class CheckpointError(ValueError):
 
 class UnknownFormatError(CheckpointError):
     """The key names match none of the supported formats."""
+
+
+class HeadsUnknownError(CheckpointError):
+    """Neither a config nor :data:`DEFAULT_HEADS` gives the number of attention heads of a checkpoint
+    whose embedding width is ``dim`` (no weight shape shows it)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        super().__init__(
+            f"cannot infer the number of attention heads for dim {dim} (not in the default table "
+            f"{DEFAULT_HEADS}); pass config=ViTConfig(...) or config={{'heads': H}}")
 
 
 class KeyMismatchError(CheckpointError):
@@ -227,14 +240,18 @@ def _strip_prefix(key: str, fmt: _Format) -> str:
 # reading
 
 
-def _unwrap(obj: Any) -> dict[str, Tensor]:
+def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
+    """The tensors of a loaded checkpoint: a wrapping ``{"state_dict": ...}`` / ``{"model_state_dict":
+    ...}`` / ``{"model": ...}`` / ``{"module": ...}`` dict and a ``module.`` prefix on every key
+    (DataParallel) removed, non-tensor entries dropped. Raises :class:`CheckpointError` for an object
+    that is not a mapping or holds no tensors."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"expected a state dict (a mapping of names to tensors), got "
                               f"{type(obj).__name__}")
     for wrapper in ("state_dict", "model_state_dict", "model", "module"):
         inner = obj.get(wrapper)
         if isinstance(inner, Mapping) and not any(isinstance(v, Tensor) for v in obj.values()):
-            return _unwrap(inner)
+            return unwrap_state_dict(inner)
     sd = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not sd:
         raise CheckpointError("the checkpoint holds no tensors")
@@ -268,7 +285,7 @@ def read_state_dict(path: str | os.PathLike[str],
                               "(pip install safetensors)") from e
         sd: dict[str, Tensor] = load_file(str(p), device="cpu")
     elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        sd = _unwrap(torch.load(str(p), map_location="cpu", weights_only=True))
+        sd = unwrap_state_dict(torch.load(str(p), map_location="cpu", weights_only=True))
     else:
         raise CheckpointError(f"{p}: unknown checkpoint extension {suffix!r} "
                               "(.safetensors, .pth, .pt, .bin, .ckpt)")
@@ -446,9 +463,7 @@ def infer_config(canonical: Mapping[str, Tensor], fmt: str = "backplay",
     if "heads" not in merged:
         dim = merged["dim"]
         if dim not in DEFAULT_HEADS:
-            raise CheckpointError(
-                f"cannot infer the number of attention heads for dim {dim} (not in the default "
-                f"table {DEFAULT_HEADS}); pass config=ViTConfig(...) or config={{'heads': H}}")
+            raise HeadsUnknownError(dim)
         merged["heads"] = DEFAULT_HEADS[dim]
     try:
         return ViTConfig(**{k: v for k, v in merged.items() if k in _CONFIG_FIELDS})
@@ -476,7 +491,7 @@ def load_state_dict_any(state_dict: Mapping[str, Any],
 
     Raises :class:`UnknownFormatError` for unknown key names and :class:`KeyMismatchError`
     listing every missing / unexpected key (in the checkpoint's spelling) or shape mismatch."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     canonical, unexpected, fmt_name = convert_state_dict(sd, format)
     fmt = FORMATS[fmt_name]
     used_prefix = bool(fmt.prefix) and any(k.startswith(fmt.prefix) for k in sd)
