@@ -165,9 +165,10 @@ def _explain_model(model: nn.Module, device: str) -> nn.Module:
 
 
 def evaluate_rules(model: nn.Module, data: EvalSet, rules: Sequence[Rule], chunks: Sequence[np.ndarray],
-                   device: str = "cpu", log: Any = sys.stderr,
+                   device: str = "cpu", log: Any = sys.stderr, progress: bool = False,
                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
-    """Scores of every rule on the images of ``chunks`` (one ``explain`` call per chunk and rule).
+    """Scores of every rule on the images of ``chunks`` (one ``explain`` call per chunk and rule;
+    ``progress``: a bar over the calls on stderr).
 
     Returns ``({label: (indices, scores [k, M])}, {label: reason})``: a rule the engine rejects for
     this model (TypeError / NotImplementedError) is left out and its reason returned.
@@ -177,6 +178,10 @@ def evaluate_rules(model: nn.Module, data: EvalSet, rules: Sequence[Rule], chunk
     out: dict[str, tuple[list, list]] = {}
     failed: dict[str, str] = {}
     idx_all = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rules) * len(chunks), desc="rules x image chunks", unit="call", file=sys.stderr,
+               disable=not progress, leave=False)
     for rule in rules:
         label = rule_label(rule)
         parts = []
@@ -186,6 +191,7 @@ def evaluate_rules(model: nn.Module, data: EvalSet, rules: Sequence[Rule], chunk
                 x = data.images[ti].to(device=device, dtype=torch.float64)
                 R = bp.explain(net, x, data.labels[ti].to(device), rule)
                 parts.append(score_maps(R, data.masks[ti]))
+                bar.update(1)
         except (TypeError, NotImplementedError) as e:
             failed[label] = f"{type(e).__name__}: {e}"
             print(f"[bench] note: {label} does not run on this model ({failed[label]}); row skipped",
@@ -193,6 +199,7 @@ def evaluate_rules(model: nn.Module, data: EvalSet, rules: Sequence[Rule], chunk
             continue
         scores = np.concatenate(parts) if parts else np.zeros((0, len(METRICS)))
         out[label] = (idx_all, scores)
+    bar.close()
     return out, failed
 
 
@@ -229,12 +236,13 @@ class ProtocolResult:
 
 def run_protocol(model: nn.Module, families: Sequence[RuleFamily], split_a: EvalSet, split_b: EvalSet,
                  comm: Comm, chunk: int = 50, device: str = "cpu",
-                 log: Any = sys.stderr) -> ProtocolResult | None:
-    """Choose every family's member on A, evaluate the choices on B (sharded over ``comm``).
-    Returns the result on rank 0 and None on the other ranks."""
+                 log: Any = sys.stderr, progress: bool = False) -> ProtocolResult | None:
+    """Choose every family's member on A, evaluate the choices on B (sharded over ``comm``; a progress
+    bar on rank 0 with ``progress``). Returns the result on rank 0 and None on the other ranks."""
     grid = [r for f in families for r in f.grid]
+    bar = progress and comm.rank == 0
     part_a, failed = evaluate_rules(model, split_a, grid, shard_chunks(len(split_a), chunk, comm.rank,
-                                                                         comm.world), device, log)
+                                                                         comm.world), device, log, bar)
     gathered = comm.gather(part_a)
     chosen: dict[str, Rule] | None = None
     selection: list[dict] = []
@@ -261,7 +269,7 @@ def run_protocol(model: nn.Module, families: Sequence[RuleFamily], split_a: Eval
                         row["chosen"] = True
     chosen = comm.broadcast(chosen)
     part_b, _ = evaluate_rules(model, split_b, list(chosen.values()),
-                               shard_chunks(len(split_b), chunk, comm.rank, comm.world), device, log)
+                               shard_chunks(len(split_b), chunk, comm.rank, comm.world), device, log, bar)
     gathered_b = comm.gather(part_b)
     if comm.rank != 0:
         return None
@@ -280,6 +288,10 @@ class BenchConfig:
     cache: str | None = None
     chunk: int = 50
     device: str = "cpu"
+    #: a model below this held-out accuracy (chance: 1/10) is not evaluated: the localisation metrics
+    #: of a net that has not learned the digits would be reported as if they meant something
+    min_accuracy: float = 0.5
+    progress: bool = False
 
     def images_per_split(self) -> int:
         return self.n_eval if self.n_eval is not None else (16 if self.quick else 300)
@@ -296,6 +308,8 @@ class BenchResult:
     models: dict[str, dict]
     examples: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: models not evaluated because their held-out accuracy is below ``BenchConfig.min_accuracy``
+    undertrained: dict[str, float] = field(default_factory=dict)
 
 
 def _table_rows(model_name: str, res: ProtocolResult) -> list[dict]:
@@ -358,7 +372,7 @@ def run_digits(cfg: BenchConfig, comm: Comm | None = None, log: Any = sys.stderr
     for name, classes, s in (("A", CLASSES_A, 101), ("B", CLASSES_B, 202)):
         c = make_canvases(canvas, *pools["eval"], n=n, seed=cfg.seed + s, classes=classes)
         sets[name] = EvalSet(c.images, c.labels, c.masks)
-    rows, selection, notes, models, examples = [], [], [], {}, []
+    rows, selection, notes, models, examples, undertrained = [], [], [], {}, [], {}
     for kind in cfg.models:
         if kind not in train_cfgs:
             raise ValueError(f"unknown model {kind!r} (known: cnn, vit)")
@@ -379,9 +393,18 @@ def run_digits(cfg: BenchConfig, comm: Comm | None = None, log: Any = sys.stderr
         comm.barrier()
         if comm.rank != 0:
             model, meta, path = train_or_load(tc, cfg.cache, log)
+        acc = float(meta["heldout_accuracy"])
+        if acc < cfg.min_accuracy:
+            undertrained[kind] = acc
+            note = (f"{kind}: held-out accuracy {acc:.3f} (chance 0.100) is below {cfg.min_accuracy:g}: not "
+                    "evaluated (the metrics of a net that has not learned the digits mean nothing); train "
+                    "longer" + (" (drop --quick)" if cfg.quick else ""))
+            notes.append(note)
+            print(f"[bench] {note}", file=log)
+            continue
         with torch.no_grad():
             acc_b = float((model(sets["B"].images).argmax(1) == sets["B"].labels).double().mean())
-        res = run_protocol(model, families, sets["A"], sets["B"], comm, cfg.chunk, cfg.device, log)
+        res = run_protocol(model, families, sets["A"], sets["B"], comm, cfg.chunk, cfg.device, log, cfg.progress)
         if comm.rank != 0:
             continue
         notes += [f"{kind}: {lab} skipped ({why})" for lab, why in res.skipped.items()]
@@ -393,11 +416,12 @@ def run_digits(cfg: BenchConfig, comm: Comm | None = None, log: Any = sys.stderr
         examples += _examples(model, sets["B"], res.chosen, rules, kind, cfg.device)
     if comm.rank != 0:
         return None
-    return BenchResult(rows, selection, notes, models, examples, time.perf_counter() - t0)
+    return BenchResult(rows, selection, notes, models, examples, time.perf_counter() - t0, undertrained)
 
 
 def run_dataset(dataset, loaded, limit: int | None = None, quick: bool = False, comm: Comm | None = None,
-                chunk: int = 8, device: str = "cpu", log: Any = sys.stderr) -> BenchResult | None:
+                chunk: int = 8, device: str = "cpu", log: Any = sys.stderr, progress: bool = False
+                ) -> BenchResult | None:
     """The protocol on a real data set (an iterable of ``(image [C, H, W], target, mask [H, W])`` of
     the model's input size, e.g. :class:`~backplay.bench.datasets.ImageNetS`) with a model from
     :func:`~backplay.bench.models.load_model`; split A = even, B = odd image index."""
@@ -426,7 +450,7 @@ def run_dataset(dataset, loaded, limit: int | None = None, quick: bool = False, 
         families = vit_families(quick, log)
     else:
         families = cnn_families(quick)
-    res = run_protocol(loaded.model, families, sets[0], sets[1], comm, chunk, device, log)
+    res = run_protocol(loaded.model, families, sets[0], sets[1], comm, chunk, device, log, progress)
     if comm.rank != 0:
         return None
     notes += [f"{lab} skipped ({why})" for lab, why in res.skipped.items()]
