@@ -46,7 +46,7 @@ from .rulespec import find_rule, rule_label
 __all__ = ["METRICS", "SELECTION_METRIC", "VIT_ONLY_RULES", "RuleFamily", "EvalSet", "BenchConfig", "digits_models",
            "BenchResult", "cnn_families", "graph_families", "vit_families", "vit_engine_error", "score_maps",
            "evaluate_rules", "t_interval", "run_protocol", "run_digits", "run_dataset",
-           "format_table", "markdown_table", "write_outputs"]
+           "format_table", "markdown_table", "write_outputs", "table_rows", "example_maps"]
 
 #: (key, column title) of the metrics in table order
 METRICS = (("pointing_game", "pointing game"), ("rma", "rel. mass acc."), ("rra", "rel. rank acc."),
@@ -160,21 +160,22 @@ def score_maps(R: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def _explain_model(model: nn.Module, device: str) -> nn.Module:
-    return copy.deepcopy(model).to(device=device, dtype=torch.float64).eval()
+def _explain_model(model: nn.Module, device: str, dtype: torch.dtype = torch.float64) -> nn.Module:
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
 def evaluate_rules(model: nn.Module, data: EvalSet, rules: Sequence[Rule], chunks: Sequence[np.ndarray],
                    device: str = "cpu", log: Any = sys.stderr, progress: bool = False,
+                   dtype: torch.dtype = torch.float64,
                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
-    """Scores of every rule on the images of ``chunks`` (one ``explain`` call per chunk and rule;
-    ``progress``: a bar over the calls on stderr).
+    """Scores of every rule on the images of ``chunks`` (one ``explain`` call per chunk and rule, in
+    ``dtype``; ``progress``: a bar over the calls on stderr).
 
     Returns ``({label: (indices, scores [k, M])}, {label: reason})``: a rule the engine rejects for
     this model (TypeError / NotImplementedError) is left out and its reason returned.
-    ``model`` is not modified (a float64 copy is explained).
+    ``model`` is not modified (a copy in ``dtype`` is explained).
     """
-    net = _explain_model(model, device)
+    net = _explain_model(model, device, dtype)
     out: dict[str, tuple[list, list]] = {}
     failed: dict[str, str] = {}
     idx_all = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
@@ -188,7 +189,7 @@ def evaluate_rules(model: nn.Module, data: EvalSet, rules: Sequence[Rule], chunk
         try:
             for idx in chunks:
                 ti = torch.as_tensor(idx, dtype=torch.long)
-                x = data.images[ti].to(device=device, dtype=torch.float64)
+                x = data.images[ti].to(device=device, dtype=dtype)
                 R = bp.explain(net, x, data.labels[ti].to(device), rule)
                 parts.append(score_maps(R, data.masks[ti]))
                 bar.update(1)
@@ -236,13 +237,14 @@ class ProtocolResult:
 
 def run_protocol(model: nn.Module, families: Sequence[RuleFamily], split_a: EvalSet, split_b: EvalSet,
                  comm: Comm, chunk: int = 50, device: str = "cpu",
-                 log: Any = sys.stderr, progress: bool = False) -> ProtocolResult | None:
+                 log: Any = sys.stderr, progress: bool = False,
+                 dtype: torch.dtype = torch.float64) -> ProtocolResult | None:
     """Choose every family's member on A, evaluate the choices on B (sharded over ``comm``; a progress
     bar on rank 0 with ``progress``). Returns the result on rank 0 and None on the other ranks."""
     grid = [r for f in families for r in f.grid]
     bar = progress and comm.rank == 0
     part_a, failed = evaluate_rules(model, split_a, grid, shard_chunks(len(split_a), chunk, comm.rank,
-                                                                         comm.world), device, log, bar)
+                                                                         comm.world), device, log, bar, dtype)
     gathered = comm.gather(part_a)
     chosen: dict[str, Rule] | None = None
     selection: list[dict] = []
@@ -269,7 +271,7 @@ def run_protocol(model: nn.Module, families: Sequence[RuleFamily], split_a: Eval
                         row["chosen"] = True
     chosen = comm.broadcast(chosen)
     part_b, _ = evaluate_rules(model, split_b, list(chosen.values()),
-                               shard_chunks(len(split_b), chunk, comm.rank, comm.world), device, log, bar)
+                               shard_chunks(len(split_b), chunk, comm.rank, comm.world), device, log, bar, dtype)
     gathered_b = comm.gather(part_b)
     if comm.rank != 0:
         return None
@@ -312,7 +314,8 @@ class BenchResult:
     undertrained: dict[str, float] = field(default_factory=dict)
 
 
-def _table_rows(model_name: str, res: ProtocolResult) -> list[dict]:
+def table_rows(model_name: str, res: ProtocolResult) -> list[dict]:
+    """The table's rows: per family, its chosen rule's mean and 95% interval of every metric on B."""
     rows = []
     for fam, label in res.chosen.items():
         sc = res.scores_b[label]
@@ -323,12 +326,13 @@ def _table_rows(model_name: str, res: ProtocolResult) -> list[dict]:
     return rows
 
 
-def _examples(model: nn.Module, split_b: EvalSet, chosen: dict[str, str], rules: dict[str, Rule],
-              model_name: str, device: str, count: int = 3) -> list[dict]:
-    net = _explain_model(model, device)
+def example_maps(model: nn.Module, split_b: EvalSet, chosen: dict[str, str], rules: dict[str, Rule],
+                 model_name: str, device: str, count: int = 3, dtype: torch.dtype = torch.float64) -> list[dict]:
+    """The chosen rules' heatmaps of the first ``count`` images of split B, for the heatmaps figure."""
+    net = _explain_model(model, device, dtype)
     out = []
     for i in range(min(count, len(split_b))):
-        x = split_b.images[i:i + 1].to(device=device, dtype=torch.float64)
+        x = split_b.images[i:i + 1].to(device=device, dtype=dtype)
         maps = {label: bp.explain(net, x, split_b.labels[i:i + 1].to(device), rules[label])[0].cpu()
                 for label in chosen.values()}
         out.append(dict(model=model_name, image=split_b.images[i], mask=split_b.masks[i],
@@ -410,10 +414,10 @@ def run_digits(cfg: BenchConfig, comm: Comm | None = None, log: Any = sys.stderr
         notes += [f"{kind}: {lab} skipped ({why})" for lab, why in res.skipped.items()]
         models[kind] = dict(checkpoint=str(path), heldout_accuracy=meta.get("heldout_accuracy"),
                             accuracy_split_b=acc_b, train_seconds=meta.get("train_seconds"))
-        rows += _table_rows(kind, res)
+        rows += table_rows(kind, res)
         selection += [dict(model=kind, **r) for r in res.selection]
         rules = {rule_label(r): r for f in families for r in f.grid}
-        examples += _examples(model, sets["B"], res.chosen, rules, kind, cfg.device)
+        examples += example_maps(model, sets["B"], res.chosen, rules, kind, cfg.device)
     if comm.rank != 0:
         return None
     return BenchResult(rows, selection, notes, models, examples, time.perf_counter() - t0, undertrained)
@@ -455,9 +459,9 @@ def run_dataset(dataset, loaded, limit: int | None = None, quick: bool = False, 
         return None
     notes += [f"{lab} skipped ({why})" for lab, why in res.skipped.items()]
     rules = {rule_label(r): r for f in families for r in f.grid}
-    return BenchResult(_table_rows(loaded.kind, res), [dict(model=loaded.kind, **r) for r in res.selection],
+    return BenchResult(table_rows(loaded.kind, res), [dict(model=loaded.kind, **r) for r in res.selection],
                        notes, {loaded.kind: {}},
-                       _examples(loaded.model, sets[1], res.chosen, rules, loaded.kind, device),
+                       example_maps(loaded.model, sets[1], res.chosen, rules, loaded.kind, device),
                        time.perf_counter() - t0)
 
 
