@@ -9,13 +9,12 @@ localisation runs the localisation benchmark. Run backplay COMMAND --help for th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -85,22 +84,6 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def working_directory_on_path() -> Iterator[None]:
-    """The working directory first on ``sys.path`` for the duration (as ``python -m`` does), so that
-    ``--rule mymodule:MyRule`` finds a module next to the user, and a model saved whole with
-    ``torch.save`` finds the module that defines its class."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
 def load_rule(ref: str) -> Any:
     """``module:attr`` -> the rule: a Rule instance, a callable (validate_rule's black-box forms), or a
     Rule class (instantiated with its defaults). The module is looked up in the working directory
@@ -108,6 +91,8 @@ def load_rule(ref: str) -> Any:
     mod, sep, attr = ref.partition(":")
     if not sep or not mod or not attr:
         raise ValueError(f"--rule must be module:attr (e.g. backplay.rules:AlphaBeta), got {ref!r}")
+    from .bench.commands import working_directory_on_path
+
     with working_directory_on_path():
         try:
             obj: Any = importlib.import_module(mod)
@@ -305,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--model, --input and --target need --rule")
     t0 = time.perf_counter()
     if args.rule is not None:
+        from .bench.commands import working_directory_on_path
+
         try:
             with working_directory_on_path():  # the rule's module may import its neighbours when run
                 rule = load_rule(args.rule)

@@ -13,6 +13,7 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ import pickle
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,22 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--mosaics", type=int, default=None, help="mosaics per split (default 12; quick 2)")
     ph.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def working_directory_on_path() -> Iterator[None]:
+    """The working directory first on ``sys.path`` for the duration (as ``python -m`` does), so that
+    ``--rule mymodule:MyRule`` finds a module next to the user, and a model saved whole with
+    ``torch.save`` finds the module that defines its class."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,8 +447,6 @@ def _read_file(path: Path) -> Any:
         pass  # more than tensors, e.g. a whole module: unpickled below
     except Exception as e:  # torch.load raises KeyError, RuntimeError, ... for files it cannot parse
         raise ValueError(f"{not_torch} ({type(e).__name__}: {_first_line(e)})") from None
-    from ..cli import working_directory_on_path
-
     with working_directory_on_path():
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
