@@ -11,10 +11,10 @@ inverted residuals, TF-SAME F.pad).
 * the exact law on the unrolled graph equals torch at every report layer (float64, 1e-9): the
   pretrained network up to block 4 (stem, both stride-2 kernel sizes with their asymmetric padding, an
   identity skip) on a 4 x 4 centre crop of a photo by default; all 16 blocks (pooled block-15 output)
-  on a 2 x 2 crop with --runslow (its dense unroll has 15 M entries: about 3 minutes to unroll, 6 per
-  rule). The head is left out: on crops up to 8 x 8 every unit of the head's ReLU6 is dead or
-  saturated, so every logit is the constant fc bias and the check would be vacuous (no relevance
-  reaches the input), and a 16 x 16 crop's dense unroll is several times larger (out of reach);
+  on a 2 x 2 crop with --runslow (its dense unroll has 15 M entries: 2.5 minutes to unroll, 5-10 per
+  rule, 33 minutes in all). The head is left out: on crops up to 8 x 8 every unit of the head's
+  ReLU6 is dead or saturated, so every logit is the constant fc bias and the check would be vacuous
+  (no relevance reaches the input), and a 16 x 16 crop's dense unroll is several times larger (out of reach);
 * top-1 on the bundled photos, each photo's stated class.
 
 The module runs torch on one thread: float64 depthwise convolutions (torch's per-group slow path) take
