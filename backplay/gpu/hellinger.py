@@ -26,9 +26,10 @@ Computation per layer (``a`` and ``b`` the two laws):
   + |b_i| 1{b_i in c} ]: one product of the branch parts W+, |W-| per layer (two laws with different
   route temperatures T_a, T_b get |y|^((1/T_a + 1/T_b)/2), each its own D);
 * **edge-level** (an :class:`~backplay.rules.Anchor` with lam != 0 at this layer: pi = (1 - lam)
-  pi0 + lam u does not factor under the square root): the layer's matrix is materialised per sample
-  ([B, n_out, n_in], :func:`torch.func.vmap` of the map on the basis) and the kernel is summed edge
-  by edge (both laws of such a pair on that layer; the other pairs stay factorised);
+  pi0 + lam u does not factor under the square root; a single-branch law): the kernel is summed
+  edge by edge on the layer's edge list (each output unit's K incoming edges,
+  :meth:`~backplay.gpu.ops.LinearOp.edges`; both laws of such a pair on that layer; the other pairs
+  stay factorised);
 * **pass-through** layers (max selection, copy rows, a standalone gate): K = 1 to the winner in
   every law, so BC is carried by the map itself; a unit made of constants only moves to the bias
   sink (BC = 1); **layout** steps copy BC as they copy values; a **sum node** is a layer with two
@@ -315,9 +316,6 @@ def _single_edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], box: tuple | N
     zero = torch.zeros(W.shape[:2], dtype=W.dtype, device=W.device)
     if isinstance(law.base, ZBox):
         lo, hi = box
-        if bool((L.y < lo).any()) or bool((L.y > hi).any()):
-            raise ValueError(f"ZBox: the input lies outside [low, high] at layer {L.layer.index} "
-                             f"({L.layer.where}); pass bounds that hold every input value")
         w = W * _at(L.y, idx) - W.clamp_min(0) * _at(lo, idx) - W.clamp_max(0) * _at(hi, idx)
         bb = zero
     else:
@@ -472,10 +470,7 @@ def _layer_step(step: LayerTrace, trace: Trace, laws: list, pairs: list, f_in: d
     for i, e in sorted(need):
         law = here[i]
         if _single(law.base):
-            box = boxes[id(law.base)].get(step.index) if isinstance(law.base, ZBox) else None
-            if isinstance(law.base, ZBox) and box is None:
-                raise ValueError(f"ZBox is a first-layer rule: layer {step.index} ({step.kind}, {step.where}) "
-                                 "does not read the input; use it as Composite(first=ZBox(...), ...)")
+            box = law.base.box_at(step, boxes[id(law.base)]) if isinstance(law.base, ZBox) else None
             K = _single_edges(law, L, E, box)
         else:
             K = _edges(law, L, E, *law.lam(step, trace)) if e else _factor(law, L)

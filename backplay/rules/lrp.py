@@ -252,6 +252,20 @@ class ZBox(_ZooRule):
         lo, hi = self.bounds(tuple(x.shape[1:]), x.dtype, x.device)
         return _near_input(trace, (lo.expand(x.shape), hi.expand(x.shape)))
 
+    def box_at(self, layer: "LayerTrace", bounds: dict) -> tuple[Tensor, Tensor]:
+        """(low, high) at ``layer``'s input from :meth:`bounds_at`'s ``bounds``; ValueError when the
+        layer does not read the input or its input lies outside the box (c would be negative)."""
+        box = bounds.get(layer.index)
+        if box is None:
+            raise ValueError(f"ZBox is a first-layer rule: layer {layer.index} ({layer.kind}, {layer.where}) "
+                             "does not read the input; use it as Composite(first=ZBox(...), ...)")
+        lo, hi = box
+        x = layer.input
+        if bool((x < lo).any()) or bool((x > hi).any()):
+            raise ValueError(f"ZBox: the input lies outside [low, high] at layer {layer.index} ({layer.where}); "
+                             "pass bounds that hold every input value")
+        return lo, hi
+
     def sweep_context(self, trace: "Trace", target: Tensor) -> dict:
         return {"stopped": None, "bounds": self.bounds_at(trace)}
 
@@ -259,23 +273,16 @@ class ZBox(_ZooRule):
         if layer.map.pass_through:
             lower, stopped = _pass(layer, r)
         else:
-            box = ctx["bounds"].get(layer.index)
-            if box is None:
-                raise ValueError(f"ZBox is a first-layer rule: layer {layer.index} ({layer.kind}, {layer.where}) "
-                                 "does not read the input; use it as Composite(first=ZBox(...), ...)")
-            lower, stopped = self._box(layer, r, *box)
+            lower, stopped = self._box(layer, r, *self.box_at(layer, ctx["bounds"]))
         ctx["stopped"] = stopped if ctx["stopped"] is None else ctx["stopped"] + stopped
         return lower
 
     def _unit(self, layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
-        lo, hi = self.bounds(tuple(layer.input.shape[1:]), layer.input.dtype, layer.input.device)
-        return self._box(layer, upper, lo, hi)
+        box = self.bounds(tuple(layer.input.shape[1:]), layer.input.dtype, layer.input.device)
+        return self._box(layer, upper, *self.box_at(layer, {layer.index: box}))
 
     def _box(self, layer: "LayerTrace", upper: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         M, x = layer.map, layer.input
-        if bool((x < lo).any()) or bool((x > hi).any()):
-            raise ValueError(f"ZBox: the input lies outside [low, high] at layer {layer.index} ({layer.where}); "
-                             "pass bounds that hold every input value")
         D = M.apply(x) - M.apply(lo.expand_as(x), "pos") - M.apply(hi.expand_as(x), "neg")
         c = safe_divide(upper, D)
         stopped = torch.where(D == 0, upper, 0.0).flatten(1).sum(1)
