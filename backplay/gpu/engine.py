@@ -15,6 +15,7 @@ in train mode is explained with a warning: the reader exports the eval-mode func
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import warnings
@@ -252,10 +253,12 @@ def _warn_half(module: nn.Module, x_dtype: torch.dtype | None, dtype: torch.dtyp
 _TRAIN_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 
-def _reads_training(m: nn.Module) -> bool:
-    """Whether the module's own forward reads ``self.training`` (a custom dropout, a stochastic depth)."""
-    fwd = type(m).forward
-    if fwd is nn.Module.forward or type(m).__module__.startswith("torch.nn."):
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether the module class's own forward reads ``self.training`` (a custom dropout, a stochastic
+    depth); read from its source once per class."""
+    fwd = cls.forward
+    if fwd is nn.Module.forward or cls.__module__.startswith("torch.nn."):
         return False
     try:
         return "self.training" in inspect.getsource(fwd)
@@ -270,7 +273,7 @@ def _warn_train(model: Any) -> None:
     if not isinstance(model, nn.Module):
         return
     changed = [n or type(model).__name__ for n, m in model.named_modules()
-               if m.training and (isinstance(m, _TRAIN_SENSITIVE) or _reads_training(m))]
+               if m.training and (isinstance(m, _TRAIN_SENSITIVE) or _reads_training(type(m)))]
     if not changed:
         return
     names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
