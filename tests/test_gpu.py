@@ -233,6 +233,21 @@ def test_zero_row_goes_to_sink():
     assert torch.isfinite(o.rho).all()
 
 
+def test_explicit_pad_is_conv_padding():
+    """The zeros F.pad writes are constants, not units (docs/theory.md section 11): F.pad then
+    Conv2d(padding=0) has the occupation measures of Conv2d(padding=1); rho + stopped + sink = 1."""
+    torch.manual_seed(5)
+    same = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)).double()
+    padded = copy.deepcopy(same)
+    padded[0].padding = (0, 0)
+    padded.insert(0, nn.ZeroPad2d(1))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+    a, b = occupation(same, x, 1), occupation(padded, x, 1)
+    for name in ("value", "rho", "stopped", "sink", "gradient", "abs_mass"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), **TOL)
+    torch.testing.assert_close(b.rho.flatten(1).sum(1) + b.stopped + b.sink, torch.ones(2, dtype=F64), **TOL)
+
+
 def test_all_zero_weights():
     model = relu_net([3, 4, 2], 0)
     with torch.no_grad():

@@ -479,6 +479,33 @@ def test_patch_rules_spread_evenly(rule):
     torch.testing.assert_close(R, back.expand_as(R), rtol=1e-15, atol=0)
 
 
+class _Padded(torch.nn.Module):
+    """A ViT behind an ``F.pad`` of its image (as timm's dynamic padding writes it)."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+@pytest.mark.parametrize("rule", [Rollout(), TransformerAttribution(relevance="attention")],
+                         ids=lambda r: r.name)
+def test_patch_rules_skip_the_zeros_a_pad_writes(rule):
+    """The zeros an F.pad writes are constants, not pixels (docs/theory.md section 11): each patch value
+    is spread evenly over its real pixels, so the patch sums are those of the model without the pad
+    on the padded image."""
+    m = V.vit_tiny_test(dtype=F64)
+    x, t = _data(2, 2, m.config)
+    crop = x[..., :-1, :-1]
+    R = bp.explain(_Padded(m), crop, t, rule)
+    ref = bp.explain(m, torch.nn.functional.pad(crop, (0, 1, 0, 1)), t, rule)
+    p = m.config.patch_size
+    P = patch_relevance(torch.nn.functional.pad(R, (0, 1, 0, 1)), p)
+    torch.testing.assert_close(P, patch_relevance(ref, p), rtol=1e-12, atol=1e-15)
+
+
 def test_transformer_attribution_spreads_evenly():
     """TransformerAttribution with the AttnLRP relevance of A (its scores are checked against the
     reference above): each patch value is spread evenly over its C * p * p pixels."""

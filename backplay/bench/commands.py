@@ -147,6 +147,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     ph.add_argument("--out", default="photos_out", help="output folder (default ./photos_out)")
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--mosaics", type=int, default=None, help="mosaics per split (default 12; quick 2)")
+    ph.add_argument("--workers", type=int, default=None,
+                    help="processes, one torch thread each unless the cores allow more (default: the number "
+                         "of cores, 4 at most); the mosaics are shared out among them")
     ph.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -659,23 +662,82 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def run_photos_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``backplay bench photos``: exit status 0; 1 when the model or the photos are missing or the
-    model classifies fewer than four photos confidently; 2 for a usage error."""
-    from .localisation import format_table
-    from .mosaics import PhotoBenchConfig, run_photos, write_photo_outputs
+    model classifies fewer than four photos confidently; 2 for a usage error. With more than one
+    worker the processes are spawned here and joined over ``gloo`` on this machine
+    (:mod:`backplay.bench.distributed`); rank 0 writes the outputs."""
+    from .mosaics import PhotoBenchConfig
 
     if args.mosaics is not None and args.mosaics < 2:
         parser.error("--mosaics must be >= 2")
-    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else min(cores, 4)
+    if workers < 1:
+        parser.error("--workers must be >= 1")
+    threads = max(1, cores // workers)
     cfg = PhotoBenchConfig(quick=args.quick, seed=args.seed, n_mosaics=args.mosaics, progress=not args.no_progress)
-    try:
-        result = run_photos(cfg)
-    except (ImportError, ValueError, RuntimeError) as e:
-        print(f"backplay bench photos: {e}", file=sys.stderr)
-        return 1
     command = "backplay bench photos" + (" --quick" if args.quick else "") + \
-        (f" --mosaics {args.mosaics}" if args.mosaics is not None else "") + f" --seed {args.seed}"
-    paths = write_photo_outputs(result, args.out, command)
-    print(f"backplay bench photos: EfficientNet-Lite0 (ImageNet weights), {cfg.per_split()} mosaics per split")
+        (f" --mosaics {args.mosaics}" if args.mosaics is not None else "") + f" --seed {args.seed}" + \
+        f" --workers {workers}"
+    job = (workers, threads, _free_port(), cfg, args.out, command)
+    if workers == 1:
+        return _photos_rank(0, *job)
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_photos_worker, args=job, nprocs=workers, join=True)
+    except mp.ProcessExitedException as e:
+        if e.exit_code is not None and e.exit_code > 0:
+            return e.exit_code  # the worker said why
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
+        print(f"backplay bench photos: worker {e.error_index} {how} (out of memory? try --workers 1)",
+              file=sys.stderr)
+        return 1
+    except mp.ProcessRaisedException as e:
+        print(f"backplay bench photos: a worker failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _photos_worker(rank: int, *job: Any) -> None:
+    """One spawned process of ``backplay bench photos`` (exits with the rank's status)."""
+    code = _photos_rank(rank, *job)
+    if code:
+        sys.exit(code)
+
+
+def _photos_rank(rank: int, world: int, threads: int, port: int, cfg: Any, out: str, command: str) -> int:
+    """Rank ``rank`` of ``world``: ``threads`` torch threads, the benchmark's share, and on rank 0 the
+    outputs and the printed table."""
+    from .distributed import communicator
+    from .localisation import format_table
+    from .mosaics import run_photos, write_photo_outputs
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    comm = communicator("cpu")
+    try:
+        result = run_photos(cfg, comm)
+    except (ImportError, ValueError, RuntimeError) as e:
+        if rank == 0:
+            print(f"backplay bench photos: {e}", file=sys.stderr)
+        return 1
+    finally:
+        comm.close()
+    if result is None:
+        return 0
+    paths = write_photo_outputs(result, out, command)
+    print(f"backplay bench photos: EfficientNet-Lite0 (ImageNet weights), {cfg.per_split()} mosaics per split, "
+          f"{world} process(es) x {threads} torch thread(s)")
     print(result.top1_line)
     print("split B; hyperparameters chosen on split A by relevance mass accuracy; mean [95% t-interval]")
     print(format_table(result.bench.rows))

@@ -26,6 +26,7 @@ of the rules on this model is checked in float64 by the tests). The Hellinger di
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -39,6 +40,7 @@ import torch
 from ..rules import (RG, AlphaBeta, Anchor, AttributionEquilibrium, AttributionEquilibriumLaw, Epsilon, EpsilonAlpha2Beta1,
                      EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, Flat, Gamma, Gradient,
                      GradientEquilibrium, GradientXInput, RGEq, RiskAverse, WSquare, ZPlus)
+from .distributed import Comm
 from .rulespec import rule_label
 from .localisation import (BenchResult, EvalSet, RuleFamily, example_maps, graph_families, run_protocol,
                            table_rows, write_outputs)
@@ -60,12 +62,17 @@ class PhotoBenchConfig:
     quick: bool = False
     seed: int = 0
     n_mosaics: int | None = None  # per split (default 12, quick 2)
-    chunk: int = 8
+    chunk: int | None = None  # mosaics per explain call (default: the split shared evenly by the ranks, 8 at most)
     hellinger_images: int | None = None  # split B mosaics averaged in the Hellinger matrix (1)
     progress: bool = False
 
     def per_split(self) -> int:
         return self.n_mosaics if self.n_mosaics is not None else (2 if self.quick else 12)
+
+    def chunk_for(self, world: int) -> int:
+        """Mosaics per explain call: ``chunk``, else each split in equal parts over ``world`` ranks
+        (8 at most), so that no rank waits for another."""
+        return self.chunk if self.chunk is not None else min(8, math.ceil(self.per_split() / world))
 
     def matrix_images(self) -> int:
         return self.hellinger_images if self.hellinger_images is not None else 1
@@ -82,6 +89,8 @@ class PhotoBenchResult:
     hellinger_labels: list[str]
     hellinger: np.ndarray
     seconds: dict[str, float]
+    processes: int = 1
+    threads: int = 1
 
 
 def make_mosaics(tiles: torch.Tensor, classes: torch.Tensor, model: torch.nn.Module, n: int, seed: int
@@ -157,15 +166,20 @@ def hellinger_laws(quick: bool = False) -> list[tuple[str, Any]]:
     return [laws[0], laws[2], laws[8]] if quick else laws
 
 
-def run_photos(cfg: PhotoBenchConfig, log: Any = sys.stderr) -> PhotoBenchResult:
+def run_photos(cfg: PhotoBenchConfig, comm: Comm | None = None, log: Any = sys.stderr) -> PhotoBenchResult | None:
     """The photos benchmark (module docstring): the top-1 check, the mosaics, the protocol, example
-    heatmaps and the Hellinger matrix."""
+    heatmaps and the Hellinger matrix. With ``comm`` over several processes every rank draws the same
+    mosaics, the protocol's images and the Hellinger matrix's pairs are sharded over the ranks, the
+    last rank draws the heatmaps; the result is returned on rank 0 (None elsewhere) and only rank 0
+    logs."""
     import backplay as bp
 
-    from .distributed import Comm
     from .efficientnet import class_name, efficientnet_lite0
     from .photos import CONFIDENT, load_all, top1
 
+    comm = comm or Comm()
+    if comm.rank != 0:
+        log = io.StringIO()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model = efficientnet_lite0()
@@ -188,27 +202,38 @@ def run_photos(cfg: PhotoBenchConfig, log: Any = sys.stderr) -> PhotoBenchResult
 
     t1 = time.perf_counter()
     families = photo_families(cfg.quick)
-    res = run_protocol(model, families, split_a, split_b, Comm(), cfg.chunk, "cpu", log, cfg.progress,
-                       dtype=torch.float32)
-    rules = {rule_label(r): r for f in families for r in f.grid}
-    examples = example_maps(model, split_b, res.chosen, rules, "EfficientNet-Lite0", "cpu", count=2,
-                            dtype=torch.float32)
+    res = run_protocol(model, families, split_a, split_b, comm, cfg.chunk_for(comm.world), "cpu", log,
+                       cfg.progress, dtype=torch.float32)
     seconds["protocol"] = time.perf_counter() - t1
+    chosen = comm.broadcast(res.chosen if res is not None else None)
+
+    t2 = time.perf_counter()
+    examples = None
+    if comm.rank == comm.world - 1:
+        rules = {rule_label(r): r for f in families for r in f.grid}
+        examples = example_maps(model, split_b, chosen, rules, "EfficientNet-Lite0", "cpu", count=2,
+                                dtype=torch.float32)
+    labels, laws = zip(*hellinger_laws(cfg.quick))
+    pairs = [(a, b) for a in range(len(laws)) for b in range(a + 1, len(laws))][comm.rank::comm.world]
+    k = min(cfg.matrix_images(), len(split_b))
+    mats = [bp.hellinger_matrix(model, split_b.images[i:i + 1], split_b.labels[i:i + 1], laws, pairs).values[0]
+            for i in range(k)]
+    gathered = comm.gather((examples, torch.stack(mats).mean(0).double().numpy()))
+    seconds["heatmaps and Hellinger matrix"] = time.perf_counter() - t2
+    if comm.rank != 0:
+        return None
+    examples = gathered[-1][0]
+    H = np.zeros((len(laws), len(laws)))
+    for _, part in gathered:  # each rank's pairs (NaN elsewhere)
+        H = np.where(np.isnan(part), H, part)
     notes = [f"{lab} skipped ({why})" for lab, why in res.skipped.items()]
     notes.append(f"mosaics of the {len(used)} photos the model classifies correctly with p >= {CONFIDENT} "
                  f"({', '.join(names)}); split A and B are different mosaics of the same photos")
     bench = BenchResult(table_rows("efficientnet-lite0", res),
                         [dict(model="efficientnet-lite0", **r) for r in res.selection], notes,
                         {"efficientnet-lite0": dict(photos=photos)}, examples, seconds["protocol"])
-
-    t2 = time.perf_counter()
-    labels, laws = zip(*hellinger_laws(cfg.quick))
-    k = min(cfg.matrix_images(), len(split_b))
-    mats = [bp.hellinger_matrix(model, split_b.images[i:i + 1], split_b.labels[i:i + 1], laws).values[0]
-            for i in range(k)]
-    H = torch.stack(mats).mean(0).double().numpy()
-    seconds["hellinger"] = time.perf_counter() - t2
-    return PhotoBenchResult(bench, photos, top1_line, list(labels), H, seconds)
+    return PhotoBenchResult(bench, photos, top1_line, list(labels), H, seconds, comm.world,
+                            torch.get_num_threads())
 
 
 def write_photo_outputs(result: PhotoBenchResult, out: str | Path, command: str) -> dict[str, Path]:
@@ -225,7 +250,8 @@ def write_photo_outputs(result: PhotoBenchResult, out: str | Path, command: str)
              f"Command: `{command}` (torch {torch.__version__}).", "", result.top1_line, "",
              "Photos used (correct and confident):", ""]
     lines += [f"- {p['name']}: class {p['cls']} ({p['label']}), p = {p['probability']:.3f}" for p in result.photos]
-    lines += ["", "Times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()), "",
+    lines += ["", f"Times ({result.processes} process(es), {result.threads} torch thread(s) each): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()), "",
               "Files: `table.md` / `table.csv` (split B, chosen on split A), `selection.csv` (every grid "
               "member on split A), `metrics.png`, `heatmaps.png`, `hellinger.png` (the Hellinger distance "
               "between the laws, mean over split B's first mosaics).", ""]

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from backplay.gpu.read import ModelGraph, ReadError, read
-from backplay.gpu.trace import Trace
+from backplay.gpu.trace import ALL_FIELDS, Trace
 from backplay.gpu.transformer import transformer_relevance
-from backplay.rules import Gradient, GradientXInput, RoutingRule, Rule, SoftplusGame, TransformerRule
+from backplay.rules import Gradient, Rule, TransformerRule
 from backplay.rules.routing import routing_parts
 
 Tensor = torch.Tensor
@@ -305,11 +305,12 @@ class Prepared:
         """Whether the model is explained with respect to its input embeddings (integer input)."""
         return not self.x.is_floating_point()
 
-    def trace(self, lean: bool = False, x: Tensor | None = None, eps: float | None = None) -> Trace:
+    def trace(self, fields: frozenset = ALL_FIELDS, x: Tensor | None = None, temperature: float | None = None
+              ) -> Trace:
         """The explained pass of the batch (or of ``x``, same sample shape) in the compute dtype;
-        ``eps``: the SoftplusGame surrogate's pass (every gate at temperature eps) instead."""
-        gate_map = None if eps is None else (lambda g: g.at_temperature(eps))
-        return self.graph.trace(self.x if x is None else x, self.dtype, lean=lean, gate_map=gate_map,
+        ``fields`` / ``temperature``: what each layer keeps and the gates' temperature
+        (:attr:`Rule.pass_fields`, :attr:`Rule.pass_temperature`)."""
+        return self.graph.trace(self.x if x is None else x, self.dtype, fields=fields, temperature=temperature,
                                 inputs=self.inputs, position=self.position)
 
 
@@ -478,32 +479,28 @@ def explain(
     prep = prepare(model, x, attention_mask=attention_mask, position=position)
     if isinstance(rule, TransformerRule):
         with torch.no_grad():
-            trace = _trace(prep, lean=True)
+            trace = _trace(prep, frozenset())
         t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)
         relevance = transformer_relevance(rule, prep, trace, t)
         logit = trace.logit(t)
         return _finish(prep, rule, relevance, logit, None, None, return_report)
     anchor = routing_parts(rule)[1]
     with torch.no_grad():
-        if isinstance(rule, SoftplusGame):  # GxI of the surrogate's pass (I10-I12): the one pass swept
-            trace = _trace(prep, lean=False, eps=rule.eps)
-            t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)
-            logit = _trace(prep, lean=True).logit(t) if return_report else None
-            sweep = GradientXInput().sweep(trace, t, keep_layers=return_report, release=True)
-        else:
-            trace = _trace(prep, lean=isinstance(rule, RoutingRule))
-            if anchor is not None and anchor.anchor == "token" and trace.n_blocks == 0:
-                raise ValueError("Anchor(anchor='token') acts at attention layers: this model has none")
-            t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)
-            logit = trace.logit(t) if return_report else None
-            sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
+        trace = _trace(prep, rule.pass_fields, rule.pass_temperature)
+        if anchor is not None and anchor.anchor == "token" and trace.n_blocks == 0:
+            raise ValueError("Anchor(anchor='token') acts at attention layers: this model has none")
+        t = resolve_target(target, trace.x.shape[0], trace.output.shape[1], trace.x.device)
+        logit = None
+        if return_report:  # the model's logit, also when the rule sweeps a surrogate's pass
+            logit = (trace if trace.temperature is None else _trace(prep, frozenset())).logit(t)
+        sweep = rule.sweep(trace, t, keep_layers=return_report, release=True)
         del trace
         return _finish(prep, rule, sweep.relevance, logit, sweep.stopped, sweep.layers, return_report)
 
 
-def _trace(prep: Prepared, lean: bool, eps: float | None = None) -> Trace:
+def _trace(prep: Prepared, fields: frozenset, temperature: float | None = None) -> Trace:
     try:
-        return prep.trace(lean=lean, eps=eps)
+        return prep.trace(fields, temperature=temperature)
     except RuntimeError as e:  # shapes that do not chain
         raise ReadError(f"the model cannot be applied to x of shape {prep.in_shape}: {e}") from e
 

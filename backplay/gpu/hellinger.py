@@ -309,8 +309,9 @@ def _edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], lam: float, token: bo
 def _single_edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], box: tuple | None) -> _Edges:
     """A single-branch law edge by edge: every move keeps the sign, pi(j | i) = w_ij / D_i over the
     edges and the bias unit (to the bias sink), D_i = 0: the cemetery. Flat and WSquare
-    (:data:`SINGLE_BRANCH`): w_ij from the coefficient W_ij; ZBox: w_ij = c_ij = y_j W_ij - low_j W+_ij
-    - high_j W-_ij with ``box`` = (low, high) at the layer's input, no bias unit."""
+    (:data:`SINGLE_BRANCH`): w_ij from the coefficient W_ij on the edges from units (the zeros a layout
+    step writes are none: ``LayerTrace.unit_mask``); ZBox: w_ij = c_ij = y_j W_ij - low_j W+_ij
+    - high_j W-_ij with ``box`` = (low, high) at the layer's input (0 at those zeros), no bias unit."""
     W, idx = E
     B = W.shape[0]
     zero = torch.zeros(W.shape[:2], dtype=W.dtype, device=W.device)
@@ -320,7 +321,7 @@ def _single_edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], box: tuple | N
         bb = zero
     else:
         route, bias_weight = SINGLE_BRANCH[type(law.base)]
-        w = route(W)
+        w = route(W) * _at(L.layer.unit_mask(), idx)
         bb = zero if bias_weight is None or L.b is None else bias_weight(L.b.reshape(B, -1))
     D = w.sum(-1) + bb
     return _Edges(idx, _sdiv(w, D.unsqueeze(-1)), torch.zeros_like(w), _sdiv(bb, D), zero,
@@ -501,15 +502,17 @@ class HellingerMatrix:
         return f"HellingerMatrix(rules={self.rules}, {batch}, values {tuple(self.values.shape)}{top})"
 
 
-def _deficits(model: Any, x: Any, target: Any, rules: Sequence[Rule]) -> tuple[list, list, Any]:
+def _deficits(model: Any, x: Any, target: Any, rules: Sequence[Rule], pairs: list | None = None
+              ) -> tuple[list, list, Any]:
     laws = [_law(r) for r in rules]
     prep = prepare(model, x)
     if prep.tokens:
         raise TypeError("hellinger takes floating inputs (a language model's token ids are not supported)")
     n = len(laws)
-    pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+    if pairs is None:
+        pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
     with torch.no_grad():
-        trace = prep.trace(lean=True)
+        trace = prep.trace(frozenset())
         for law in laws:
             if law.anchor is not None and law.anchor.anchor == "token" and trace.n_blocks == 0:
                 raise ValueError("Anchor(anchor='token') acts at attention layers: this model has none")
@@ -546,17 +549,29 @@ def hellinger(model: Any, x: Any, target: Any, rule_a: Rule, rule_b: Rule) -> Te
     return h.squeeze(0) if prep.squeeze else h
 
 
-def hellinger_matrix(model: Any, x: Any, target: Any, rules: Sequence[Rule]) -> HellingerMatrix:
+def hellinger_matrix(model: Any, x: Any, target: Any, rules: Sequence[Rule],
+                     pairs: Sequence[tuple[int, int]] | None = None) -> HellingerMatrix:
     """The Hellinger distances (I21) between every pair of ``rules`` (see :func:`hellinger`), all
-    pairs in one sweep over the graph; a :class:`HellingerMatrix` ([B, n, n], rule names)."""
+    pairs in one sweep over the graph; a :class:`HellingerMatrix` ([B, n, n], rule names).
+    ``pairs``: only these pairs (i, j) of rule indices are computed (e.g. a share of the matrix per
+    process); the entries of the others are NaN."""
     rules = list(rules)
     if not rules:
         raise ValueError("hellinger_matrix needs at least one rule")
     for i, r in enumerate(rules):
         check_rule_instance(r, f"rules[{i}]")
-    ds, pairs, prep = _deficits(model, x, target, rules)
-    n, B = len(rules), prep.x.shape[0]
-    vals = torch.zeros((B, n, n), dtype=prep.in_dtype, device=prep.x.device)
+    n = len(rules)
+    todo = None
+    if pairs is not None:
+        todo = sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b})
+        bad = [(a, b) for a, b in todo if not (0 <= a < n and 0 <= b < n)]
+        if bad:
+            raise ValueError(f"pairs must hold rule indices in 0..{n - 1}, got {bad[0]}")
+    ds, pairs, prep = _deficits(model, x, target, rules, todo)
+    B = prep.x.shape[0]
+    fill = 0.0 if todo is None else float("nan")
+    vals = torch.full((B, n, n), fill, dtype=prep.in_dtype, device=prep.x.device)
+    vals.diagonal(dim1=1, dim2=2).zero_()
     for (a, b), d in zip(pairs, ds):
         h = d.sqrt().to(prep.in_dtype)
         vals[:, a, b] = vals[:, b, a] = h

@@ -136,12 +136,13 @@ def occupation(model: Any, x: Tensor, target: Any) -> Occupation:
             if h is not None:
                 acc["entropy"] += _per_sample(S * h)
             acc["stopped"] += _per_sample(R * (1 - p))
-            gamma = rec.map.apply(torch.ones_like(rec.input), "abs")
+            units = rec.unit_mask()  # the zeros a layout step writes (F.pad) are no units: no edge to them
+            gamma = rec.map.apply(units, "abs")
             zero_row = gamma == 0
             acc["sink"] += _per_sample(Rp * zero_row.to(Rp.dtype))
             inv_gamma = torch.where(zero_row, torch.zeros_like(gamma), 1 / torch.where(zero_row, 1.0, gamma))
             M = rec.map
-            return M.transpose(Sp, "W"), M.transpose(Ap, "abs"), M.transpose(Rp * inv_gamma, "abs")
+            return M.transpose(Sp, "W"), M.transpose(Ap, "abs"), units * M.transpose(Rp * inv_gamma, "abs")
 
         start = trace.onehot(t)
         lower, kept = trace.walk({trace.output_id: (start, start.clone(), start.clone())}, layer_fn,

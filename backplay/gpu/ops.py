@@ -58,14 +58,21 @@ def vjp(fn: Callable[[Tensor], Tensor], in_shape: tuple, g: Tensor) -> Tensor:
     return torch.zeros_like(y0).detach() if gi is None else gi.detach().contiguous()
 
 
+_BASIS_CHUNK = 256
+
+
 def dense_matrix(op: "LinearOp", y: Tensor) -> Tensor:
     """The matrix of ``op`` per sample at ``y``'s batch, [B, n_out, n_in] (columns: the map applied
     to the basis vectors)."""
     B, shape = y.shape[0], tuple(y.shape[1:])
     n = math.prod(shape)
-    basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape((n, 1) + shape).expand((n, B) + shape)
-    cols = torch.func.vmap(op.apply, chunk_size=256)(basis)  # [n, B, *out]
-    return cols.reshape(n, B, -1).permute(1, 2, 0)
+    cols = []
+    for start in range(0, n, _BASIS_CHUNK):  # the basis a chunk at a time: never the n x n identity
+        k = min(_BASIS_CHUNK, n - start)
+        basis = torch.zeros((k, n), dtype=y.dtype, device=y.device)
+        basis[torch.arange(k), torch.arange(start, start + k)] = 1
+        cols.append(torch.func.vmap(op.apply)(basis.reshape((k, 1) + shape).expand((k, B) + shape)).reshape(k, B, -1))
+    return torch.cat(cols).permute(1, 2, 0)
 
 
 def edges_of_matrix(W: Tensor) -> tuple[Tensor, Tensor]:
@@ -680,9 +687,21 @@ class Gate:
 
     #: True when the gate may stop (an activation); False for a linear layer.
     activated: bool = True
+    #: True when y = z wherever y != 0 (linear, ReLU): where the relevance is y times a sum (the LRP
+    #: recursions), it vanishes wherever y does, so y stands for z on every unit that carries relevance
+    z_where_nonzero: bool = False
 
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def output(self, z: Tensor, in_place: bool = False) -> Tensor:
+        """y alone (``in_place``: z may be overwritten with it, a gate that can do so does)."""
+        return self(z)[0]
+
+    def backprop(self, r: Tensor, y: Tensor) -> Tensor | None:
+        """r * p with p read back from the output y, for a gate whose y determines p exactly (ReLU:
+        p = 1{y > 0}, read as torch's backward of relu reads its output), else None (the pass keeps p)."""
+        return None
 
     def offset(self, z: Tensor, p: Tensor) -> Tensor | None:
         return None
@@ -698,6 +717,7 @@ class LinearGate(Gate):
     """No activation: the player must continue, p = 1."""
 
     activated = False
+    z_where_nonzero = True
 
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z, torch.ones_like(z)
@@ -709,9 +729,17 @@ class LinearGate(Gate):
 class ReLUGate(Gate):
     """ReLU: continue iff z > 0; a tie z = 0 stops (relu'(0) = 0, as torch)."""
 
+    z_where_nonzero = True
+
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
         active = z > 0
         return torch.where(active, z, torch.zeros_like(z)), active.to(z.dtype)
+
+    def output(self, z: Tensor, in_place: bool = False) -> Tensor:
+        return z.relu_() if in_place else z.relu()
+
+    def backprop(self, r: Tensor, y: Tensor) -> Tensor:
+        return torch.ops.aten.threshold_backward(r, y, 0)  # y = z where z > 0, else 0: r where y > 0
 
     def at_temperature(self, eps: float) -> Gate:
         return SoftplusGate(eps)
@@ -745,6 +773,12 @@ class ClampGate(Gate):
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
         p = ((z > self.lo) & (z < self.hi)).to(z.dtype)
         return z.clamp(self.lo, self.hi), p
+
+    def output(self, z: Tensor, in_place: bool = False) -> Tensor:
+        return z.clamp_(self.lo, self.hi) if in_place else z.clamp(self.lo, self.hi)
+
+    def backprop(self, r: Tensor, y: Tensor) -> Tensor:
+        return torch.ops.aten.hardtanh_backward(r, y, self.lo, self.hi)  # y = z strictly inside (lo, hi)
 
     def offset(self, z: Tensor, p: Tensor) -> Tensor | None:
         return (1 - p) * z.clamp(self.lo, self.hi)

@@ -46,7 +46,7 @@ from backplay.gpu.ops import (
     AddOp, AttentionOp, ClampGate, ConvOp, DenseOp, FrozenGate, FunctionGate, Gate, GELUGate, IdentityOp,
     LeakyReLUGate, LinearGate, LinearOp, NormOp, PoolOp, ReLUGate, ScaleOp, Selection, SoftplusGate, WeightOp,
 )
-from backplay.gpu.trace import LayerTrace, LayoutStep, Trace
+from backplay.gpu.trace import ALL_FIELDS, LayerTrace, LayoutStep, Trace
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -341,6 +341,8 @@ class ModelGraph:
     regions: dict  # fused gate (exit node name) -> (root node, the region's nodes in order)
     internal: dict  # nodes inside a fused gate -> whether the pass also computes them as constants
     kwarg_names: tuple = ()  # the keyword inputs, in the order of input_names[1:]
+    #: (layout node name, batch size) -> whether the step keeps the batch first (probed once, then reused)
+    batch_first: dict = field(default_factory=dict)
 
     def replay(self, x: Tensor, dtype: torch.dtype, inputs: dict | None = None, position: Tensor | None = None,
                *, frozen: bool = True, eps: float = 0.0, freeze_softmax: bool = False,
@@ -352,21 +354,24 @@ class ModelGraph:
         ``freeze_softmax``: attention weights detached (no relevance into q, k); ``uniform_products``:
         a product of two tensors that depend on the input passes half the gradient to each factor
         (q k^T, A v). Then input x gradient is the rule's relevance (LRP as a modified gradient)."""
-        return _Runner(self, dtype, False, None).replay(x, inputs or {}, position, frozen, eps, freeze_softmax,
+        return _Runner(self, dtype, ALL_FIELDS, None).replay(x, inputs or {}, position, frozen, eps, freeze_softmax,
                                                         uniform_products)
 
     def output_shape(self) -> tuple | None:
         """The shape of the model's output at the exported input."""
         return _shape(self.output_node)
 
-    def trace(self, x: Tensor, dtype: torch.dtype, lean: bool = False, gate_map: Callable | None = None,
+    def trace(self, x: Tensor, dtype: torch.dtype, fields: frozenset = ALL_FIELDS, temperature: float | None = None,
               inputs: dict | None = None, position: Tensor | None = None) -> Trace:
         """The explained pass of the batch ``x`` (float inputs: already in ``dtype``) as a
-        :class:`Trace`; ``inputs``: the tensor keyword inputs (attention mask); ``position``: the
-        position per sample whose logits are explained when the output is [B, T, V]."""
+        :class:`Trace`; ``fields``: what each layer keeps besides its map, input and output (a subset of
+        :data:`~backplay.gpu.trace.ALL_FIELDS`, see :class:`~backplay.gpu.trace.LayerTrace`); ``temperature``: every game gate at that temperature (the SoftplusGame
+        surrogate's pass, docs/theory.md I10), None: the model's own gates; ``inputs``: the tensor
+        keyword inputs (attention mask); ``position``: the position per sample whose logits are
+        explained when the output is [B, T, V]."""
         if tuple(inputs or {}) and set(inputs) != set(self.kwarg_names):
             raise ValueError(f"the model was read with the keyword inputs {self.kwarg_names}, got {tuple(inputs)}")
-        return _Runner(self, dtype, lean, gate_map).run(x, inputs or {}, position)
+        return _Runner(self, dtype, fields, temperature).run(x, inputs or {}, position)
 
 
 @dataclass
@@ -837,7 +842,7 @@ class _RepeatOp(LinearOp):
 def _surrogate(graph: "ModelGraph", dtype: torch.dtype, x: Tensor, inputs: dict, position: Tensor | None
                ) -> Callable[[float], Trace]:
     """The pass of the SoftplusGame surrogate at temperature eps, on demand (holds only the inputs)."""
-    return lambda eps: _Runner(graph, dtype, False, lambda gt: gt.at_temperature(eps)).run(x, inputs, position)
+    return lambda eps: _Runner(graph, dtype, ALL_FIELDS, eps).run(x, inputs, position)
 
 
 def _select_position(position: Tensor) -> Callable[[Tensor], Tensor]:
@@ -846,8 +851,8 @@ def _select_position(position: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 class _Runner:
-    def __init__(self, graph: ModelGraph, dtype: torch.dtype, lean: bool, gate_map: Callable | None) -> None:
-        self.g, self.dtype, self.lean, self.gate_map = graph, dtype, lean, gate_map
+    def __init__(self, graph: ModelGraph, dtype: torch.dtype, fields: frozenset, temperature: float | None) -> None:
+        self.g, self.dtype, self.fields, self.temperature = graph, dtype, frozenset(fields), temperature
         self.n_layers = 0
         self.n_blocks = 0
         self.units: dict = {}  # tensor -> the unit ids of one sample (float64: 1 + a running count; 0: a constant)
@@ -945,7 +950,7 @@ class _Runner:
                             "an output [B, classes] (a language model's [B, T, vocab] at one position: give "
                             "integer token ids, or wrap the model so that it returns [B, classes])")
         self.env = self.units = self.val = self.feed = None  # the trace alone holds the pass's tensors from here
-        return Trace(xe, steps, out_id, out, _surrogate(g, self.dtype, x, inputs, position))
+        return Trace(xe, steps, out_id, out, _surrogate(g, self.dtype, x, inputs, position), self.temperature)
 
     def replay(self, x: Tensor, inputs: dict, position: Tensor | None, frozen: bool, eps: float,
                freeze_softmax: bool, uniform_products: bool) -> Replay:
@@ -1104,8 +1109,10 @@ class _Runner:
         env[node.name] = out
         where = _where(node)
         B = values[0].shape[0]
-        if not identity and not reshape and B > 0:
-            # where the batch goes: each sample's index through the map (constants as zeros)
+        first = self.g.batch_first.get((node.name, B))
+        if first is None and not identity and not reshape and B > 0:
+            # where the batch goes: each sample's index through the map (constants as zeros); the graph
+            # and the batch size fix it, so it is probed on the first pass only
             zero_consts = {k: torch.zeros_like(c) if isinstance(c, Tensor) and c.is_floating_point() else c
                            for k, c in consts.items()}
             probe = [torch.arange(1, B + 1, dtype=v.dtype if v.is_floating_point() else torch.float64,
@@ -1115,8 +1122,9 @@ class _Runner:
                 mapped = fn(*probe)
             rows = torch.arange(1, B + 1, dtype=mapped.dtype, device=mapped.device).view((B,) + (1,) * (mapped.ndim - 1))
             first = mapped.shape[0] == B and bool(((mapped == rows) | (mapped == 0)).all())
-        else:
+        elif first is None:
             first = out.shape[0] == B
+        self.g.batch_first[(node.name, B)] = first
         if not first:
             self.pending[node.name] = (fn, origin)
             return
@@ -1184,17 +1192,12 @@ class _Runner:
             for m in p.merged:
                 op = self.merge(op, m)
             gate = self.gate_of(p.gate) if p.gate is not None else LinearGate()
-        if self.gate_map is not None and gate.activated:
-            gate = self.gate_map(gate)
+        if self.temperature is not None and gate.activated:
+            gate = gate.at_temperature(self.temperature)
         z = op.forward(y_in)
-        if type(gate) is LinearGate:
-            y = z
-        elif self.lean and type(gate) is ReLUGate and isinstance(op, (DenseOp, ConvOp)):
-            y = z.relu_()  # z is the map's fresh output and is not kept in a lean trace
-        else:
-            y = None
         last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
-        self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, y, ins, _module(node))
+        self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, ins, _module(node),
+                    fresh=isinstance(op, (DenseOp, ConvOp)))
 
     def gate_of(self, node: Any) -> Gate:
         """The gate of a gate node, or of a fused elementwise subgraph (:class:`FunctionGate`)."""
@@ -1225,14 +1228,23 @@ class _Runner:
         return FunctionGate(f, " ".join(_name(n) for n in nodes))
 
     def record(self, op: LinearOp, kind: str, y_in: Tensor, z: Tensor, gate: Gate, src_names: list, where: str,
-               name: str, y: Tensor | None = None, ins: list | None = None, module: str = "") -> None:
-        """Append the layer ``op`` + ``gate`` (its output: a new tensor with fresh unit ids); ``module``:
-        the qualified name of the module that produced it (:func:`_module`)."""
+               name: str, ins: list | None = None, module: str = "", fresh: bool = False) -> None:
+        """Append the layer ``op`` + ``gate`` (its output: a new tensor with fresh unit ids), keeping z and
+        p as the pass's fields say (:class:`~backplay.gpu.trace.LayerTrace`); ``module``: the qualified
+        name of the module that produced it (:func:`_module`); ``fresh``: z is the map's own new
+        buffer (a gate that can may overwrite it when z is not kept)."""
         op.bound(tuple(y_in.shape[1:]))
-        if y is None:
+        units = self.input_units(src_names, y_in)
+        full = self.fields == ALL_FIELDS
+        keep_z = full or ("z" in self.fields and not gate.z_where_nonzero)
+        if full:
             y, pv = gate(z)
+        elif not gate.activated:
+            y, pv = z, None  # p = 1
+        elif "p" not in self.fields or type(gate).backprop is not Gate.backprop:  # p not read, or read from y
+            y, pv = gate.output(z, in_place=fresh and not keep_z), None
         else:
-            pv = None if self.lean else torch.ones_like(z)
+            y, pv = gate(z)
         self.n_layers += 1
         self.env[name] = y
         tid = len(self.ids)
@@ -1246,11 +1258,24 @@ class _Runner:
         block = None
         if isinstance(op, AttentionOp):
             block, self.n_blocks = self.n_blocks, self.n_blocks + 1
-        rec = LayerTrace(op, gate, y_in, None if self.lean else z, None if self.lean else pv, y,
+        rec = LayerTrace(op, gate, y_in, z if keep_z else None, pv, y,
                          index=self.n_layers, kind=kind, sources=tuple(self.ids[n] for n in src_names), out=tid,
                          where=where, in_shapes=tuple(tuple(t.shape[1:]) for t in ins), block=block,
-                         module=module)
+                         module=module, units=units)
         self.steps.append(rec)
+
+    def input_units(self, src_names: list, y_in: Tensor) -> Tensor | None:
+        """Which entries of a layer's input ``y_in`` are units of the graph (``LayerTrace.units``): the
+        unit ids of one sample are 0 at the constants a layout step wrote (F.pad's zeros, a cat with
+        zeros; docs/theory.md section 11). None when every entry is a unit."""
+        if not self.g.track_units:  # reshapes only: no layout writes constants
+            return None
+        real = [self.units[n] > 0 for n in src_names]
+        if all(bool(r.all()) for r in real):
+            return None
+        if len(real) > 1:  # a sum node reads its sources stacked along dim 1
+            real = [torch.stack([r.expand((1,) + tuple(y_in.shape[2:])) for r in real], dim=1)]
+        return real[0].to(y_in.device)
 
     def merge(self, op: LinearOp, node: Any) -> LinearOp:
         """Merge the affine map ``node`` (BatchNorm, scale, bias; :func:`_merge_ok`) into the dense /

@@ -24,17 +24,24 @@ from backplay.gpu.ops import Gate, LinearOp
 
 Tensor = torch.Tensor
 
-__all__ = ["LayerTrace", "LayoutStep", "Trace"]
+__all__ = ["LayerTrace", "LayoutStep", "Trace", "ALL_FIELDS"]
+
+#: the per-layer fields a full pass keeps besides each layer's map, input and output (a rule declares
+#: the ones it reads: :attr:`backplay.rules.Rule.pass_fields`)
+ALL_FIELDS = frozenset({"z", "p"})
 
 
 @dataclass(eq=False)
 class LayerTrace:
-    """Layer l of the explained pass: map and gate, input y^{l-1}, z^l, p^l (``None`` in a lean
-    trace), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
+    """Layer l of the explained pass: map and gate, input y^{l-1}, z^l and p^l (``None`` where the
+    pass did not keep them: a pass that keeps :data:`ALL_FIELDS` keeps both at every layer; a pass
+    that keeps fewer, for a rule that reads fewer, keeps neither a p that y^l gives or a linear layer's
+    p = 1 (:meth:`through_gate`) nor a z that y^l stands for (:meth:`recursion_z`)), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
     "maxpool", "add", "norm", "scale", "gate", "map", "attention", "copy"), ``sources`` / ``out``
-    (tensor ids), ``where`` (the model's source line) and ``module`` (the qualified name of the
+    (tensor ids), ``where`` (the model's source line), ``module`` (the qualified name of the
     innermost module whose forward produced the layer's operation, e.g. ``"features.0"``; ``""`` for
-    the root module's own forward: what a composite rule matches names against)."""
+    the root module's own forward: what a composite rule matches names against) and ``units`` (which
+    entries of the input are units of the graph, ``None``: all; :meth:`unit_mask`)."""
 
     map: LinearOp
     gate: Gate
@@ -50,7 +57,39 @@ class LayerTrace:
     in_shapes: tuple = ()  # per-sample shapes of the sources of a sum node (broadcast ones are summed back)
     block: int | None = None  # attention layers (token mixing): their number, 0 first (the token anchor)
     module: str = ""
+    units: Tensor | None = None  # bool [1, *input's per-sample shape]: which entries of ``input`` are units
     _offset: Any = field(default=None, repr=False)
+
+    def unit_mask(self) -> Tensor:
+        """A tensor like ``input``: 1 at its units, 0 at the constant entries a layout step wrote (the
+        zeros of ``F.pad``, a ``cat`` with zeros: constants, not units of the graph, docs/theory.md
+        section 11). What a law whose routing ignores the values counts (Flat, WSquare)."""
+        x = self.input
+        return torch.ones_like(x) if self.units is None else self.units.to(x.dtype).expand(x.shape).contiguous()
+
+    def through_gate(self, r: Tensor) -> Tensor:
+        """r * p^l, the chain rule at the gate (docs/theory.md I7): p as the pass kept it, else read back
+        from y^l (ReLU, clamp: :meth:`~backplay.gpu.ops.Gate.backprop`), or 1 for a linear layer."""
+        if self.p is not None:
+            return r * self.p
+        if not self.gate.activated:
+            return r
+        out = self.gate.backprop(r, self.y)
+        if out is None:
+            raise ValueError(f"this pass kept no p for the gate {self.gate!r}: record it with 'p' in its fields")
+        return out
+
+    def recursion_z(self) -> Tensor:
+        """z^l as the LRP-type recursions read it (LRP-0, epsilon, the gradient equilibrium's closed
+        form: docs/theory.md I8, I17), whose relevance at a unit is its y times a sum and so vanishes
+        wherever y does: z as the pass kept it, else y where the gate has y = z wherever y != 0
+        (linear, ReLU: equal to z on every unit that carries relevance), else the map's forward again.
+        Probing a layer with an arbitrary relevance (validate_rule) needs a pass that kept z."""
+        if self.z is not None:
+            return self.z
+        if self.gate.z_where_nonzero:
+            return self.y
+        return self.map.forward(self.input)
 
     def offset(self) -> Tensor | None:
         """The gate's reward c per unit (y = p z + c): eps H(p) on softplus layers (I9), the constant
@@ -103,8 +142,9 @@ class Trace:
     """The explained forward pass of a batch (see the module docstring)."""
 
     def __init__(self, x: Tensor, steps: list, output_id: int, output: Tensor,
-                 surrogate: Callable[[float], "Trace"] | None = None) -> None:
+                 surrogate: Callable[[float], "Trace"] | None = None, temperature: float | None = None) -> None:
         self.x = x
+        self.temperature = temperature  # every game gate at this temperature (a surrogate's pass); None: the model's
         self.steps = steps
         self.output_id = output_id
         self._output = output
@@ -178,7 +218,9 @@ class Trace:
 
     def surrogate(self, eps: float) -> "Trace":
         """The pass of the SoftplusGame surrogate: every gate at temperature eps
-        (:meth:`backplay.gpu.ops.Gate.at_temperature`)."""
+        (:meth:`backplay.gpu.ops.Gate.at_temperature`); this trace itself when it is that pass."""
+        if self.temperature == eps:
+            return self
         if self._surrogate is None:
             raise TypeError("this trace cannot be re-run with other gates")
         return self._surrogate(eps)

@@ -100,7 +100,8 @@ def _read_tokens(g: Tensor, T: int) -> Tensor:
 def _spread(trace: Trace, scores: Tensor) -> Tensor:
     """Token values [B, T] -> the explained tensor's units: each token's value evenly over the units
     of the first attention layer's value tensor at that token, then down the frozen graph by the
-    uniform walk (each unit's mass evenly over the inputs it reads through a nonzero weight)."""
+    uniform walk (each unit's mass evenly over the input units it reads through a nonzero weight; the
+    zeros a layout step writes are none: ``LayerTrace.unit_mask``)."""
     first = next(layer for layer in trace.layers if layer.block == 0)
     v = first.input  # [B, ..., T, d]
     per_token = v[0].numel() // v.shape[-2]
@@ -113,7 +114,7 @@ def _spread(trace: Trace, scores: Tensor) -> Tensor:
 def _uniform(layer: LayerTrace, v: Tensor) -> Tensor:
     m = layer.map
     v = v.reshape(layer.y.shape)
-    ones = torch.ones_like(layer.input)
-    count = m.apply(ones, "ipos") + m.apply(ones, "ineg")
+    units = layer.unit_mask()
+    count = m.apply(units, "ipos") + m.apply(units, "ineg")
     share = torch.where(count > 0, v / torch.where(count > 0, count, torch.ones_like(count)), torch.zeros_like(v))
-    return m.transpose(share, "ipos") + m.transpose(share, "ineg")
+    return units * (m.transpose(share, "ipos") + m.transpose(share, "ineg"))

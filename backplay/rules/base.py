@@ -81,6 +81,19 @@ class Rule:
         params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
         return type(self).__name__ + (f"({params})" if params else "")
 
+    @property
+    def pass_fields(self) -> frozenset:
+        """What the rule reads of each layer of the pass besides its map, input and output: a subset of
+        {"z", "p"} (:class:`backplay.gpu.trace.LayerTrace`); the engine records only that. Default:
+        both; the routing laws none, the gradient-type rules p alone (what autograd keeps)."""
+        return frozenset({"z", "p"})
+
+    @property
+    def pass_temperature(self) -> float | None:
+        """The temperature of every game gate in the pass the rule sweeps: None, the model's own pass
+        (SoftplusGame: the softplus_eps surrogate's, docs/theory.md I10); the engine records that pass."""
+        return None
+
     def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
         """Input relevance [B, n_0] for the recorded forward pass and targets (LongTensor [B])."""
         raise NotImplementedError

@@ -28,11 +28,16 @@ class Gradient(LayerRule):
     not the logit.
     """
 
+    @property
+    def pass_fields(self) -> frozenset:
+        """p only, and not even that where y gives it (ReLU, clamp) or it is 1: what autograd keeps."""
+        return frozenset({"p"})
+
     def start(self, trace: "Trace", target: Tensor) -> Tensor:
         return trace.onehot(target)
 
     def backward(self, layer: "LayerTrace", upper: Tensor) -> Tensor:
-        return layer.map.transpose(upper * layer.p)
+        return layer.map.transpose(layer.through_gate(upper))
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class LRP0(LayerRule):
     net it is the plain LRP-0 recursion (y != z), with no identity claimed.
     """
 
+    @property
+    def pass_fields(self) -> frozenset:
+        return frozenset({"z"})
+
     def start(self, trace: "Trace", target: Tensor) -> Tensor:
         return trace.onehot(target) * trace.output
 
@@ -73,7 +82,7 @@ class LRP0(LayerRule):
         if layer.map.pass_through:
             lower = layer.map.transpose(upper)
             return lower, upper.flatten(1).sum(1) - lower.flatten(1).sum(1)
-        z = layer.z
+        z = layer.recursion_z()
         c = safe_divide(upper, z)
         stopped = torch.where(z == 0, upper, 0.0).flatten(1).sum(1)
         b = layer.map.bias_like(z)
@@ -97,10 +106,20 @@ class SoftplusGame(LayerRule):
     def __post_init__(self) -> None:
         check_positive("eps", self.eps)
 
+    @property
+    def pass_temperature(self) -> float:
+        return self.eps
+
+    @property
+    def pass_fields(self) -> frozenset:
+        return GradientXInput().pass_fields
+
     def sweep(self, trace: "Trace", target: Tensor, keep_layers: bool = True,
               release: bool = False) -> Sweep:
-        surrogate = trace.surrogate(self.eps)  # every game gate at temperature eps
-        return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers, release=True)
+        """GradientXInput's sweep of the surrogate's pass (the trace itself when it is that pass)."""
+        surrogate = trace.surrogate(self.eps)
+        return GradientXInput().sweep(surrogate, target, keep_layers=keep_layers,
+                                      release=release or surrogate is not trace)
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,10 @@ class Epsilon(LayerRule):
         if not 0 <= float(self.eps) < float("inf"):
             raise ValueError(f"eps must be a finite number >= 0 (0 is LRP-0), got {self.eps}")
 
+    @property
+    def pass_fields(self) -> frozenset:
+        return frozenset({"z"})
+
     def start(self, trace: "Trace", target: Tensor) -> Tensor:
         return trace.onehot(target) * trace.output
 
@@ -142,7 +165,7 @@ class Epsilon(LayerRule):
             stopped = upper.flatten(1).sum(1) - lower.flatten(1).sum(1) if M.bias is not None \
                 else upper.new_zeros(upper.shape[0])
             return lower, stopped
-        z = layer.z if layer.z is not None else M.forward(layer.input)
+        z = layer.recursion_z()
         den = z + self.eps * torch.sign(z)  # sign(0) = 0: the token stops at z = 0
         c = safe_divide(upper, den)
         stop = safe_divide(torch.full_like(z, self.eps), z.abs() + self.eps)

@@ -88,11 +88,13 @@ def first_layers(trace: "Trace") -> frozenset:
 
 def _pass(layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
     """A selection or copy layer: relevance to the winner unchanged; a unit made of constants only
-    (a concatenated cls token) sends its mass to the bias sink."""
+    (a concatenated cls token, a max pool's winner among the zeros of an ``F.pad``: no unit,
+    ``LayerTrace.unit_mask``) sends its mass to the bias sink."""
     M = layer.map
     lower = M.transpose(upper)
-    if M.bias is None:
+    if M.bias is None and layer.units is None:
         return lower, upper.new_zeros(upper.shape[0])
+    lower = layer.unit_mask() * lower
     return lower, upper.flatten(1).sum(1) - lower.flatten(1).sum(1)
 
 
@@ -293,8 +295,9 @@ class ZBox(_ZooRule):
 @dataclass(frozen=True)
 class Flat(_ZooRule):
     """The flat rule: R_j = sum_i 1{W_ij != 0} / N_i R_i, N_i = #{j : W_ij != 0} (the lower units
-    connected to i; a convolution's zero padding is not a unit). As a law (docs/theory.md section 12): one
-    branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = 1{W_ij != 0} / N_i, whatever the values
+    connected to i; a convolution's zero padding is not a unit, nor are the zeros an explicit ``F.pad``
+    writes: ``LayerTrace.unit_mask``, docs/theory.md section 11). As a law (docs/theory.md section 12):
+    one branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = 1{W_ij != 0} / N_i, whatever the values
     y; no bias unit (zennit zeroes the bias); a row with no edge (N_i = 0) sends its mass to the
     cemetery. Conservative (I14).
 
@@ -302,23 +305,24 @@ class Flat(_ZooRule):
     the edges of the graph, 1{W != 0}. They agree where no weight is exactly 0."""
 
     def _unit(self, layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
-        M = layer.map
-        N = M.apply(torch.ones_like(layer.input), "nz")
+        M, units = layer.map, layer.unit_mask()
+        N = M.apply(units, "nz")
         stopped = torch.where(N == 0, upper, 0.0).flatten(1).sum(1)
-        return M.transpose(safe_divide(upper, N), "nz"), stopped
+        return units * M.transpose(safe_divide(upper, N), "nz"), stopped
 
 
 @dataclass(frozen=True)
 class WSquare(_ZooRule):
-    """The w^2 rule: R_j = sum_i W_ij^2 / D_i R_i, D_i = sum_j W_ij^2 + b_i^2. As a law (docs/theory.md
+    """The w^2 rule: R_j = sum_i W_ij^2 / D_i R_i, D_i = sum_j W_ij^2 + b_i^2 over the lower units j (as
+    for :class:`Flat`, the zeros a layout step writes are no units). As a law (docs/theory.md
     section 10): one branch, p = 1, q = 0, m = 1, stop = 0, routing pi(j | i) = W_ij^2 / D_i whatever
     the values y, the bias b_i a unit with weight b_i^2 (its share R_i b_i^2 / D_i ends in the bias
     sink; zennit 0.5.1's ``WSquare`` squares the bias too); D_i = 0 sends the mass to the cemetery.
     Conservative (I14)."""
 
     def _unit(self, layer: "LayerTrace", upper: Tensor) -> tuple[Tensor, Tensor]:
-        M = layer.map
-        D = M.apply(torch.ones_like(layer.input), "sq")
+        M, units = layer.map, layer.unit_mask()
+        D = M.apply(units, "sq")
         b = M.bias_like(D)
         if b is not None:
             D = D + b * b
@@ -326,7 +330,7 @@ class WSquare(_ZooRule):
         stopped = torch.where(D == 0, upper, 0.0).flatten(1).sum(1)
         if b is not None:
             stopped = stopped + (c * b * b).flatten(1).sum(1)
-        return M.transpose(c, "sq"), stopped
+        return units * M.transpose(c, "sq"), stopped
 
 
 # -- composites -------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class AttributionEquilibrium(LayerRule):
         k = self.start_index(trace)
         A = trace.layers[k - 1]
         _, kept = trace.walk({trace.output_id: trace.onehot(target)},
-                             lambda it, g: it.map.transpose(g.reshape(it.y.shape) * it.p),
+                             lambda it, g: it.map.transpose(it.through_gate(g.reshape(it.y.shape))),
                              lambda step, g: g if step is A else None)
         g = kept[A.out].reshape(A.y.shape)
         R0 = A.y * (g.mean(dim=tuple(range(2, g.ndim)), keepdim=True) if A.y.ndim > 2 else g)

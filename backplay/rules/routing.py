@@ -321,10 +321,8 @@ def _equilibrium_backward(layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
     y_j sum_i W_ij R_i / z_i (LRP-0; no mass is ever handed to an empty branch); the token stops where
     z_i = 0 and the share R_i b_i / z_i ends in the bias sink. Two products instead of four."""
     M, y = layer.map, layer.input
-    z = M.apply(y)
+    z = layer.recursion_z()
     b = M.bias_like(z)
-    if b is not None:
-        z = z + b
     c = _sdiv(r, z)
     stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)
     if b is not None:
@@ -389,6 +387,11 @@ class RoutingRule(LayerRule):
 
     Start R^L = f_k(x) at the target; MaxPool layers route to the argmax (winner takes all) whatever
     the law; the stopped mass (cemetery and bias sink) is accumulated in the sweep's ``stopped``."""
+
+    @property
+    def pass_fields(self) -> frozenset:
+        """None: the branch sums come from each layer's map and input (I14-I18)."""
+        return frozenset()
 
     def start(self, trace: "Trace", target: Tensor) -> Tensor:
         return trace.onehot(target) * trace.output
@@ -500,6 +503,11 @@ class GradientEquilibrium(RoutingRule):
     """The gradient equilibrium (docs/theory.md I17): p = S+/(S+ + |S-|), m = (S+ + |S-|)/z_i (z_i != 0;
     where z_i = 0 the token is stopped), route temperature 1. It is RGEq(0, 1, 1) and gives LRP-0,
     i.e. Gradient x Input on a bias-free ReLU net: the Doob (|y|-) transform of the GV kernel."""
+
+    @property
+    def pass_fields(self) -> frozenset:
+        """z, read in the closed LRP-0 form (``recursion_z``: not kept where y stands for it)."""
+        return frozenset({"z"})
 
     def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
         """I17: p = S+/(S+ + |S-|), m = (S+ + |S-|)/z, the token stopped where z = 0."""

@@ -50,12 +50,7 @@ LOW, HIGH = -127 / 128, 128 / 128  # the preprocessed pixel range: (0 - 127) / 1
 TWO = ("china", "grace_hopper")
 CONSERVATIVE = [AlphaBeta(2, 1), RG(), RGEq(), GradientEquilibrium(), LRP0(), Epsilon(0.1), Gamma(0.25), ZPlus(),
                 EpsilonPlus(), EpsilonAlpha2Beta1(), EpsilonGammaBox(LOW, HIGH)]
-FLAT_PAD = ("Flat (and WSquare) route relevance to the zeros an explicit F.pad adds (the torch side counts "
-            "them as units, the exact law does not); that mass is lost, not reported as stopped: with "
-            "Conv2d(padding=1) instead of F.pad + Conv2d(padding=0) torch equals the law")
-LAW_RULES = [AlphaBeta(2, 1), GradientEquilibrium(), Epsilon(0.25),
-             pytest.param(Flat(), marks=pytest.mark.xfail(strict=True, reason=FLAT_PAD)),
-             EpsilonGammaBox(LOW, HIGH)]
+LAW_RULES = [AlphaBeta(2, 1), GradientEquilibrium(), Epsilon(0.25), Flat(), EpsilonGammaBox(LOW, HIGH)]
 
 
 @pytest.fixture(scope="module", autouse=True)

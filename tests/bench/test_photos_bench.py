@@ -75,3 +75,25 @@ def test_outputs_written(tmp_path):
     text = paths["readme"].read_text()
     assert "top-1 on the bundled photos: 7/7" in text and "china: class 698 (palace)" in text
     assert "| 0: a | 0.000 | 0.250 |" in text and "`backplay bench photos --quick`" in text
+
+
+@pytest.mark.parametrize("argv, message", [(["--workers", "0"], "--workers must be >= 1"),
+                                           (["--mosaics", "1"], "--mosaics must be >= 2")])
+def test_photos_command_usage_errors(argv, message, capsys):
+    from backplay import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "photos", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_photos_command_missing_model_fails_cleanly(monkeypatch, tmp_path, capsys):
+    """A missing model: exit 1 with a one-line reason, no output written."""
+    from backplay import cli
+    from backplay.bench import efficientnet
+
+    monkeypatch.setattr(efficientnet, "WHEEL", "no_such_wheel_backplay")
+    rc = cli.main(["bench", "photos", "--quick", "--workers", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install 'backplay[bench]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -89,6 +89,24 @@ class ResidualNet(nn.Module):
         return self.out(h)
 
 
+class PadCNN(nn.Module):
+    """F.pad then Conv2d(padding=0) (TF-SAME, as EfficientNet writes it), F.relu, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(F.pad(x, (0, 1, 0, 1)))), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def pad_cnn():
+    torch.manual_seed(4)
+    return PadCNN().double().eval()
+
+
 def cnn():
     torch.manual_seed(2)
     return SmallCNN().double().eval()
@@ -211,6 +229,15 @@ def test_matrix_equals_the_pairs():
         for j, b in enumerate(rules[i + 1:], start=i + 1):
             assert float((res.values[:, i, j] - bp.hellinger(model, x, 0, a, b)).abs().max()) <= TOL
     assert torch.equal(res.mean(), res.values.mean(0))
+    part = bp.hellinger_matrix(model, x, 0, rules, pairs=[(2, 0), (1, 3)])  # a share of the matrix
+    for i in range(4):
+        for j in range(4):
+            if i == j or {i, j} in ({0, 2}, {1, 3}):
+                assert float((part.values[:, i, j] - res.values[:, i, j]).abs().max()) <= TOL
+            else:
+                assert bool(part.values[:, i, j].isnan().all())
+    with pytest.raises(ValueError, match=r"rule indices in 0..3, got \(1, 4\)"):
+        bp.hellinger_matrix(model, x, 0, rules, pairs=[(1, 4)])
 
 
 SINGLE = [Flat(), WSquare(), EpsilonPlus(), EpsilonPlusFlat(), EpsilonAlpha2Beta1Flat()]
@@ -226,6 +253,15 @@ def test_single_branch_laws_and_composites_equal_exact(a, b):
     assert worst(mlp(), torch.randn(2, 4, dtype=torch.float64), 1, a, b) <= TOL
     assert worst(cnn(), torch.randn(1, 1, 4, 4, dtype=torch.float64), 2, a, b) <= TOL
     assert worst(residual(), torch.randn(1, 3, dtype=torch.float64), 0, a, b) <= TOL
+
+
+@pytest.mark.parametrize("a,b", [(Flat(), AlphaBeta(2, 1)), (WSquare(), Flat()), (EpsilonPlusFlat(), Gamma(0.25))],
+                         ids=lambda r: r.name[:24])
+def test_single_branch_laws_skip_the_zeros_a_pad_writes(a, b):
+    """The zeros an explicit F.pad writes are constants, not units (docs/theory.md section 11): the
+    single-branch laws route along the edges from real units only, as the exact law on the unroll."""
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert worst(pad_cnn(), x, torch.tensor([0, 2]), a, b) <= TOL
 
 
 @pytest.mark.parametrize("a,b", [(ZBox(-4.0, 4.0), Flat()), (EpsilonGammaBox(-4.0, 4.0), AlphaBeta(2, 1)),

@@ -47,6 +47,7 @@ from hypothesis import given
 from torch import nn
 
 import backplay as bp
+from backplay.gpu.read import UnsupportedOperation
 from backplay.gpu.unroll import unroll_graph
 from backplay.nets import to_rational
 from backplay.rules import (
@@ -154,6 +155,25 @@ class ResNetish(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layer1(self.stem(x))), 1))
 
 
+class PadCNN(nn.Module):
+    """Explicit padding as TF-SAME convolutions are written (EfficientNet): ``F.pad`` then
+    ``Conv2d(padding=0)``, F.relu, a channel of constants concatenated (``fill``: zeros, which stay
+    constants of a layout step, or a nonzero constant, a copy layer's bias units), a max pool of a
+    padded tensor, a Linear head."""
+
+    def __init__(self, fill: float = 0.0, value: float = 0.0) -> None:
+        super().__init__()
+        self.fill, self.value = fill, value
+        self.conv1, self.conv2, self.fc = nn.Conv2d(2, 3, 3), nn.Conv2d(4, 3, 2), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(F.pad(x, (0, 1, 0, 1), value=self.value)))
+        h = torch.cat([h, torch.full_like(h[:, :1], self.fill)], dim=1)
+        h = F.relu(self.conv2(F.pad(h, (1, 0, 1, 0))))
+        h = F.max_pool2d(F.pad(h, (1, 0, 1, 0)), 2)
+        return self.fc(torch.flatten(h, 1))
+
+
 def _case(name: str, seed: int = 0):
     g = torch.Generator().manual_seed(100 + seed)
     if name == "mlp":
@@ -177,6 +197,27 @@ def test_torch_equals_the_exact_law_at_every_layer(name, rule):
     model, x = _case(name)
     for target in range(3):
         assert torch_error(model, x, target, rule) <= TOL, (name, rule.name, target)
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.5])
+@pytest.mark.parametrize("rule", [Flat(), WSquare(), EpsilonPlusFlat(0.05), EpsilonGammaBox(-2.0, 2.0, epsilon=0.1),
+                                  Composite(first=Flat(), default=WSquare())], ids=lambda r: r.name)
+def test_explicit_padding_adds_no_units(rule, fill):
+    """The zeros that F.pad (or a cat with zeros) writes are constants, not units of the graph
+    (docs/theory.md section 11): Flat and WSquare, whose routing ignores the values, route nothing to
+    them, as with Conv2d(padding=1); torch = the exact law at every layer and relevance + stopped =
+    logit. A max pool whose winner is a padded zero (a dead channel: ties go to the first index)
+    and nonzero constants concatenated (a copy layer's bias units) send their share to the bias sink.
+    A pad with a nonzero value is refused by the reader (only zero padding is a layout step)."""
+    model = _init(PadCNN(fill), seed=3, zero=False)
+    with torch.no_grad():
+        model.conv2.bias[2] = -50.0
+    x = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(4), dtype=D) * 4 - 2
+    for target in range(3):
+        assert torch_error(model, x[target], target, rule) <= TOL, (rule.name, target)
+    assert _conserves(model, x, rule, torch.arange(3)) <= TOL
+    with pytest.raises(UnsupportedOperation, match="constant padding with value 0.5"):
+        bp.explain(_init(PadCNN(fill, value=0.5), seed=3), x, 0, rule=rule)
 
 
 def _formula_layer(rule, net, l: int, upper: np.ndarray) -> np.ndarray:
