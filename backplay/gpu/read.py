@@ -146,6 +146,17 @@ def _where_of(trace: str, stack: tuple) -> str:
     return _format_where(trace, stack)
 
 
+def _value(a: Any, env: dict, alias: dict) -> Any:
+    """The value of an fx argument in ``env`` (nodes through ``alias``; lists and tuples element-wise).
+    A module-level function, not a recursive closure: a closure that calls itself is a reference
+    cycle, which would keep the pass's tensors alive until the next cyclic garbage collection."""
+    if hasattr(a, "op"):
+        return env[alias.get(a.name, a.name)]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_value(b, env, alias) for b in a)
+    return a
+
+
 def _where(node: Any) -> str:
     """The model's source line that produced ``node`` (the last frame outside torch), and its module."""
     stack = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
@@ -882,13 +893,7 @@ class _Runner:
         self.feed.update((n, inputs[n] if n in inputs else inputs[k])
                          for n, k in zip(g.input_names[1:], g.kwarg_names))
 
-        def val(a: Any) -> Any:
-            if hasattr(a, "op"):
-                return env[g.alias.get(a.name, a.name) if alias else a.name]
-            if isinstance(a, (list, tuple)):
-                return type(a)(val(b) for b in a)
-            return a
-
+        val = functools.partial(_value, env=env, alias=g.alias if alias else {})
         self.env, self.val = env, val
         return env, val
 
@@ -1087,15 +1092,7 @@ class _Runner:
         def own(*ts: Tensor, consts: dict = consts) -> Tensor:
             if identity:
                 return ts[0]
-            sub = dict(zip(src_names, ts))
-
-            def v(a: Any) -> Any:
-                if hasattr(a, "op"):
-                    nm = g.alias.get(a.name, a.name)
-                    return sub[nm] if nm in sub else consts[nm]
-                if isinstance(a, (list, tuple)):
-                    return type(a)(v(b) for b in a)
-                return a
+            v = functools.partial(_value, env={**consts, **dict(zip(src_names, ts))}, alias=g.alias)
             out = comp.target(*v(comp.args), **{k: v(a) for k, a in comp.kwargs.items()})
             return out[node.args[1]] if comp is not node else out
 
