@@ -354,6 +354,10 @@ class ModelGraph:
     kwarg_names: tuple = ()  # the keyword inputs, in the order of input_names[1:]
     #: (layout node name, batch size) -> whether the step keeps the batch first (probed once, then reused)
     batch_first: dict = field(default_factory=dict)
+    #: (layout node name, the explained tensor's per-sample shape, batch size) -> (the unit ids of one
+    #: sample at its output, whether it repeats units): a function of the graph and the shapes only, so
+    #: it is followed on the first pass and reused
+    unit_maps: dict = field(default_factory=dict)
 
     def replay(self, x: Tensor, dtype: torch.dtype, inputs: dict | None = None, position: Tensor | None = None,
                *, frozen: bool = True, eps: float = 0.0, freeze_softmax: bool = False,
@@ -1142,16 +1146,20 @@ class _Runner:
         elif reshape:
             self.units[node.name] = self.units[origin[0]].reshape((1,) + tuple(out.shape[1:]))
         else:
-            units = [self.units[n] for n in origin]
-            try:
-                mapped = fn(*units)
-                if mapped.shape[1:] != out.shape[1:]:
-                    raise RuntimeError("batch-sized")
-            except RuntimeError:  # an argument tied to the batch size: map the ids of the whole batch
-                mapped = fn(*[u.expand((B,) + tuple(u.shape[1:])).contiguous() for u in units])[:1]
+            key = (node.name, tuple(self.units[self.g.root].shape[1:]), B)
+            if key not in self.g.unit_maps:
+                units = [self.units[n] for n in origin]
+                try:
+                    mapped = fn(*units)
+                    if mapped.shape[1:] != out.shape[1:]:
+                        raise RuntimeError("batch-sized")
+                except RuntimeError:  # an argument tied to the batch size: map the ids of the whole batch
+                    mapped = fn(*[u.expand((B,) + tuple(u.shape[1:])).contiguous() for u in units])[:1]
+                seen = mapped[mapped > 0]
+                self.g.unit_maps[key] = (mapped, seen.numel() != torch.unique(seen).numel())
+            mapped, repeats = self.g.unit_maps[key]
             self.units[node.name] = mapped
-            seen = mapped[mapped > 0]
-            if seen.numel() != torch.unique(seen).numel():  # the layout repeats units (expand, upsample)
+            if repeats:  # the layout repeats units (expand, upsample)
                 if len(set(origin)) > 1:
                     raise UnsupportedOperation(f"{name} repeats units of several tensors at {where}: repeat "
                                                "each tensor on its own before combining them")

@@ -24,9 +24,10 @@ __all__ = ["Rule", "LayerRule", "Sweep", "Handover", "safe_divide", "check_finit
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
-    """num / den with x/0 := 0 (in particular 0/0 := 0), elementwise."""
+    """num / den with x/0 := 0 (in particular 0/0 := 0), elementwise; safe under autograd (the
+    division never sees a zero denominator)."""
     zero = den == 0
-    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    return (num / den.masked_fill(zero, 1)).masked_fill_(zero, 0)
 
 
 Number = Union[float, Tensor]

@@ -88,7 +88,7 @@ class LRP0(LayerRule):
         b = layer.map.bias_like(z)
         if b is not None:
             stopped = stopped + (c * b).flatten(1).sum(1)
-        return layer.input * layer.map.transpose(c), stopped
+        return layer.map.transpose(c).mul_(layer.input), stopped
 
     def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
         """LRP-0 as a law is the gradient equilibrium (I17)."""
