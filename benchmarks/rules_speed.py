@@ -24,15 +24,17 @@ timed the same way when zennit is installed; "bp/zennit" is backplay's AlphaBeta
 Peak memory ("peak MB": the extra memory one call needs above what is held before it):
   * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
     memory allocated before the call (tensor memory of torch's caching allocator).
-  * CPU: every method runs once in a fresh subprocess (after a 1-sample warm-up that does the lazy
-    library initialisation); the peak-RSS mark is reset (``/proc/self/clear_refs`` <- 5, Linux), and
+  * CPU: every method runs in a fresh subprocess, twice on the batch, and the second call is measured
+    (the first does the lazy library initialisation and what backplay makes once per model and batch
+    size: the reader's export, the batch probe, the folded BatchNorm weights); the peak-RSS mark is reset (``/proc/self/clear_refs`` <- 5, Linux), and
     peak = VmHWM after the call minus VmRSS just before it (/proc/self/status). The child runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves every large tensor by mmap and
     returns it on free (no arena reuse hiding allocations); KiB resolution. This
     is process memory, so it also counts allocator and library overheads; it is the honest
     portable measure on CPU (tracemalloc does not see torch's allocations and the CPU profiler's
     memory events were incomplete here).
-Targets (the project's): every routing-game rule (AlphaBeta ... SoftplusGame) within 2.0x the
-gradient's time and 1.5x its peak memory, and backplay's AlphaBeta faster than zennit's.
+Targets (the project's, the "targets" column): AlphaBeta and RG <= 2.3x the gradient's time and
+<= 1.5x its peak memory; GradientEquilibrium <= 1.3x / 1.2x; Gradient and GradientXInput <= 1.1x /
+1.3x; Anchor <= 1.3x and RiskAverse <= 2x AlphaBeta's time; backplay's AlphaBeta faster than zennit's.
 
     python benchmarks/rules_speed.py                 # device: cuda if available, else cpu
     python benchmarks/rules_speed.py --device cpu --repeat 9 --models cnn
@@ -72,11 +74,31 @@ RULES = {
     "RiskAverse(RG(),1.0)": lambda: R.RiskAverse(R.RG(), 1.0),
     "SoftplusGame(0.5)": lambda: R.SoftplusGame(0.5),
 }
+#: the routing laws among RULES
 ROUTING = ["AlphaBeta(2,1)", "RG()", "RG(route_temp=0.5)", "RGEq()", "GradientEquilibrium()",
-           "Anchor(RG(),0.1)", "RiskAverse(RG(),1.0)", "SoftplusGame(0.5)"]
+           "Anchor(RG(),0.1)", "RiskAverse(RG(),1.0)"]
 GRAD = "autograd gradient"
 ZENNIT = "zennit AlphaBeta(2,1)"
-TIME_TARGET, MEM_TARGET = 2.0, 1.5
+#: the project's targets (time x grad, peak memory x grad) on the CNN and the ResNet-18
+TARGETS = {"Gradient": (1.1, 1.3), "GradientXInput": (1.1, 1.3), "AlphaBeta(2,1)": (2.3, 1.5), "RG()": (2.3, 1.5),
+           "GradientEquilibrium()": (1.3, 1.2)}
+#: time targets as multiples of AlphaBeta(2,1)'s time
+TARGETS_X_AB = {"Anchor(RG(),0.1)": 1.3, "RiskAverse(RG(),1.0)": 2.0}
+
+
+def target_flags(method: str, tr: float, mr: float | None, ab: float | None,
+                 targets: dict = TARGETS, x_ab: dict = TARGETS_X_AB) -> str:
+    """'time ok' / 'time > 2.3x', 'mem ok' / 'mem > 1.5x' / 'mem n/a' for a method with a target
+    (``tr``, ``mr``: its time and memory ratios to the gradient; ``ab``: AlphaBeta's time ratio)."""
+    out = []
+    if method in targets:
+        t, m = targets[method]
+        out.append("time ok" if tr <= t else f"time > {t}x")
+        out.append("mem n/a" if mr is None else ("mem ok" if mr <= m else f"mem > {m}x"))
+    if method in x_ab and ab is not None:
+        k = x_ab[method]
+        out.append(f"time <= {k}x AB" if tr <= k * ab else f"time > {k}x AB ({tr / ab:.2f}x)")
+    return ", ".join(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,13 +275,13 @@ def peak_cuda(fn, model, x, t, device: str) -> float:
     return float(torch.cuda.max_memory_allocated(device) - base)
 
 
-def print_peak_rss(fn, model, x, t, warm=None) -> None:
-    """In a memory child: one call of fn after a 1-sample warm-up (lazy library initialisation) and
-    ``warm()`` (e.g. the reader's export for x's signature, which is timed on its own); prints the
-    peak RSS delta of the call in bytes as JSON."""
-    fn(model, x[:1], t[:1])
-    if warm is not None:
-        warm()
+def print_peak_rss(fn, model, x, t) -> None:
+    """In a memory child: one call of fn after one warm-up call on the same batch (the lazy library
+    initialisation, and what backplay makes once per model and batch size: the reader's export, timed
+    on its own, the batch probe of the layouts, the folded BatchNorm weights); prints the peak RSS
+    delta of the second call in bytes as JSON."""
+    out = fn(model, x, t)
+    del out
     if not _reset_hwm():
         raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
     base = _status_kib("VmRSS")
@@ -276,9 +298,7 @@ def peak_cpu_child(args) -> None:
     model, x, t = build(args.child_model, "cpu", dtype)
     zennit = load_zennit() if args.child_method == ZENNIT else None
     fn, close = method(args.child_method, zennit, model, t)
-    from backplay.gpu.engine import prepare
-
-    print_peak_rss(fn, model, x, t, warm=lambda: prepare(model, x))
+    print_peak_rss(fn, model, x, t)
     close()
 
 
@@ -394,14 +414,11 @@ def print_table(rows: list[dict]) -> None:
         if r["method"] == "AlphaBeta(2,1)" and r["model"] in zen:
             zt = zen[r["model"]]["times"]
             zr = f"{statistics.median(a / b for a, b in zip(r['times'], zt)):.2f}"
-        flags = ""
-        if r["method"] in ROUTING:
-            ok_t = tr <= TIME_TARGET
-            ok_m = mr is None or mr <= MEM_TARGET
-            flags = ("time ok" if ok_t else f"time > {TIME_TARGET}x") + ", " + \
-                    ("mem n/a" if mr is None else ("mem ok" if ok_m else f"mem > {MEM_TARGET}x"))
-            if zr:
-                flags += ", " + ("faster than zennit" if float(zr) < 1 else "SLOWER than zennit")
+        ab = next((a["ratio"] for a in rows if a["model"] == r["model"] and a["method"] == "AlphaBeta(2,1)"
+                   and "error" not in a), None)
+        flags = target_flags(r["method"], tr, mr, ab)
+        if zr:
+            flags += ", " + ("faster than zennit" if float(zr) < 1 else "SLOWER than zennit")
         if "mem_error" in r:
             flags += f" [memory: {r['mem_error']}]"
         mem_s = f"{mem / 2**20:9.1f}" if mem is not None else f"{'-':>9}"

@@ -358,6 +358,10 @@ class ModelGraph:
     #: sample at its output, whether it repeats units): a function of the graph and the shapes only, so
     #: it is followed on the first pass and reused
     unit_maps: dict = field(default_factory=dict)
+    #: (layer node name, compute dtype) -> (weight, bias) of a dense / conv map with its BatchNorm or
+    #: affine nodes folded in, where all of them read parameters only: folded on the first pass and
+    #: reused (the graph is read again when a parameter changes)
+    folded: dict = field(default_factory=dict)
 
     def replay(self, x: Tensor, dtype: torch.dtype, inputs: dict | None = None, position: Tensor | None = None,
                *, frozen: bool = True, eps: float = 0.0, freeze_softmax: bool = False,
@@ -403,6 +407,12 @@ class Replay:
 
 def _users(node: Any) -> list:
     return list(node.users)
+
+
+def _flat_args(node: Any) -> list:
+    """A node's positional and keyword arguments, lists and tuples flattened one level."""
+    return [b for a in list(node.args) + list(node.kwargs.values())
+            for b in (a if isinstance(a, (list, tuple)) else [a])]
 
 
 def _is_const_arg(a: Any, explained: set) -> bool:
@@ -1194,8 +1204,8 @@ class _Runner:
             op, kind, y_in, gate = IdentityOp(), "gate", ins[0], self.gate_of(node)
         else:
             op, kind, y_in = self.map_of(node, name, ins)
-            for m in p.merged:
-                op = self.merge(op, m)
+            if p.merged:
+                op = self.folded(op, node, p.merged)
             gate = self.gate_of(p.gate) if p.gate is not None else LinearGate()
         if self.temperature is not None and gate.activated:
             gate = gate.at_temperature(self.temperature)
@@ -1281,6 +1291,25 @@ class _Runner:
         if len(real) > 1:  # a sum node reads its sources stacked along dim 1
             real = [torch.stack([r.expand((1,) + tuple(y_in.shape[2:])) for r in real], dim=1)]
         return real[0].to(y_in.device)
+
+    def folded(self, op: LinearOp, node: Any, merged: list) -> LinearOp:
+        """``op`` with the affine nodes ``merged`` folded in (:meth:`merge`), from
+        :attr:`ModelGraph.folded` when every tensor they and ``node`` read besides the explained one is
+        a parameter or buffer of the model."""
+        g = self.g
+        key = (node.name, self.dtype)
+        hit = g.folded.get(key)
+        if hit is None:
+            for m in merged:
+                op = self.merge(op, m)
+            if all(not hasattr(a, "op") or a.name in g.explained or a.name in g.params
+                   for n in [node] + list(merged) for a in _flat_args(n)):
+                g.folded[key] = (op.weight, op.bias)
+            return op
+        new = copy.copy(op)
+        new.drop_parts()
+        new.weight, new.bias = hit
+        return new
 
     def merge(self, op: LinearOp, node: Any) -> LinearOp:
         """Merge the affine map ``node`` (BatchNorm, scale, bias; :func:`_merge_ok`) into the dense /

@@ -240,6 +240,33 @@ def test_export_is_cached_per_model_and_signature(monkeypatch):
     assert model in _EXPORTS  # the cache holds the model weakly, keyed on the object
 
 
+def test_folded_batchnorm_follows_the_model():
+    """A conv with its BatchNorm folded in (kept with the read graph between calls): the folded weight
+    is the model's own after a change of the running statistics, and a second call equals the first
+    (the gradient = autograd, LRP-0 = Gradient x Input on a ReLU net, I8)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    model = model.double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+
+    def autograd():
+        xg = x.clone().requires_grad_(True)
+        model(xg)[:, 1].sum().backward()
+        return xg.grad
+
+    for _ in range(2):
+        torch.testing.assert_close(bp.explain(model, x, 1), autograd(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(bp.explain(model, x, 1, rule=LRP0()),
+                                   bp.explain(model, x, 1, rule=GradientXInput()), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        model[1].running_var.mul_(3)
+        model[1].weight.add_(0.5)
+    torch.testing.assert_close(bp.explain(model, x, 1), autograd(), rtol=1e-9, atol=1e-12)
+
+
 def test_occupation_and_interval_bounds_on_a_cnn():
     """The GV game's occupation measures and IBP on a model with its own forward (conv, BN, residual
     sum, max pool): gradient = nu+ - nu- = autograd (I3), completeness (I4), rho + stopped + sink = 1,
