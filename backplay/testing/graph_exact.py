@@ -43,10 +43,13 @@ def _recursions(u: Any, target: int, rule: Rule, A: Arith) -> tuple[list, Any]:
     if isinstance(rule, LRP0):
         top[target] = ys[-1][target]
         rel = [top]
-        for l in range(L, 0, -1):
+        for l in range(L, 0, -1):  # a selection or copy row passes R_i unchanged (also where z_i = 0)
             z = Ws[l - 1].dot(ys[l - 1]) + (0 if bs[l - 1] is None else bs[l - 1])
-            s = np.array([r / zi if zi != 0 else zero for r, zi in zip(rel[0], z)], dtype=object)
-            rel.insert(0, ys[l - 1] * Ws[l - 1].T.dot(s))
+            sel = [net.selects(l, i) for i in range(len(z))]
+            s = np.array([zero if c else (r / zi if zi != 0 else zero) for r, zi, c in zip(rel[0], z, sel)],
+                         dtype=object)
+            passed = np.array([r if c else zero for r, c in zip(rel[0], sel)], dtype=object)
+            rel.insert(0, ys[l - 1] * Ws[l - 1].T.dot(s) + Ws[l - 1].T.dot(passed))
         return rel, ys[-1][target]
     top[target] = A.num(1)
     grads = [top]
