@@ -79,15 +79,16 @@ class LayerTrace:
             raise ValueError(f"this pass kept no p for the gate {self.gate!r}: record it with 'p' in its fields")
         return out
 
-    def recursion_z(self) -> Tensor:
-        """z^l as the LRP-type recursions read it (LRP-0, epsilon, the gradient equilibrium's closed
-        form: docs/theory.md I8, I17), whose relevance at a unit is its y times a sum and so vanishes
-        wherever y does: z as the pass kept it, else y where the gate has y = z wherever y != 0
-        (linear, ReLU: equal to z on every unit that carries relevance), else the map's forward again.
-        Probing a layer with an arbitrary relevance (validate_rule) needs a pass that kept z."""
+    def recursion_z(self, r: Tensor) -> Tensor:
+        """z^l as the LRP-type recursions read it at the relevance ``r`` (LRP-0, epsilon, the gradient
+        equilibrium's closed form: docs/theory.md I8, I17): z as the pass kept it, else y where the gate
+        has y = z wherever y != 0 (linear, ReLU) and ``r`` vanishes wherever y does (a unit's relevance
+        is its y times a sum, unless a standalone gate or a selection above passed it on unchanged:
+        then a dead unit can carry relevance and needs its z), else the map's forward again. Probing a
+        layer with an arbitrary relevance (validate_rule) needs a pass that kept z."""
         if self.z is not None:
             return self.z
-        if self.gate.z_where_nonzero:
+        if self.gate.z_where_nonzero and not bool(((self.y == 0) & (r != 0)).any()):
             return self.y
         return self.map.forward(self.input)
 

@@ -82,7 +82,7 @@ class LRP0(LayerRule):
         if layer.map.pass_through:
             lower = layer.map.transpose(upper)
             return lower, upper.flatten(1).sum(1) - lower.flatten(1).sum(1)
-        z = layer.recursion_z()
+        z = layer.recursion_z(upper)
         c = safe_divide(upper, z)
         stopped = torch.where(z == 0, upper, 0.0).flatten(1).sum(1)
         b = layer.map.bias_like(z)
@@ -165,7 +165,7 @@ class Epsilon(LayerRule):
             stopped = upper.flatten(1).sum(1) - lower.flatten(1).sum(1) if M.bias is not None \
                 else upper.new_zeros(upper.shape[0])
             return lower, stopped
-        z = layer.recursion_z()
+        z = layer.recursion_z(upper)
         den = z + self.eps * torch.sign(z)  # sign(0) = 0: the token stops at z = 0
         c = safe_divide(upper, den)
         stop = safe_divide(torch.full_like(z, self.eps), z.abs() + self.eps)

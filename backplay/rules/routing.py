@@ -321,7 +321,7 @@ def _equilibrium_backward(layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
     y_j sum_i W_ij R_i / z_i (LRP-0; no mass is ever handed to an empty branch); the token stops where
     z_i = 0 and the share R_i b_i / z_i ends in the bias sink. Two products instead of four."""
     M, y = layer.map, layer.input
-    z = layer.recursion_z()
+    z = layer.recursion_z(r)
     b = M.bias_like(z)
     c = _sdiv(r, z)
     stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)

@@ -14,6 +14,7 @@ from torch import nn
 import backplay as bp
 from backplay.gpu.engine import prepare
 from backplay.gpu.trace import ALL_FIELDS
+from backplay.testing.graph_exact import torch_error
 from backplay.rules import (LRP0, RG, AlphaBeta, Anchor, Epsilon, EpsilonPlusFlat, Flat, Gamma, Gradient,
                             GradientEquilibrium, GradientXInput, RiskAverse, SoftplusGame, ZPlus)
 
@@ -94,3 +95,26 @@ def test_a_pass_without_p_refuses_a_gradient_through_a_gate_that_needs_it(case):
     gelu = next(s for s in tr.layers if type(s.gate).__name__ == "GELUGate")
     with pytest.raises(ValueError, match="kept no p for the gate"):
         gelu.through_gate(torch.ones_like(gelu.y))
+
+
+class _DeadUnitThroughSoftplus(torch.nn.Module):
+    """A standalone softplus after a ReLU: the gate passes relevance on unchanged, so a dead ReLU unit
+    (y = 0, z != 0) carries relevance and the LRP recursions need its z (found by the thorough profile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.softplus(F.relu(0.5 * x))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("rule", [LRP0(), GradientEquilibrium()], ids=repr)
+def test_dead_unit_with_relevance_reads_its_z(rule):
+    torch.manual_seed(0)
+    model = _DeadUnitThroughSoftplus().double().eval()
+    x = torch.zeros(1, 5, 5, dtype=torch.float64)
+    x[0, 2, 1] = -0.25
+    x[0, 3, 3] = 1.0
+    assert torch_error(model, x, 0, rule) <= 1e-9
