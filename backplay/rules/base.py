@@ -30,6 +30,20 @@ def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     return (num / den.masked_fill(zero, 1)).masked_fill_(zero, 0)
 
 
+def lrp0_backward(layer: "LayerTrace", r: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer of the LRP-0 recursion, the gradient equilibrium's closed form (docs/theory.md I8, I17):
+    (R^{l-1}_j = y_j sum_i W_ij R_i / z_i, the stopped mass per sample: all of R_i where z_i = 0 and the
+    bias share R_i b_i / z_i). Shared by :class:`~backplay.rules.LRP0` and the gradient equilibrium."""
+    M = layer.map
+    z = layer.recursion_z(r)
+    c = safe_divide(r, z)
+    stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)
+    b = M.bias_like(z)
+    if b is not None:
+        stopped = stopped + (c * b).flatten(1).sum(1)
+    return M.transpose(c).mul_(layer.input), stopped
+
+
 Number = Union[float, Tensor]
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import Handover, LayerRule, Sweep, check_positive, equilibrium_handover, safe_divide
+from .base import Handover, LayerRule, Sweep, check_positive, equilibrium_handover, lrp0_backward, safe_divide
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -82,13 +82,7 @@ class LRP0(LayerRule):
         if layer.map.pass_through:
             lower = layer.map.transpose(upper)
             return lower, upper.flatten(1).sum(1) - lower.flatten(1).sum(1)
-        z = layer.recursion_z(upper)
-        c = safe_divide(upper, z)
-        stopped = torch.where(z == 0, upper, 0.0).flatten(1).sum(1)
-        b = layer.map.bias_like(z)
-        if b is not None:
-            stopped = stopped + (c * b).flatten(1).sum(1)
-        return layer.map.transpose(c).mul_(layer.input), stopped
+        return lrp0_backward(layer, upper)
 
     def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
         """LRP-0 as a law is the gradient equilibrium (I17)."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (Handover, LayerRule, Rule, check_finite, check_positive, constant_handover,
-                   equilibrium_handover)
+                   equilibrium_handover, lrp0_backward)
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -320,15 +320,9 @@ def _equilibrium_backward(layer: "LayerTrace", r: Tensor, ctx: dict) -> Tensor:
     and m = (S+ + |S-|)/z both branches carry R_i / z_i per unit of |Z_ij|, so R^{l-1}_j =
     y_j sum_i W_ij R_i / z_i (LRP-0; no mass is ever handed to an empty branch); the token stops where
     z_i = 0 and the share R_i b_i / z_i ends in the bias sink. Two products instead of four."""
-    M, y = layer.map, layer.input
-    z = layer.recursion_z(r)
-    b = M.bias_like(z)
-    c = _sdiv(r, z)
-    stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)
-    if b is not None:
-        stopped = stopped + (c * b).flatten(1).sum(1)
+    lower, stopped = lrp0_backward(layer, r)
     ctx["stopped"] = ctx["stopped"] + stopped
-    return M.transpose(c, "W").mul_(y)
+    return lower
 
 
 def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
