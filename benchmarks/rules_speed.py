@@ -66,7 +66,9 @@ RULES = {
     "GradientXInput": lambda: R.GradientXInput(),
     "LRP0": lambda: R.LRP0(),
     "AlphaBeta(2,1)": lambda: R.AlphaBeta(2, 1),
+    "AlphaBeta(2,1,fast=True)": lambda: R.AlphaBeta(2, 1, fast=True),
     "RG()": lambda: R.RG(),
+    "RG(fast=True)": lambda: R.RG(fast=True),
     "RG(route_temp=0.5)": lambda: R.RG(route_temp=0.5),
     "RGEq()": lambda: R.RGEq(),
     "GradientEquilibrium()": lambda: R.GradientEquilibrium(),
@@ -75,8 +77,8 @@ RULES = {
     "SoftplusGame(0.5)": lambda: R.SoftplusGame(0.5),
 }
 #: the routing laws among RULES
-ROUTING = ["AlphaBeta(2,1)", "RG()", "RG(route_temp=0.5)", "RGEq()", "GradientEquilibrium()",
-           "Anchor(RG(),0.1)", "RiskAverse(RG(),1.0)"]
+ROUTING = ["AlphaBeta(2,1)", "AlphaBeta(2,1,fast=True)", "RG()", "RG(fast=True)", "RG(route_temp=0.5)", "RGEq()",
+           "GradientEquilibrium()", "Anchor(RG(),0.1)", "RiskAverse(RG(),1.0)"]
 GRAD = "autograd gradient"
 ZENNIT = "zennit AlphaBeta(2,1)"
 #: the project's targets (time x grad, peak memory x grad) on the CNN and the ResNet-18

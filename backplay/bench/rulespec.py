@@ -17,7 +17,7 @@ from backplay.rules import Rule
 
 __all__ = ["available_rules", "find_rule", "parse_rule", "parse_rules", "rule_label"]
 
-_HIDDEN_FIELDS = ("conservative", "anchor", "sigma", "kinds", "names", "first", "default")  # shown only when not at their default
+_HIDDEN_FIELDS = ("conservative", "anchor", "sigma", "kinds", "names", "first", "default", "fast")  # shown only when not at their default
 
 
 def available_rules() -> dict[str, type]:

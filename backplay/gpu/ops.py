@@ -553,6 +553,19 @@ class AddOp(LinearOp):
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         return torch.stack([g if c == 1 else g * c for c in self._coef(part)], dim=1)
 
+    def combine(self, sources: tuple) -> Tensor:
+        """z from the k sources themselves (the same numbers as :meth:`forward` on them stacked, with no
+        stacked copy: what the pass records, :attr:`backplay.gpu.trace.LayerTrace.input`)."""
+        out = None
+        for t, c in zip(sources, self._coef("W")):
+            if c == 0:
+                continue
+            t = t if c == 1 else t * c
+            out = t if out is None else out + t
+        out = torch.zeros_like(sources[0]) if out is None else out
+        b = self.bias_like(out)
+        return out if b is None else out + b
+
     def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Output j reads input j of each of the k stacked tensors, with the coefficients c_k."""
         k, n = y.shape[1], math.prod(y.shape[2:])

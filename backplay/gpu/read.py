@@ -1209,7 +1209,7 @@ class _Runner:
             gate = self.gate_of(p.gate) if p.gate is not None else LinearGate()
         if self.temperature is not None and gate.activated:
             gate = gate.at_temperature(self.temperature)
-        z = op.forward(y_in)
+        z = op.combine(y_in) if isinstance(y_in, tuple) else op.forward(y_in)
         last = p.gate if p.gate is not None else (p.merged[-1] if p.merged else node)
         self.record(op, kind, y_in, z, gate, src_names, _where(last), node.name, ins, _module(node),
                     fresh=isinstance(op, (DenseOp, ConvOp)))
@@ -1248,8 +1248,9 @@ class _Runner:
         p as the pass's fields say (:class:`~backplay.gpu.trace.LayerTrace`); ``module``: the qualified
         name of the module that produced it (:func:`_module`); ``fresh``: z is the map's own new
         buffer (a gate that can may overwrite it when z is not kept)."""
-        op.bound(tuple(y_in.shape[1:]))
-        units = self.input_units(src_names, y_in)
+        in_shape = (len(y_in),) + tuple(y_in[0].shape[1:]) if isinstance(y_in, tuple) else tuple(y_in.shape[1:])
+        op.bound(in_shape)
+        units = self.input_units(src_names, in_shape, z)
         full = self.fields == ALL_FIELDS
         keep_z = full or ("z" in self.fields and not gate.z_where_nonzero)
         if full:
@@ -1279,8 +1280,9 @@ class _Runner:
                          module=module, units=units)
         self.steps.append(rec)
 
-    def input_units(self, src_names: list, y_in: Tensor) -> Tensor | None:
-        """Which entries of a layer's input ``y_in`` are units of the graph (``LayerTrace.units``): the
+    def input_units(self, src_names: list, in_shape: tuple, z: Tensor) -> Tensor | None:
+        """Which entries of a layer's input (per-sample shape ``in_shape``; ``z``: the layer's z, for
+        the device) are units of the graph (``LayerTrace.units``): the
         unit ids of one sample are 0 at the constants a layout step wrote (F.pad's zeros, a cat with
         zeros; docs/theory.md section 11). None when every entry is a unit."""
         if not self.g.track_units:  # reshapes only: no layout writes constants
@@ -1289,8 +1291,8 @@ class _Runner:
         if all(bool(r.all()) for r in real):
             return None
         if len(real) > 1:  # a sum node reads its sources stacked along dim 1
-            real = [torch.stack([r.expand((1,) + tuple(y_in.shape[2:])) for r in real], dim=1)]
-        return real[0].to(y_in.device)
+            real = [torch.stack([r.expand((1,) + tuple(in_shape[1:])) for r in real], dim=1)]
+        return real[0].to(z.device)
 
     def folded(self, op: LinearOp, node: Any, merged: list) -> LinearOp:
         """``op`` with the affine nodes ``merged`` folded in (:meth:`merge`), from
@@ -1445,8 +1447,8 @@ class _Runner:
                 if a.shape != b.shape:
                     shape = torch.broadcast_shapes(a.shape, b.shape)
                     a, b = a.expand(shape), b.expand(shape)
-                stacked = torch.stack([a, b], dim=1)
-                return AddOp(tuple(stacked.shape[1:]), (1.0, alpha if name == "add" else -alpha)), "add", stacked
+                # the sources, not a stacked copy (LayerTrace.input stacks them when a rule reads it)
+                return AddOp((2,) + tuple(a.shape[1:]), (1.0, alpha if name == "add" else -alpha)), "add", (a, b)
             s, b = self.affine_of(node)
             if s is None:
                 s = torch.ones((), dtype=self.dtype, device=x.device)

@@ -33,7 +33,7 @@ ALL_FIELDS = frozenset({"z", "p"})
 
 @dataclass(eq=False)
 class LayerTrace:
-    """Layer l of the explained pass: map and gate, input y^{l-1}, z^l and p^l (``None`` where the
+    """Layer l of the explained pass: map and gate, input y^{l-1} (:attr:`input`), z^l and p^l (``None`` where the
     pass did not keep them: a pass that keeps :data:`ALL_FIELDS` keeps both at every layer; a pass
     that keeps fewer, for a rule that reads fewer, keeps neither a p that y^l gives or a linear layer's
     p = 1 (:meth:`through_gate`) nor a z that y^l stands for (:meth:`recursion_z`)), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
@@ -45,7 +45,7 @@ class LayerTrace:
 
     map: LinearOp
     gate: Gate
-    input: Tensor
+    kept_input: Any  # y^{l-1} as the pass keeps it: a tensor, or a sum node's sources (:attr:`input`)
     z: Tensor | None
     p: Tensor | None
     y: Tensor
@@ -59,6 +59,16 @@ class LayerTrace:
     module: str = ""
     units: Tensor | None = None  # bool [1, *input's per-sample shape]: which entries of ``input`` are units
     _offset: Any = field(default=None, repr=False)
+
+    @property
+    def input(self) -> Tensor:
+        """y^{l-1}, [B, *map.in_shape]; a sum node's sources stacked along dim 1, made when first read
+        (the pass keeps the sources themselves, which their producers hold anyway: a rule that never
+        reads a sum node's input, or reads it only while its step is swept, adds no copy of them)."""
+        v = self.kept_input
+        if isinstance(v, tuple):
+            v = self.kept_input = torch.stack(v, dim=1)
+        return v
 
     def unit_mask(self) -> Tensor:
         """A tensor like ``input``: 1 at its units, 0 at the constant entries a layout step wrote (the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Union
 
 import torch
 
@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensor = torch.Tensor
 
-__all__ = ["Rule", "LayerRule", "Sweep", "Handover", "safe_divide", "check_finite", "check_positive"]
+__all__ = ["Rule", "LayerRule", "Sweep", "Handover", "safe_divide", "check_finite", "check_positive",
+           "option"]
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -93,7 +94,8 @@ class Rule:
     @property
     def name(self) -> str:
         """The rule and its parameters, e.g. ``"LRP0"`` or ``"AlphaBeta(alpha=2, beta=1)"``."""
-        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                           if not (f.metadata.get("option") and getattr(self, f.name) == f.default))
         return type(self).__name__ + (f"({params})" if params else "")
 
     @property
@@ -211,6 +213,12 @@ class LayerRule(Rule):
 
     def relevance(self, trace: "Trace", target: Tensor) -> Tensor:
         return self.sweep(trace, target).relevance
+
+
+def option(default: bool = False) -> Any:
+    """A keyword-only field for a way of computing that is not part of the law (``fast``): left out of
+    :attr:`Rule.name` at its default."""
+    return dataclasses.field(default=default, kw_only=True, metadata={"option": True})
 
 
 def check_finite(name: str, v: float) -> None:

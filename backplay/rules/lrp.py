@@ -193,7 +193,7 @@ class ZPlus(AlphaBeta):
 
     @property
     def name(self) -> str:
-        return "ZPlus"
+        return "ZPlus(fast=True)" if self.fast else "ZPlus"
 
 
 def _broadcast(v: Any, shape: tuple, dtype: torch.dtype, device: Any, what: str) -> Tensor:

@@ -186,10 +186,11 @@ class AttributionEquilibriumLaw(AlphaBeta):
 
     def __post_init__(self) -> None:
         check_positive("r", self.r)
+        self.check_fast()
         r = float(self.r)
         object.__setattr__(self, "alpha", (r + 1) / r)
         object.__setattr__(self, "beta", 1 / r)
 
     @property
     def name(self) -> str:
-        return f"AttributionEquilibriumLaw(r={self.r!r})"
+        return f"AttributionEquilibriumLaw(r={self.r!r}{', fast=True' if self.fast else ''})"

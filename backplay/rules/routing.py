@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (Handover, LayerRule, Rule, check_finite, check_positive, constant_handover,
-                   equilibrium_handover, lrp0_backward)
+                   equilibrium_handover, lrp0_backward, option)
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Tensor = torch.Tensor
 
 __all__ = ["RoutingRule", "AlphaBeta", "RG", "RGEq", "GradientEquilibrium", "Anchor", "RiskAverse",
-           "routing_parts"]
+           "routing_parts", "fast_tolerance"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,11 +70,21 @@ class _Local:
         self.M, self.lam = M, float(lam)
         self.nonneg = nonneg = not bool((y < 0).any())
         b = M.bias  # shaped to broadcast against z (a conv's [C, 1, 1], a dense map's [n])
+        # the sum/difference form (``fast=True``) on inputs of both signs only: on a nonnegative input
+        # the exact form already takes two products each way
+        self.fast = fast = base.fast and not nonneg
+        self.y = y if fast else None
+        self.wp = self.wn = None  # fast, with a bias: where the weight part of a branch is nonempty
         if nonneg:
             yp, yn = y, None
             Sp, Sn = M.pair(y)
             if Sn is None:
                 Sn = torch.zeros_like(Sp)
+        elif fast:
+            yp = yn = None
+            Sp, Sn = _fast_sums(M, y)
+            if b is not None:
+                self.wp, self.wn = Sp > 0, Sn < 0
         else:
             yp, yn = y.clamp_min(0), y.clamp_max(0)
             Sp, Sn = M.cross(yp, yn)
@@ -91,7 +101,10 @@ class _Local:
         self.T1 = T == 1.0
         self.bp = None if b is None else b.clamp_min(0)
         self.bn = None if b is None else (-b).clamp_min(0)
-        if T == 1.0:
+        if fast:  # route temperature 1 (checked by the rule): D+ = S+, D- = -S-; the adjoint reads y
+            self.up = self.un = None
+            self.Dp, self.Dn = Sp, Sn.neg_()
+        elif T == 1.0:
             self.up, self.un = yp, (None if nonneg else -yn)
             self.Dp, self.Dn = Sp, Sn.neg_()  # Sn is a fresh buffer, no longer read
         else:
@@ -225,7 +238,9 @@ class _Local:
             stopped = stopped + self._bias_sum(cp, self.bp) - self._bias_sum(cn, self.bn)
         if not lam:
             del ap, an
-        if un is None:
+        if self.fast:
+            lower = self._fast_adjoint(cp, cn)
+        elif un is None:
             lower = M.pair_t(cp, cn).mul_(up)  # a fresh tensor: scaled in place
         else:
             t1, t2 = M.cross_t(cp, cn)
@@ -277,7 +292,10 @@ class _Local:
         if self.bp is not None:  # the bias sink: sum over the neurons of c * b, per sample
             stopped = stopped + self._bias_sum(cp, self.bp) - self._bias_sum(cn, self.bn)
         up, un = self.up, self.un
-        if un is None:
+        if self.fast:
+            lower = self._fast_adjoint(cp, cn)
+            del buf, cp, cn
+        elif un is None:
             lower = M.pair_t_buf(buf, n)
             del buf, cp, cn
             lower = lower.mul_(up)
@@ -288,12 +306,47 @@ class _Local:
             lower.sub_(un * t2)
         return lower, stopped
 
+    def _fast_adjoint(self, cp: Tensor, cn: Tensor) -> Tensor:
+        """sum_i cp_i max(Z_ij, 0) + cn_i min(Z_ij, 0) in the sum/difference form (``fast=True``):
+        max(Z, 0) = (Z + |Z|)/2, min(Z, 0) = (Z - |Z|)/2, so the lower relevance is
+        (y_j [W^T (cp + cn)]_j + |y_j| [|W|^T (cp - cn)]_j) / 2: two products. A branch whose weight
+        part was found empty (:func:`_fast_sums`) sends nothing to the inputs (its bias share, if any,
+        ended in the bias sink)."""
+        if self.wp is not None:
+            cp, cn = cp.masked_fill(~self.wp, 0.0), cn.masked_fill(~self.wn, 0.0)
+        M, y = self.M, self.y
+        lower = M.transpose(cp + cn).mul_(y)
+        lower.addcmul_(M.transpose(cp - cn, "abs"), y.abs())
+        return lower.mul_(0.5)
+
     @staticmethod
     def _bias_sum(c: Tensor, b: Tensor) -> Tensor:
         """sum over the neurons of c * b per sample, b broadcast over the spatial dimensions."""
         if c.ndim > 2 and b.ndim == c.ndim - 1 and all(n == 1 for n in b.shape[1:]):
             return c.flatten(2).sum(2) @ b.flatten()
         return (c * b).flatten(1).sum(1)
+
+
+def fast_tolerance(dtype: torch.dtype) -> float:
+    """kappa of the sum/difference form (``fast=True``): a branch whose weight part is at most kappa
+    times A_i = sum_j |Z_ij| is taken as empty; kappa = 2 sqrt(eps) of the dtype (about 3e-8 in
+    float64, 7e-4 in float32). docs/theory.md section 8, "fast": the bound this gives."""
+    return 2.0 * math.sqrt(torch.finfo(dtype).eps)
+
+
+def _fast_sums(M: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The weight parts of the branch sums in the sum/difference form (``fast=True``): with
+    z = W y and A = |W| |y| (two products), S+ = (z + A)/2 and S- = (z - A)/2, each set to exactly 0
+    where it is at most kappa A in size (:func:`fast_tolerance`): within round-off of an empty
+    branch, whose exact zero decides where mass stops (I14)."""
+    A = M.apply(y.abs(), "abs")
+    z = M.apply(y)
+    Sp = torch.add(z, A).mul_(0.5)
+    Sn = z.sub_(A).mul_(0.5)
+    tol = A.mul_(fast_tolerance(y.dtype))
+    Sp.masked_fill_(Sp <= tol, 0.0)
+    Sn.masked_fill_(Sn >= tol.neg_(), 0.0)
+    return Sp, Sn
 
 
 def _routing_context(rule: "Rule", trace: "Trace", target: Tensor) -> dict:
@@ -380,7 +433,34 @@ class RoutingRule(LayerRule):
     """Shared torch implementation of the routing laws (the convention above), one batched sweep.
 
     Start R^L = f_k(x) at the target; MaxPool layers route to the argmax (winner takes all) whatever
-    the law; the stopped mass (cemetery and bias sink) is accumulated in the sweep's ``stopped``."""
+    the law; the stopped mass (cemetery and bias sink) is accumulated in the sweep's ``stopped``.
+
+    ``fast=True`` (AlphaBeta and RG at route temperature 1, the laws with one hand-over at every unit;
+    off by default): on a layer whose
+    input has both signs the branch sums and the adjoint take the sum/difference form, two products
+    each way instead of four: S+- = (W y +- |W| |y|)/2, a branch whose weight part is at most kappa
+    sum_j |Z_ij| in size taken as empty (:func:`fast_tolerance`), and R_j = (y_j [W^T (c+ + c-)]_j +
+    |y_j| [|W|^T (c+ - c-)]_j)/2. Layers with a nonnegative input keep the exact form. The deviation
+    from the exact law is bounded in docs/theory.md section 8 ("fast") and checked by
+    tests/rules/test_fast.py. Only the torch relevance sweep reads it: the law (theory, Hellinger,
+    occupation, validate_rule's named laws) is the exact one."""
+
+    #: the sum/difference form (a field of AlphaBeta and RG; the other laws are always exact)
+    fast = False
+
+    def check_fast(self) -> None:
+        """TypeError / ValueError where ``fast`` is set and the rule cannot take it (called by each law's
+        ``__post_init__``)."""
+        fast = self.fast
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be True or False, got {fast!r}")
+        if fast and float(getattr(self, "route_temp", 1.0)) != 1.0:
+            raise ValueError(f"fast=True needs route_temp=1 (got {self.route_temp}): the sum/difference "
+                             "form gives the branch sums of route temperature 1")
+        base = getattr(self, "rule", None)
+        if base is not None and routing_parts(base)[0].fast:
+            raise ValueError(f"{type(self).__name__} takes an exact law: pass {type(routing_parts(base)[0]).__name__} "
+                             "without fast=True (fast is built for AlphaBeta and RG on their own)")
 
     @property
     def pass_fields(self) -> frozenset:
@@ -418,11 +498,13 @@ class RoutingRule(LayerRule):
 class AlphaBeta(RoutingRule):
     """alpha-beta-LRP as a routing law (docs/theory.md I15): p = alpha/(alpha+beta), q = beta/(alpha+beta),
     m = alpha + beta, route temperature 1, so R_j = sum_i (alpha Z+_ij/S+_i - beta Z-_ij/S-_i) R_i
-    (0/0 := 0). Conservative (I14) iff alpha - beta = 1; other values need ``conservative=False``."""
+    (0/0 := 0). Conservative (I14) iff alpha - beta = 1; other values need ``conservative=False``.
+    ``fast=True``: the sum/difference form on inputs of both signs (:class:`RoutingRule`)."""
 
     alpha: float = 2.0
     beta: float = 1.0
     conservative: bool = True
+    fast: bool = option()
 
     def __post_init__(self) -> None:
         check_finite("alpha", self.alpha)
@@ -434,6 +516,7 @@ class AlphaBeta(RoutingRule):
                 f"alpha - beta != 1 (alpha={self.alpha}, beta={self.beta}) breaks conservation (I14); "
                 "pass conservative=False to use it anyway"
             )
+        self.check_fast()
 
     def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
         """I15: p = alpha/(alpha+beta), q = beta/(alpha+beta), m = alpha + beta, never stopped."""
@@ -445,14 +528,17 @@ class AlphaBeta(RoutingRule):
 class RG(RoutingRule):
     """The routing game RG(tau, T) (docs/theory.md I16): Gibbs hand-over p = sigmoid(1/tau), the maximiser
     of p + tau H(p); m = 1/(p - q) = coth(1/(2 tau)); route temperature T (I19). T = 1 is alpha-beta
-    with alpha = 1/(1 - e^(-1/tau)), beta = 1/(e^(1/tau) - 1); the default tau = 1/ln 2 is alpha=2, beta=1."""
+    with alpha = 1/(1 - e^(-1/tau)), beta = 1/(e^(1/tau) - 1); the default tau = 1/ln 2 is alpha=2, beta=1.
+    ``fast=True`` (route temperature 1): the sum/difference form on inputs of both signs (:class:`RoutingRule`)."""
 
     tau: float = 1.0 / math.log(2.0)
     route_temp: float = 1.0
+    fast: bool = option()
 
     def __post_init__(self) -> None:
         check_positive("tau", self.tau)
         check_positive("route_temp", self.route_temp)
+        self.check_fast()
 
     def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
         """I16: the Gibbs hand-over p = sigmoid(1/tau), m = 1/(p - q) (stopped where p = q)."""
@@ -527,6 +613,7 @@ class Anchor(RoutingRule):
     def __post_init__(self) -> None:
         if not isinstance(self.rule, (AlphaBeta, RG, RGEq, GradientEquilibrium)):
             raise TypeError(f"Anchor needs a routing law, got {type(self.rule).__name__}")
+        self.check_fast()
         lams = self.lam if isinstance(self.lam, tuple) else (self.lam,)
         for v in lams:
             check_finite("lam", v)
@@ -562,5 +649,6 @@ class RiskAverse(RoutingRule):
     def __post_init__(self) -> None:
         if not isinstance(self.rule, (AlphaBeta, RG, RGEq, GradientEquilibrium, Anchor)):
             raise TypeError(f"RiskAverse needs a routing law, got {type(self.rule).__name__}")
+        self.check_fast()
         check_finite("theta", self.theta)
         check_positive("sigma", self.sigma)
