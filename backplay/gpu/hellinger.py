@@ -407,8 +407,8 @@ def _risk_start(risk: RiskAverse, x: Tensor) -> Tensor:
 
 def _stack(step: LayerTrace, ins: list) -> Tensor:
     if len(ins) == 1:
-        return ins[0].reshape(step.input.shape)
-    shape = tuple(step.input.shape[:1]) + tuple(step.input.shape[2:])
+        return ins[0].reshape(step.input_shape)
+    shape = step.input_shape[:1] + step.input_shape[2:]
     return torch.stack([u.expand(shape) for u in ins], dim=1)
 
 

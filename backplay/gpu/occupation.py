@@ -211,7 +211,7 @@ def interval_bounds(model: Any, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]
                 what = "a normaliser" if isinstance(M, NormOp) else f"the non-monotone gate {gate!r}"
                 raise TypeError(f"interval_bounds does not cover {what} (layer {step.index}, {step.where})")
             if len(ins) > 1:
-                shape = tuple(step.input.shape[:1]) + tuple(step.input.shape[2:])
+                shape = step.input_shape[:1] + step.input_shape[2:]
                 lw = torch.stack([a.expand(shape) for a, _ in ins], 1)
                 up = torch.stack([b.expand(shape) for _, b in ins], 1)
             else:

@@ -36,7 +36,7 @@ class LayerTrace:
     """Layer l of the explained pass: map and gate, input y^{l-1} (:attr:`input`), z^l and p^l (``None`` where the
     pass did not keep them: a pass that keeps :data:`ALL_FIELDS` keeps both at every layer; a pass
     that keeps fewer, for a rule that reads fewer, keeps neither a p that y^l gives or a linear layer's
-    p = 1 (:meth:`through_gate`) nor a z that y^l stands for (:meth:`recursion_z`)), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
+    p = 1 (:meth:`through_gate`) nor a z that y^l stands for (:meth:`recursion_terms`)), y^l; ``index`` (1-based, topological order), ``kind`` ("linear", "conv", "pool",
     "maxpool", "add", "norm", "scale", "gate", "map", "attention", "copy"), ``sources`` / ``out``
     (tensor ids), ``where`` (the model's source line), ``module`` (the qualified name of the
     innermost module whose forward produced the layer's operation, e.g. ``"features.0"``; ``""`` for
@@ -62,13 +62,16 @@ class LayerTrace:
 
     @property
     def input(self) -> Tensor:
-        """y^{l-1}, [B, *map.in_shape]; a sum node's sources stacked along dim 1, made when first read
-        (the pass keeps the sources themselves, which their producers hold anyway: a rule that never
-        reads a sum node's input, or reads it only while its step is swept, adds no copy of them)."""
+        """y^{l-1}, [B, *map.in_shape]; a sum node's sources stacked along dim 1, made afresh at each read
+        (the pass keeps the sources themselves, which their producers hold anyway: the stack lives only
+        while the rule reading it holds it; a rule that never reads a sum node's input adds no copy)."""
         v = self.kept_input
-        if isinstance(v, tuple):
-            v = self.kept_input = torch.stack(v, dim=1)
-        return v
+        return torch.stack(v, dim=1) if isinstance(v, tuple) else v
+
+    @property
+    def input_shape(self) -> tuple:
+        """The shape of :attr:`input`, [B, *map.in_shape] (no stack made)."""
+        return (self.y.shape[0],) + tuple(self.map.in_shape)
 
     def unit_mask(self) -> Tensor:
         """A tensor like ``input``: 1 at its units, 0 at the constant entries a layout step wrote (the
@@ -89,18 +92,28 @@ class LayerTrace:
             raise ValueError(f"this pass kept no p for the gate {self.gate!r}: record it with 'p' in its fields")
         return out
 
-    def recursion_z(self, r: Tensor) -> Tensor:
-        """z^l as the LRP-type recursions read it at the relevance ``r`` (LRP-0, epsilon, the gradient
-        equilibrium's closed form: docs/theory.md I8, I17): z as the pass kept it, else y where the gate
-        has y = z wherever y != 0 (linear, ReLU) and ``r`` vanishes wherever y does (a unit's relevance
-        is its y times a sum, unless a standalone gate or a selection above passed it on unchanged:
-        then a dead unit can carry relevance and needs its z), else the map's forward again. Probing a
-        layer with an arbitrary relevance (validate_rule) needs a pass that kept z."""
+    def recursion_terms(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, z == 0, r where z == 0 and 0 elsewhere): z^l as the LRP-type recursions read it at the
+        relevance ``r`` (LRP-0, epsilon, the gradient equilibrium's closed form: docs/theory.md I8, I17)
+        with the units where they stop the token. z as the pass kept it, else y where the gate has
+        y = z wherever y != 0 (linear, ReLU) and ``r`` vanishes wherever y does (a unit's relevance is
+        its y times a sum, unless a standalone gate, a selection or another rule above passed some to a
+        dead unit: then it needs its z), else the map's forward again. With y standing for z the mask
+        is y == 0, wider than z == 0 only where r = 0, so every recursion gives the same numbers; the
+        check costs one pass beyond the mask and the stopped relevance the recursions need anyway.
+        Probing a layer with an arbitrary relevance (validate_rule) needs a pass that kept z."""
         if self.z is not None:
-            return self.z
-        if self.gate.z_where_nonzero and not bool(((self.y == 0) & (r != 0)).any()):
-            return self.y
-        return self.map.forward(self.input)
+            z = self.z
+        elif self.gate.z_where_nonzero:
+            zero = self.y == 0
+            r0 = torch.where(zero, r, 0.0)
+            if not bool(r0.any()):
+                return self.y, zero, r0
+            z = self.map.forward(self.input)
+        else:
+            z = self.map.forward(self.input)
+        zero = z == 0
+        return z, zero, torch.where(zero, r, 0.0)
 
     def offset(self) -> Tensor | None:
         """The gate's reward c per unit (y = p z + c): eps H(p) on softplus layers (I9), the constant

@@ -95,7 +95,7 @@ def unroll_trace(trace: Any) -> Unrolled:
         if hasattr(step, "map"):
             ins = [ids[s] for s in step.sources]
             if len(ins) > 1:
-                shape = (1,) + tuple(step.input.shape[2:])
+                shape = (1,) + step.input_shape[2:]
                 local = torch.stack([t.expand(shape) for t in ins], dim=1)
             else:
                 local = ins[0]
@@ -136,7 +136,7 @@ def unroll_trace(trace: Any) -> Unrolled:
         pos = position(live)
         n_prev = len(pos)
         n_in = g.shape[0]
-        shape = tuple(step.input.shape[1:])
+        shape = step.input_shape[1:]
         eye = torch.eye(n_in, dtype=D).reshape((n_in,) + shape)
         local = step.map.apply(eye).reshape(n_in, -1).T  # [n_out, n_in]
         m = local.shape[0]

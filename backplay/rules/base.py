@@ -24,10 +24,11 @@ __all__ = ["Rule", "LayerRule", "Sweep", "Handover", "safe_divide", "check_finit
            "option"]
 
 
-def safe_divide(num: Tensor, den: Tensor) -> Tensor:
+def safe_divide(num: Tensor, den: Tensor, zero: Tensor | None = None) -> Tensor:
     """num / den with x/0 := 0 (in particular 0/0 := 0), elementwise; safe under autograd (the
-    division never sees a zero denominator)."""
-    zero = den == 0
+    division never sees a zero denominator). ``zero``: the mask den == 0 when the caller has it."""
+    if zero is None:
+        zero = den == 0
     return (num / den.masked_fill(zero, 1)).masked_fill_(zero, 0)
 
 
@@ -36,9 +37,9 @@ def lrp0_backward(layer: "LayerTrace", r: Tensor) -> tuple[Tensor, Tensor]:
     (R^{l-1}_j = y_j sum_i W_ij R_i / z_i, the stopped mass per sample: all of R_i where z_i = 0 and the
     bias share R_i b_i / z_i). Shared by :class:`~backplay.rules.LRP0` and the gradient equilibrium."""
     M = layer.map
-    z = layer.recursion_z(r)
-    c = safe_divide(r, z)
-    stopped = torch.where(z == 0, r, 0.0).flatten(1).sum(1)
+    z, zero, r0 = layer.recursion_terms(r)
+    c = safe_divide(r, z, zero)
+    stopped = r0.flatten(1).sum(1)
     b = M.bias_like(z)
     if b is not None:
         stopped = stopped + (c * b).flatten(1).sum(1)

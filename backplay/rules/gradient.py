@@ -159,11 +159,11 @@ class Epsilon(LayerRule):
             stopped = upper.flatten(1).sum(1) - lower.flatten(1).sum(1) if M.bias is not None \
                 else upper.new_zeros(upper.shape[0])
             return lower, stopped
-        z = layer.recursion_z(upper)
+        z, zero, _ = layer.recursion_terms(upper)
         den = z + self.eps * torch.sign(z)  # sign(0) = 0: the token stops at z = 0
         c = safe_divide(upper, den)
         stop = safe_divide(torch.full_like(z, self.eps), z.abs() + self.eps)
-        stopped = torch.where(z == 0, upper, upper * stop).flatten(1).sum(1)
+        stopped = torch.where(zero, upper, upper * stop).flatten(1).sum(1)
         b = M.bias_like(z)
         if b is not None:
             stopped = stopped + (c * b).flatten(1).sum(1)

@@ -65,7 +65,7 @@ def _near_input(trace: "Trace", values: tuple | None = None) -> dict:
         elif len(ins) == 1:
             v_in = ins[0]
         else:  # a sum node reads its sources stacked along dim 1
-            shape = tuple(step.input.shape[:1]) + tuple(step.input.shape[2:])
+            shape = step.input_shape[:1] + step.input_shape[2:]
             v_in = tuple(torch.stack([u.expand(shape) for u in parts], dim=1) for parts in zip(*ins))
         if m is None:
             vals[step.out] = None

@@ -396,7 +396,7 @@ def _local_of(layer: "LayerTrace", ctx: dict) -> "_Local":
 
 
 def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
-    U = U.reshape(layer.input.shape)
+    U = U.reshape(layer.input_shape)
     if layer.map.pass_through:
         U_self = layer.map.apply(U)
         if layer.map.bias is not None:  # a unit made of a constant only (a cls token): the bias unit, U = 1
@@ -421,7 +421,7 @@ def _u_sweep(trace: "Trace", U: Tensor, ctx: dict) -> None:
             if len(ins) == 1:
                 u_in = ins[0]
             else:
-                shape = tuple(step.input.shape[:1]) + tuple(step.input.shape[2:])
+                shape = step.input_shape[:1] + step.input_shape[2:]
                 u_in = torch.stack([u.expand(shape) for u in ins], dim=1)
             vals[step.out] = _u_layer(step, u_in, ctx)
         else:
@@ -586,7 +586,7 @@ class GradientEquilibrium(RoutingRule):
 
     @property
     def pass_fields(self) -> frozenset:
-        """z, read in the closed LRP-0 form (``recursion_z``: not kept where y stands for it)."""
+        """z, read in the closed LRP-0 form (``recursion_terms``: not kept where y stands for it)."""
         return frozenset({"z"})
 
     def handover(self, Sp: Tensor, Sn: Tensor) -> Handover:
