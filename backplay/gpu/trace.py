@@ -93,7 +93,8 @@ class LayerTrace:
         return out
 
     def recursion_terms(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(z, z == 0, r where z == 0 and 0 elsewhere): z^l as the LRP-type recursions read it at the
+        """(z, the mask z == 0 as 0/1 in z's dtype, r where z == 0 and 0 elsewhere): z^l as the LRP-type
+        recursions read it at the
         relevance ``r`` (LRP-0, epsilon, the gradient equilibrium's closed form: docs/theory.md I8, I17)
         with the units where they stop the token. z as the pass kept it, else y where the gate has
         y = z wherever y != 0 (linear, ReLU) and ``r`` vanishes wherever y does (a unit's relevance is
@@ -105,15 +106,16 @@ class LayerTrace:
         if self.z is not None:
             z = self.z
         elif self.gate.z_where_nonzero:
-            zero = self.y == 0
-            r0 = torch.where(zero, r, 0.0)
-            if not bool(r0.any()):
+            zero = (self.y == 0).to(self.y.dtype)
+            r0 = r * zero
+            lo, hi = torch.aminmax(r0) if r0.numel() else (0, 0)
+            if lo == 0 and hi == 0:  # no relevance at a dead unit (NaN: recompute)
                 return self.y, zero, r0
             z = self.map.forward(self.input)
         else:
             z = self.map.forward(self.input)
-        zero = z == 0
-        return z, zero, torch.where(zero, r, 0.0)
+        zero = (z == 0).to(z.dtype)
+        return z, zero, r * zero
 
     def offset(self) -> Tensor | None:
         """The gate's reward c per unit (y = p z + c): eps H(p) on softplus layers (I9), the constant

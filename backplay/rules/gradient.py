@@ -163,7 +163,7 @@ class Epsilon(LayerRule):
         den = z + self.eps * torch.sign(z)  # sign(0) = 0: the token stops at z = 0
         c = safe_divide(upper, den)
         stop = safe_divide(torch.full_like(z, self.eps), z.abs() + self.eps)
-        stopped = torch.where(zero, upper, upper * stop).flatten(1).sum(1)
+        stopped = torch.where(zero > 0, upper, upper * stop).flatten(1).sum(1)
         b = M.bias_like(z)
         if b is not None:
             stopped = stopped + (c * b).flatten(1).sum(1)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (Handover, LayerRule, Rule, check_finite, check_positive, constant_handover,
-                   equilibrium_handover, lrp0_backward, option)
+                   equilibrium_handover, lrp0_backward, option, bias_sum)
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -235,7 +235,7 @@ class _Local:
         del s2
         stopped = stopped.flatten(1).sum(1)
         if self.bp is not None:  # the bias sink: sum over the neurons of c * b, per sample
-            stopped = stopped + self._bias_sum(cp, self.bp) - self._bias_sum(cn, self.bn)
+            stopped = stopped + bias_sum(cp, self.bp) - bias_sum(cn, self.bn)
         if not lam:
             del ap, an
         if self.fast:
@@ -266,7 +266,7 @@ class _Local:
                 lower = lower + ip * t1 + in_ * t2
                 del t1, t2
             if self.ibp is not None:
-                stopped = stopped + self._bias_sum(ci_p, self.ibp) - self._bias_sum(ci_n, self.ibn)
+                stopped = stopped + bias_sum(ci_p, self.ibp) - bias_sum(ci_n, self.ibn)
         return lower, stopped
 
     def _backward_const(self, R: Tensor, Rm: Tensor, p: Any, q: Any, stopped: Tensor | None
@@ -290,7 +290,7 @@ class _Local:
         cn.div_(self.Dn).masked_fill_(self.full_n.logical_not(), 0.0)
         self.Dp = self.Dn = self.full_p = self.full_n = None
         if self.bp is not None:  # the bias sink: sum over the neurons of c * b, per sample
-            stopped = stopped + self._bias_sum(cp, self.bp) - self._bias_sum(cn, self.bn)
+            stopped = stopped + bias_sum(cp, self.bp) - bias_sum(cn, self.bn)
         up, un = self.up, self.un
         if self.fast:
             lower = self._fast_adjoint(cp, cn)
@@ -318,13 +318,6 @@ class _Local:
         lower = M.transpose(cp + cn).mul_(y)
         lower.addcmul_(M.transpose(cp - cn, "abs"), y.abs())
         return lower.mul_(0.5)
-
-    @staticmethod
-    def _bias_sum(c: Tensor, b: Tensor) -> Tensor:
-        """sum over the neurons of c * b per sample, b broadcast over the spatial dimensions."""
-        if c.ndim > 2 and b.ndim == c.ndim - 1 and all(n == 1 for n in b.shape[1:]):
-            return c.flatten(2).sum(2) @ b.flatten()
-        return (c * b).flatten(1).sum(1)
 
 
 def fast_tolerance(dtype: torch.dtype) -> float:
