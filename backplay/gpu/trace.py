@@ -94,9 +94,8 @@ class LayerTrace:
 
     def recursion_terms(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(z, the mask z == 0 as 0/1 in z's dtype, r where z == 0 and 0 elsewhere): z^l as the LRP-type
-        recursions read it at the
-        relevance ``r`` (LRP-0, epsilon, the gradient equilibrium's closed form: docs/theory.md I8, I17)
-        with the units where they stop the token. z as the pass kept it, else y where the gate has
+        recursions read it at the relevance ``r`` (LRP-0, epsilon, the gradient equilibrium's closed form:
+        docs/theory.md I8, I17) with the units where they stop the token. z as the pass kept it, else y where the gate has
         y = z wherever y != 0 (linear, ReLU) and ``r`` vanishes wherever y does (a unit's relevance is
         its y times a sum, unless a standalone gate, a selection or another rule above passed some to a
         dead unit: then it needs its z), else the map's forward again. With y standing for z the mask
