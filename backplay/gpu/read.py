@@ -362,6 +362,9 @@ class ModelGraph:
     #: affine nodes folded in, where all of them read parameters only: folded on the first pass and
     #: reused (the graph is read again when a parameter changes)
     folded: dict = field(default_factory=dict)
+    #: {position of a node in the program: the values the pass reads for the last time there}
+    #: (:func:`_last_reads`; made on the first pass)
+    last_reads: dict | None = None
 
     def replay(self, x: Tensor, dtype: torch.dtype, inputs: dict | None = None, position: Tensor | None = None,
                *, frozen: bool = True, eps: float = 0.0, freeze_softmax: bool = False,
@@ -870,6 +873,46 @@ def _surrogate(graph: "ModelGraph", dtype: torch.dtype, x: Tensor, inputs: dict,
     return lambda eps: _Runner(graph, dtype, ALL_FIELDS, eps).run(x, inputs, position)
 
 
+def _last_reads(g: ModelGraph) -> dict:
+    """{position of a node in the program: the names (through the aliases) of the values the pass reads
+    for the last time at that node}: the node's own arguments, and what a step made at that node reads
+    of the nodes it takes in (merged affine nodes, its fused gate, a standalone gate's region: their
+    arguments are read when the step is made; a split's piece reads the split's arguments). A layout step whose batch is not first extends its
+    origins' reads at run time (:meth:`_Runner.layout`). The pass drops each value after its last read,
+    so that it holds what autograd would: the trace's own tensors, not every intermediate (q, k, the
+    attention scores) until the pass ends."""
+    nodes = list(g.program.graph.nodes)
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    last: dict = {}
+
+    def read_at(arg_nodes: Any, i: int) -> None:
+        for n in arg_nodes:
+            for a in _flat_args(n):
+                if hasattr(a, "op"):
+                    name = g.alias.get(a.name, a.name)
+                    last[name] = max(last.get(name, -1), i, pos.get(n.name, -1))
+
+    for i, node in enumerate(nodes):
+        read_at([node], i)
+        if _name(node) == "getitem" and hasattr(node.args[0], "op"):  # a split's piece recomputes the split
+            read_at([node.args[0]], i)
+        region = g.regions.get(node.name)
+        if region is not None:  # a standalone gate reads its region's root and arguments here
+            root = g.alias.get(region[0].name, region[0].name)
+            last[root] = max(last.get(root, -1), i)
+            read_at(region[1], i)
+        plan = g.plan.get(node.name)
+        if plan is not None:
+            taken = list(plan.merged) + ([plan.gate] if plan.gate is not None else [])
+            if plan.gate is not None and plan.gate.name in g.regions:
+                taken += g.regions[plan.gate.name][1]
+            read_at(taken, i)
+    out: dict = {}
+    for name, i in last.items():
+        out.setdefault(i, []).append(name)
+    return out
+
+
 def _select_position(position: Tensor) -> Callable[[Tensor], Tensor]:
     """logits [B, T, V] -> [B, V] at one position per sample."""
     return lambda y: y[torch.arange(y.shape[0], device=y.device), position.to(y.device)]
@@ -887,8 +930,11 @@ class _Runner:
         self.env: dict | None = None  # fx node name -> value
         self.val: Callable[[Any], Any] | None = None  # fx arguments -> values
         self.feed: dict | None = None  # graph input name -> x or a keyword input
+        self.device: torch.device | None = None  # the pass's device (x's)
         self.ids: dict = {}  # fx node name -> tensor id of the trace
         self.steps: list = []
+        self.last: dict = {}  # fx node name -> the position of its last read (:func:`_last_reads`)
+        self.dying: dict = {}  # position -> the names read for the last time there
 
     def const(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
@@ -903,6 +949,7 @@ class _Runner:
         :meth:`_placeholder`."""
         g = self.g
         env: dict = {}
+        self.device = x.device
         self.feed = {g.input_names[0]: x}
         self.feed.update((n, inputs[n] if n in inputs else inputs[k])
                          for n, k in zip(g.input_names[1:], g.kwarg_names))
@@ -923,9 +970,17 @@ class _Runner:
         ids: dict = {g.root: 0}  # fx node name -> tensor id
         steps: list = []
         self.ids, self.steps = ids, steps
+        if g.last_reads is None:
+            g.last_reads = _last_reads(g)
+        self.dying = {i: list(names) for i, names in g.last_reads.items()}
+        self.last = {name: i for i, names in g.last_reads.items() for name in names}
+        out_name = g.alias.get(g.output_node.name, g.output_node.name)
         xe = x
         with torch.no_grad():
-            for node in g.program.graph.nodes:
+            for i, node in enumerate(g.program.graph.nodes):
+                for name in self.dying.pop(i - 1, ()):  # read for the last time by the node before
+                    if self.last[name] == i - 1 and name != out_name:
+                        env.pop(name, None)
                 if node.op == "placeholder":
                     self._placeholder(node, inputs)
                     if node.name == g.root:
@@ -951,7 +1006,6 @@ class _Runner:
                     self.layout(node)
                 else:
                     self.layer(p)
-        out_name = g.alias.get(g.output_node.name, g.output_node.name)
         out = env[out_name]
         if position is not None:
             if out.ndim != 3:
@@ -1138,6 +1192,11 @@ class _Runner:
         self.g.batch_first[(node.name, B)] = first
         if not first:
             self.pending[node.name] = (fn, origin)
+            end = self.last.get(node.name, -1)
+            for o in origin:  # the layouts that read this one read its origins
+                if self.last.get(o, -1) < end:
+                    self.last[o] = end
+                    self.dying.setdefault(end, []).append(o)
             return
         in_shapes = tuple(tuple(t.shape[1:]) for t in values)
         if any(isinstance(c, Tensor) and c.is_floating_point() for c in consts.values()):
@@ -1361,27 +1420,24 @@ class _Runner:
         c = a1 if _is_const_arg(a1, ex) else a0
         c = self.const(val(c))
         if name == "neg":
-            return torch.tensor(-1.0, dtype=self.dtype, device=self.env_device()), None
+            return torch.tensor(-1.0, dtype=self.dtype, device=self.device), None
         if name == "mul":
-            return torch.as_tensor(c, dtype=self.dtype, device=self.env_device()), None
+            return torch.as_tensor(c, dtype=self.dtype, device=self.device), None
         if name == "div":
-            return 1.0 / torch.as_tensor(c, dtype=self.dtype, device=self.env_device()), None
+            return 1.0 / torch.as_tensor(c, dtype=self.dtype, device=self.device), None
         alpha = node.kwargs.get("alpha", 1)
-        ct = torch.as_tensor(c, dtype=self.dtype, device=self.env_device()) * alpha
+        ct = torch.as_tensor(c, dtype=self.dtype, device=self.device) * alpha
         if name == "add":
             return None, ct
         if name == "sub":
             if _is_const_arg(a1, ex):
                 return None, -ct
-            return torch.tensor(-1.0, dtype=self.dtype, device=self.env_device()), \
-                torch.as_tensor(c, dtype=self.dtype, device=self.env_device())
+            return torch.tensor(-1.0, dtype=self.dtype, device=self.device), \
+                torch.as_tensor(c, dtype=self.dtype, device=self.device)
         if name == "rsub":  # rsub(x, c) = c - alpha x
-            return torch.tensor(-float(alpha), dtype=self.dtype, device=self.env_device()), \
-                torch.as_tensor(c, dtype=self.dtype, device=self.env_device())
+            return torch.tensor(-float(alpha), dtype=self.dtype, device=self.device), \
+                torch.as_tensor(c, dtype=self.dtype, device=self.device)
         raise AssertionError(name)
-
-    def env_device(self) -> torch.device:
-        return self.env[self.g.root].device
 
     def map_of(self, node: Any, name: str, ins: list) -> tuple[LinearOp, str, Tensor]:
         """(map, kind, map input) of a layer node."""
