@@ -129,7 +129,8 @@ class LinearOp:
 
     # the two parts of the map at once (the routing laws): ind=False W+ / W-, ind=True 1{W>0} / 1{W<0}
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``(A+ y, A- y)`` without bias; the second is ``None`` where the part is identically 0."""
+        """``(A+ y, A- y)`` without bias; the second is ``None`` where the part is identically 0. Fresh
+        tensors, as :meth:`cross`'s and the stacked forms' (the routing sweep writes over them)."""
         a, b = ("ipos", "ineg") if ind else ("pos", "neg")
         return self.apply(y, a), self.apply(y, b)
 
@@ -149,12 +150,26 @@ class LinearOp:
         """``(A+^T g + A-^T h, A-^T g + A+^T h)``."""
         return self.pair_t(g, h, ind), self.pair_t(h, g, ind)
 
-    # the same on one buffer holding [g, h] along dim 1 (g = buf[:, :n], h = buf[:, n:])
-    def pair_t_buf(self, buf: Tensor, n: int) -> Tensor:
-        return self.pair_t(buf[:, :n], buf[:, n:])
+    # the stacked form: both halves as one tensor (one product each way); None where the map gives them apart
+    def stacked_pair(self, y: Tensor) -> Tensor | None:
+        """``[A+ y, A- y]`` as one tensor (:meth:`halves`), or None (then :meth:`pair`)."""
+        return None
 
-    def cross_t_buf(self, buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        return self.cross_t(buf[:, :n], buf[:, n:])
+    def stacked_cross(self, a: Tensor, c: Tensor) -> Tensor | None:
+        """``[A+ a + A- c, A+ c + A- a]`` as one tensor (:meth:`halves`), or None (then :meth:`cross`)."""
+        return None
+
+    def halves(self, buf: Tensor) -> tuple[Tensor, Tensor]:
+        """The two halves (views) of a stacked tensor: along dim 1 (the last dim for a dense map)."""
+        return buf.chunk(2, dim=1)
+
+    def pair_t_buf(self, buf: Tensor) -> Tensor:
+        """``A+^T g + A-^T h`` for the stacked ``buf`` = [g, h] (:meth:`halves`)."""
+        return self.pair_t(*self.halves(buf))
+
+    def cross_t_buf(self, buf: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A+^T g + A-^T h, A-^T g + A+^T h)`` for the stacked ``buf`` = [g, h]."""
+        return self.cross_t(*self.halves(buf))
 
 
 class _Lazy(dict):
@@ -203,9 +218,15 @@ class WeightOp(LinearOp):
         """The two parts stacked along the output dimension (one matmul / convolution for both)."""
         parts = self.parts  # not self: no reference cycle, the op is freed as soon as it is dropped
 
+        w = self.weight
+
         def make(ind: bool) -> Tensor:
-            a, b = ("ipos", "ineg") if ind else ("pos", "neg")
-            return torch.cat([parts[a], parts[b]], 0)
+            if ind:
+                return torch.cat([parts["ipos"], parts["ineg"]], 0)
+            out = w.new_empty((2 * w.shape[0],) + tuple(w.shape[1:]))  # [W+; W-] written in place
+            torch.clamp_min(w, 0, out=out[:w.shape[0]])
+            torch.clamp_max(w, 0, out=out[w.shape[0]:])
+            return out
         return _Lazy(make)
 
     @cached_property
@@ -236,9 +257,16 @@ class DenseOp(WeightOp):
         return g @ self.parts[part]
 
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
-        n = self.weight.shape[0]
-        out = F.linear(y, self.stacked[ind])
-        return out[..., :n], out[..., n:]
+        return self.halves(F.linear(y, self.stacked[ind]))
+
+    def stacked_pair(self, y: Tensor) -> Tensor:
+        return F.linear(y, self.stacked[False])
+
+    def stacked_cross(self, a: Tensor, c: Tensor) -> Tensor:
+        return F.linear(torch.cat([a, c], -1), self.crossed[False])
+
+    def halves(self, buf: Tensor) -> tuple[Tensor, Tensor]:
+        return buf.chunk(2, dim=-1)
 
     def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
         a, b = ("ipos", "ineg") if ind else ("pos", "neg")
@@ -248,27 +276,19 @@ class DenseOp(WeightOp):
         return out.addmm_(h, self.parts[b]) if out.ndim == 2 else out + h @ self.parts[b]
 
     def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
-        n = self.weight.shape[0]
-        out = F.linear(torch.cat([a, c], -1), self.crossed[ind])
-        return out[..., :n], out[..., n:]
+        return self.halves(F.linear(torch.cat([a, c], -1), self.crossed[ind]))
 
     def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         m = self.weight.shape[1]
         out = torch.cat([g, h], -1) @ self.crossed[ind]
         return out[..., :m], out[..., m:]
 
-    # the buffer [g, h] lies along dim 1: the feature dimension only for 2-d inputs
-    def pair_t_buf(self, buf: Tensor, n: int) -> Tensor:
-        if buf.ndim != 2:
-            return super().pair_t_buf(buf, n)
+    # the stacked buffer [g, h] lies along the last dimension
+    def pair_t_buf(self, buf: Tensor) -> Tensor:
         return buf @ self.stacked[False]
 
-    def cross_t_buf(self, buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        if buf.ndim != 2:
-            return super().cross_t_buf(buf, n)
-        m = self.weight.shape[1]
-        out = buf @ self.crossed[False]
-        return out[..., :m], out[..., m:]
+    def cross_t_buf(self, buf: Tensor) -> tuple[Tensor, Tensor]:
+        return self.halves(buf @ self.crossed[False])
 
     def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Output (t, o) reads the inputs (t, k), k < d_in, with W_ok (t: the leading positions)."""
@@ -336,9 +356,17 @@ class ConvOp(WeightOp):
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.kw["groups"] != 1:
             return super().pair(y, ind)
-        n = self.weight.shape[0]
-        out = _CONV[self.dims](y, self.stacked[ind], None, **self.kw)
-        return out[:, :n], out[:, n:]
+        return self.halves(_CONV[self.dims](y, self.stacked[ind], None, **self.kw))
+
+    def stacked_pair(self, y: Tensor) -> Tensor | None:
+        if self.kw["groups"] != 1:
+            return None
+        return _CONV[self.dims](y, self.stacked[False], None, **self.kw)
+
+    def stacked_cross(self, a: Tensor, c: Tensor) -> Tensor | None:
+        if self.kw["groups"] != 1:
+            return None
+        return _CONV[self.dims](torch.cat([a, c], 1), self.crossed[False], None, **self.kw)
 
     def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
         tkw = self._tkw(g)
@@ -349,9 +377,7 @@ class ConvOp(WeightOp):
     def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         if self.kw["groups"] != 1:
             return super().cross(a, c, ind)
-        n = self.weight.shape[0]
-        out = _CONV[self.dims](torch.cat([a, c], 1), self.crossed[ind], None, **self.kw)
-        return out[:, :n], out[:, n:]
+        return self.halves(_CONV[self.dims](torch.cat([a, c], 1), self.crossed[ind], None, **self.kw))
 
     def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         tkw = self._tkw(g)
@@ -361,19 +387,17 @@ class ConvOp(WeightOp):
         out = _CONV_T[self.dims](torch.cat([g, h], 1), self.crossed[ind], None, **tkw)
         return out[:, :m], out[:, m:]
 
-    def pair_t_buf(self, buf: Tensor, n: int) -> Tensor:
+    def pair_t_buf(self, buf: Tensor) -> Tensor:
         tkw = self._tkw(buf)
         if tkw is None or self.kw["groups"] != 1:
-            return super().pair_t_buf(buf, n)
+            return super().pair_t_buf(buf)
         return _CONV_T[self.dims](buf, self.stacked[False], None, **tkw)
 
-    def cross_t_buf(self, buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    def cross_t_buf(self, buf: Tensor) -> tuple[Tensor, Tensor]:
         tkw = self._tkw(buf)
         if tkw is None or self.kw["groups"] != 1:
-            return super().cross_t_buf(buf, n)
-        m = self.weight.shape[1]
-        out = _CONV_T[self.dims](buf, self.crossed[False], None, **tkw)
-        return out[:, :m], out[:, m:]
+            return super().cross_t_buf(buf)
+        return self.halves(_CONV_T[self.dims](buf, self.crossed[False], None, **tkw))
 
     def edges(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """The convolution applied to the input's unit numbers (+1; 0: padding) with one output channel
@@ -542,10 +566,13 @@ class AddOp(LinearOp):
         return [f(c) for c in self.coefficients]
 
     def apply(self, y: Tensor, part: str = "W") -> Tensor:
+        """A fresh tensor (one source with coefficient 1 is copied, not viewed: the routing sweep
+        writes over the branch sums)."""
+        terms = [(k, c) for k, c in enumerate(self._coef(part)) if c != 0]
+        if len(terms) == 1:
+            return y[:, terms[0][0]] * terms[0][1]
         out = None
-        for k, c in enumerate(self._coef(part)):
-            if c == 0:
-                continue
+        for k, c in terms:
             t = y[:, k] if c == 1 else y[:, k] * c
             out = t if out is None else out + t
         return torch.zeros_like(y[:, 0]) if out is None else out

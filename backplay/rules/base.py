@@ -43,7 +43,9 @@ def lrp0_backward(layer: "LayerTrace", r: Tensor) -> tuple[Tensor, Tensor]:
     z, zero, r0 = layer.recursion_terms(r)
     stopped = r0.flatten(1).sum(1)
     del r0
-    c = safe_divide(r, z, zero)
+    # safe_divide(r, z, zero) in the mask's own buffers (the same numbers: r (1 - zero) / (z + zero)), so
+    # that the step holds two buffers of z's size beside r and z, not four
+    c = (1 - zero).mul_(r).div_(zero.add_(z))
     del zero
     if M.bias is not None:
         stopped = stopped + bias_sum(c, M.bias)

@@ -75,9 +75,11 @@ class _Local:
         self.fast = fast = base.fast and not nonneg
         self.y = y if fast else None
         self.wp = self.wn = None  # fast, with a bias: where the weight part of a branch is nonempty
+        S = None  # the branch sums as one stacked tensor [S+, S-] where the map gives them so
         if nonneg:
             yp, yn = y, None
-            Sp, Sn = M.pair(y)
+            S = M.stacked_pair(y)
+            Sp, Sn = M.pair(y) if S is None else M.halves(S)
             if Sn is None:
                 Sn = torch.zeros_like(Sp)
         elif fast:
@@ -87,10 +89,10 @@ class _Local:
                 self.wp, self.wn = Sp > 0, Sn < 0
         else:
             yp, yn = y.clamp_min(0), y.clamp_max(0)
-            Sp, Sn = M.cross(yp, yn)
+            S = M.stacked_cross(yp, yn)
+            Sp, Sn = M.cross(yp, yn) if S is None else M.halves(S)
         if b is not None:  # fresh buffers (views of one product): the bias is added in place
             Sp, Sn = Sp.add_(b.clamp_min(0)), Sn.add_(b.clamp_max(0))
-        self.full_p, self.full_n = Sp > 0, Sn < 0
         h = base.handover(Sp, Sn)
         if isinstance(h.plus, float):  # the same hand-over at every unit: kept as numbers
             self.p, self.q, self.m = (float(torch.tensor(v, dtype=Sp.dtype)) for v in (h.plus, h.minus, h.mult))
@@ -101,19 +103,25 @@ class _Local:
         self.T1 = T == 1.0
         self.bp = None if b is None else b.clamp_min(0)
         self.bn = None if b is None else (-b).clamp_min(0)
+        # the branches' nonempty units (S+ > 0, S- < 0): made from D+ = S+ and D- = -S- when first read
+        # at route temperature 1 (the constant hand-over's backward needs none: it finds them from D)
+        self._full = None
+        self.S = None  # [D+, D-] as one tensor: the constant hand-over's backward writes [c+, c-] over it
         if fast:  # route temperature 1 (checked by the rule): D+ = S+, D- = -S-; the adjoint reads y
             self.up = self.un = None
             self.Dp, self.Dn = Sp, Sn.neg_()
         elif T == 1.0:
             self.up, self.un = yp, (None if nonneg else -yn)
             self.Dp, self.Dn = Sp, Sn.neg_()  # Sn is a fresh buffer, no longer read
+            self.S = S
         else:
+            self._full = (Sp > 0, Sn < 0)
             u = y.abs().pow(1.0 / T)
             zero = torch.zeros_like(u)
             self.up = torch.where(y > 0, u, zero)
             self.un = None if nonneg else torch.where(y < 0, u, zero)
             self.Dp, self.Dn = self._w2(self.up, self.un)
-        del Sp, Sn
+        del Sp, Sn, S
         if self.lam:
             self.ip = (y > 0).to(y.dtype)
             self.in_ = None if nonneg else (y < 0).to(y.dtype)
@@ -126,6 +134,21 @@ class _Local:
             if own:
                 c = M.own_contribution(y)
                 self.own = (c > 0, c < 0)
+
+    @property
+    def full_p(self) -> Tensor:
+        """Where the + branch is nonempty (S+ > 0)."""
+        return self._fulls()[0]
+
+    @property
+    def full_n(self) -> Tensor:
+        """Where the - branch is nonempty (S- < 0)."""
+        return self._fulls()[1]
+
+    def _fulls(self) -> tuple[Tensor, Tensor]:
+        if self._full is None:
+            self._full = (self.Dp > 0, self.Dn > 0)
+        return self._full
 
     def _w2(self, a: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
         """(W+ a - W- c + b+, W+ c - W- a + b-), c None meaning 0 (the two routing sums)."""
@@ -167,20 +190,26 @@ class _Local:
             Vp, Vn = (1 - lam) * Vp + lam * Ip, (1 - lam) * Vn + lam * In
         return torch.where(self.full_p, Vp, 1.0), torch.where(self.full_n, Vn, 1.0)
 
-    def expect(self, U: Tensor) -> Tensor:
-        """U at this layer from U at the layer below (the extra sweep of RiskAverse)."""
+    def expect(self, U: Tensor) -> tuple[Tensor, Tensor]:
+        """(U at this layer, delta = p V+ - q V-) from U at the layer below (the extra sweep of
+        RiskAverse, I20); delta is 0 where the token stops (the base law's stop, or U = 0 there).
+        The Doob transform's multiplier is m_theta = U/delta, so the backward reads delta alone."""
         Vp, Vn = self.branch_values(U)
-        out = self.p * Vp + self.q * Vn
+        a, b = self.p * Vp, self.q * Vn
+        out, delta = a + b, a - b
         if self.stop is None:
-            return out
+            return out, delta
         if self.stop is True:
-            return torch.ones_like(out)
-        return torch.where(self.stop, 1.0, out)
+            return torch.ones_like(out), torch.zeros_like(delta)
+        return torch.where(self.stop, 1.0, out), torch.where(self.stop, 0.0, delta)
 
-    def backward(self, R: Tensor, U: Tensor | None = None, U_self: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor]:
-        """(relevance at the layer below, signed stopped mass per sample)."""
+    def backward(self, R: Tensor, U: Tensor | None = None, U_self: Tensor | None = None,
+                 delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(relevance at the layer below, signed stopped mass per sample); ``U``, ``U_self``, ``delta``:
+        RiskAverse's U at the layer's input and output and :meth:`expect`'s delta."""
         M, lam = self.M, self.lam
+        if U is not None and self.T1 and not lam and self.stop is not True:
+            return self._backward_doob(R, U, delta)
         if U is None:
             p, q, m, stop = self.p, self.q, self.m, self.stop
             Vp = Vn = None
@@ -269,39 +298,58 @@ class _Local:
                 stopped = stopped + bias_sum(ci_p, self.ibp) - bias_sum(ci_n, self.ibn)
         return lower, stopped
 
+    def _backward_doob(self, R: Tensor, U: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The Doob transform by U (I20) at route temperature 1 without an anchor, in closed form:
+        p_theta = p V+/U, q_theta = q V-/U, m_theta = 1/(p_theta - q_theta) = U/delta and the routing
+        pi(j|b) U_j / V_b, so the + branch share of unit i is m_theta R p_theta pi(j|+) U_j / V+ =
+        (R p / delta) pi(j|+) U_j: the constant hand-over's backward with R/delta for m R and y U for
+        y (V+- cancel; no branch values are recomputed). The token stops where delta = 0 (p_theta =
+        q_theta, U = 0 there, or the base law's stop)."""
+        zero = torch.eq(delta, 0, out=torch.empty_like(delta))
+        stopped = torch.mul(R, zero).flatten(1).sum(1)
+        Rm = (1 - zero).mul_(R).div_(zero.add_(delta))  # R/delta, 0 where delta = 0
+        del zero
+        self.up = self.up * U
+        self.un = None if self.un is None else self.un * U
+        return self._backward_const(R, Rm, self.p, self.q, stopped)
+
     def _backward_const(self, R: Tensor, Rm: Tensor, p: Any, q: Any, stopped: Tensor | None
                         ) -> tuple[Tensor, Tensor]:
         """backward at route temperature 1, no anchor, no U: a+ = Rm p, a- = Rm q (Rm = m R, 0 where
-        stopped) are written into one buffer [c+, c-] (dim 1) that the adjoint reads at once;
-        ``stopped``: the mass already stopped at the neurons (or None)."""
+        stopped); ``stopped``: the mass already stopped at the neurons (or None). c+ = a+ / D+ and
+        c- = a- / D- are written over D+ and D- (the halves of one tensor where the map stacks them,
+        which the adjoint then reads at once): with the 0/1 mask e of an empty branch (D = 0),
+        c = Rm / (D + e) * share, the stopped mass is the sum of c e (a itself there) and c - c e is 0
+        there. Arithmetic masks and in-place passes: one buffer of z's size beside D (no boolean
+        reads, which cost ten multiplies each on CPU)."""
         M = self.M
-        n = R.shape[1]
-        buf = R.new_empty((R.shape[0], 2 * n) + tuple(R.shape[2:]))
-        cp, cn = buf[:, :n], buf[:, n:]
-        torch.mul(Rm, p, out=cp)
-        torch.mul(Rm, q, out=cn)
+        Dp, Dn, S = self.Dp, self.Dn, self.S
+        self.Dp = self.Dn = self.S = self.p = self.q = self._full = None
+        s2 = None
+        for D, share in ((Dp, p), (Dn, q)):
+            e = torch.eq(D, 0, out=torch.empty(D.shape, dtype=D.dtype, device=D.device))
+            torch.div(Rm, D.add_(e), out=D)
+            if not (isinstance(share, float) and share == 1.0):
+                D.mul_(share)
+            s = e.mul_(D).flatten(1).sum(1)  # the mass sent to the empty branch, stopped with its sign
+            D.sub_(e)
+            del e
+            s2 = s if s2 is None else s2 - s
         del Rm
-        self.p = self.q = None
-        # the stopped mass: the branch mass sent to an empty branch (D = 0), with its sign
-        s2 = torch.where(self.full_p, 0.0, cp).flatten(1).sum(1)
-        s2 = s2 - torch.where(self.full_n, 0.0, cn).flatten(1).sum(1)
         stopped = s2 if stopped is None else stopped + s2
-        cp.div_(self.Dp).masked_fill_(self.full_p.logical_not(), 0.0)
-        cn.div_(self.Dn).masked_fill_(self.full_n.logical_not(), 0.0)
-        self.Dp = self.Dn = self.full_p = self.full_n = None
+        cp, cn = Dp, Dn
         if self.bp is not None:  # the bias sink: sum over the neurons of c * b, per sample
             stopped = stopped + bias_sum(cp, self.bp) - bias_sum(cn, self.bn)
         up, un = self.up, self.un
         if self.fast:
             lower = self._fast_adjoint(cp, cn)
-            del buf, cp, cn
         elif un is None:
-            lower = M.pair_t_buf(buf, n)
-            del buf, cp, cn
+            lower = M.pair_t(cp, cn) if S is None else M.pair_t_buf(S)
+            del S, cp, cn, Dp, Dn
             lower = lower.mul_(up)
         else:
-            t1, t2 = M.cross_t_buf(buf, n)
-            del buf, cp, cn
+            t1, t2 = M.cross_t(cp, cn) if S is None else M.cross_t_buf(S)
+            del S, cp, cn, Dp, Dn
             lower = up * t1
             lower.sub_(un * t2)
         return lower, stopped
@@ -397,10 +445,10 @@ def _u_layer(layer: "LayerTrace", U: Tensor, ctx: dict) -> Tensor:
     else:  # only U is kept per layer: the local law and the weight parts are rebuilt in the
         # backward sweep (one more pair of branch products per layer instead of holding the
         # model's weights twice over and every layer's buffers)
-        U_self = _local_of(layer, ctx).expect(U)
+        U_self, delta = _local_of(layer, ctx).expect(U)
         ctx["local"].pop(id(layer), None)
         layer.map.drop_parts()
-    ctx["U"][id(layer)] = (U, U_self)
+        ctx["U"][id(layer)] = (U, U_self, delta)  # a pass-through layer's relevance passes: no U kept
     return U_self
 
 
@@ -474,8 +522,8 @@ class RoutingRule(LayerRule):
             return lower
         if ctx.get("lrp0_form"):
             return _equilibrium_backward(layer, r, ctx)
-        U, U_self = ctx["U"].pop(id(layer), (None, None))
-        lower, stopped = _local_of(layer, ctx).backward(r, U, U_self)
+        U, U_self, delta = ctx["U"].pop(id(layer), (None, None, None))
+        lower, stopped = _local_of(layer, ctx).backward(r, U, U_self, delta)
         ctx["local"].pop(id(layer), None)  # each layer is swept once: free its buffers
         ctx["stopped"] = ctx["stopped"] + stopped
         return lower
