@@ -481,13 +481,22 @@ class ScaleOp(LinearOp):
         return f"ScaleOp({self.label})"
 
 
+def _others(t: Tensor) -> Tensor:
+    """sum_{j != i} t_j along the last dimension, as a prefix sum before i plus a suffix sum after i:
+    no subtraction, so no cancellation where one entry dwarfs the others (sum(t) - t_i loses t_j's
+    digits when |t_i| >> |t_j|: the routing laws' |y|^(1/T) makes such ratios 1e10)."""
+    before = F.pad(t.cumsum(-1)[..., :-1], (1, 0))
+    after = F.pad(t.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
+    return before.add_(after)
+
+
 class NormOp(LinearOp):
     """A frozen normaliser (LayerNorm, GroupNorm, RMSNorm; docs/theory.md section 11): per group of n
     units (the normalised dimensions of one sample and token, or one group of channels), the scale
     1/std is frozen and the map is z = diag(gamma) (I - 11^T / n) y / std + beta (no centring for
     RMSNorm). Row i has the diagonal entry c_i = gamma_i (1 - 1/n) and the off-diagonal entries
-    o_i = -gamma_i / n (both / std); since std > 0, a part f is f(c) y + f(o) (groupsum(y) - y),
-    divided by std except for the indicator parts (W^2: by std^2): O(n) per group.
+    o_i = -gamma_i / n (both / std); since std > 0, a part f is f(c) y + f(o) (sum_{j != i} y_j, summed
+    without cancellation: :func:`_others`), divided by std except for the indicator parts (W^2: by std^2): O(n) per group.
 
     ``group`` reshapes a tensor to [..., n] (the group last) and ``ungroup`` back; ``gamma`` is in
     the grouped shape (broadcast), ``inv`` = 1/std in the grouped shape with a trailing 1."""
@@ -510,11 +519,9 @@ class NormOp(LinearOp):
         if self.o is None:
             out = fc * yg
         elif not transpose:
-            fo = f(self.o)
-            out = fc * yg + fo * (yg.sum(-1, keepdim=True) - yg)
+            out = fc * yg + f(self.o) * _others(yg)
         else:
-            og = f(self.o) * yg
-            out = (fc * yg).add_(og.sum(-1, keepdim=True)).sub_(og)
+            out = (fc * yg).add_(_others(f(self.o) * yg))
         if scaled and not transpose:
             out = out * inv
         return self.ungroup(out)

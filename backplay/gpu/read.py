@@ -877,8 +877,9 @@ def _last_reads(g: ModelGraph) -> dict:
     """{position of a node in the program: the names (through the aliases) of the values the pass reads
     for the last time at that node}: the node's own arguments, and what a step made at that node reads
     of the nodes it takes in (merged affine nodes, its fused gate, a standalone gate's region: their
-    arguments are read when the step is made; a split's piece reads the split's arguments). A layout step whose batch is not first extends its
-    origins' reads at run time (:meth:`_Runner.layout`). The pass drops each value after its last read,
+    arguments are read when the step is made; a split's piece reads the split's arguments). A layout
+    step whose batch is not first extends its origins' reads at run time (:meth:`_Runner.layout`).
+    The pass drops each value after its last read,
     so that it holds what autograd would: the trace's own tensors, not every intermediate (q, k, the
     attention scores) until the pass ends."""
     nodes = list(g.program.graph.nodes)

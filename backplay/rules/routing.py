@@ -315,8 +315,8 @@ class _Local:
 
     def _backward_const(self, R: Tensor, Rm: Tensor, p: Any, q: Any, stopped: Tensor | None
                         ) -> tuple[Tensor, Tensor]:
-        """backward at route temperature 1, no anchor, no U: a+ = Rm p, a- = Rm q (Rm = m R, 0 where
-        stopped); ``stopped``: the mass already stopped at the neurons (or None). c+ = a+ / D+ and
+        """backward at route temperature 1 without an anchor: a+ = Rm p, a- = Rm q (Rm = m R, 0 where
+        stopped; RiskAverse's closed form passes R/delta, with y U for y); ``stopped``: the mass already stopped at the neurons (or None). c+ = a+ / D+ and
         c- = a- / D- are written over D+ and D- (the halves of one tensor where the map stacks them,
         which the adjoint then reads at once): with the 0/1 mask e of an empty branch (D = 0),
         c = Rm / (D + e) * share, the stopped mass is the sum of c e (a itself there) and c - c e is 0
