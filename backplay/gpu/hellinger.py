@@ -74,7 +74,7 @@ from backplay.gpu.engine import check_rule_instance, prepare, resolve_target
 from backplay.gpu.trace import LayerTrace, Trace
 from backplay.rules import (
     LRP0, RG, AlphaBeta, Anchor, Composite, Epsilon, Flat, Gamma, GradientEquilibrium, RGEq, RiskAverse, Rule,
-    WSquare, ZBox, first_layers,
+    WSquare, ZBox, first_layers, safe_divide,
 )
 from backplay.rules.routing import routing_parts
 
@@ -84,11 +84,6 @@ __all__ = ["SIGNED_BRANCH", "MAX_EDGES", "SINGLE_BRANCH", "HellingerMatrix", "he
 
 #: the largest B * n_out * n_in an anchored (edge-level) layer may materialise
 MAX_EDGES = 50_000_000
-
-
-def _sdiv(num: Tensor, den: Tensor) -> Tensor:
-    """num / den, 0 where den == 0."""
-    return torch.where(den == 0, 0.0, num / torch.where(den == 0, 1.0, den))
 
 
 #: single-branch laws (docs/theory.md section 12: p = 1, sign kept, routing along the edges W_ij != 0
@@ -291,10 +286,10 @@ def _edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], lam: float, token: bo
     for h, mask, bmask in ((hp, Z > 0, b > 0), (hn, Z < 0, b < 0)):
         wb, bb = torch.where(mask, w, 0.0), torch.where(bmask, b.abs(), 0.0)
         D = wb.sum(-1) + bb
-        pi, pib = _sdiv(wb, D.unsqueeze(-1)), _sdiv(bb, D)
+        pi, pib = safe_divide(wb, D.unsqueeze(-1)), safe_divide(bb, D)
         if lam:
             n = mask.sum(-1).to(W.dtype) + bmask.to(W.dtype)
-            u, ub = _sdiv(mask.to(W.dtype), n.unsqueeze(-1)), _sdiv(bmask.to(W.dtype), n)
+            u, ub = safe_divide(mask.to(W.dtype), n.unsqueeze(-1)), safe_divide(bmask.to(W.dtype), n)
             if own is not None:
                 inb = (own & mask).any(-1)
                 u = torch.where(inb.unsqueeze(-1), own.to(W.dtype), u)
@@ -324,7 +319,7 @@ def _single_edges(law: _Law, L: _Layer, E: tuple[Tensor, Tensor], box: tuple | N
         w = route(W) * _at(L.layer.unit_mask(), idx)
         bb = zero if bias_weight is None or L.b is None else bias_weight(L.b.reshape(B, -1))
     D = w.sum(-1) + bb
-    return _Edges(idx, _sdiv(w, D.unsqueeze(-1)), torch.zeros_like(w), _sdiv(bb, D), zero,
+    return _Edges(idx, safe_divide(w, D.unsqueeze(-1)), torch.zeros_like(w), safe_divide(bb, D), zero,
                   (D == 0).to(W.dtype), zero, zero)
 
 
@@ -334,15 +329,15 @@ def _doob(K: _Factor | _Edges, L: _Layer, U_in: Tensor) -> tuple[_Factor | _Edge
     transformed kernel and U at the layer's output, U(s) = sum_s' K(s, s') U(s')."""
     if isinstance(K, _Factor):
         sp, sn = L.sums(K.g * U_in)  # N_c V_c: the branch sums of the weights times U
-        bp, bn = _sdiv(K.t_p, K.N_p) * sp, _sdiv(K.t_n, K.N_n) * sn
+        bp, bn = safe_divide(K.t_p, K.N_p) * sp, safe_divide(K.t_n, K.N_n) * sn
         mp, mn = bp + K.cem_p, bn + K.cem_n
     else:
         u = _at(U_in, K.idx)
         mp = (K.Pp * u).sum(-1) + K.bias_p + K.cem_p
         mn = (K.Pn * u).sum(-1) + K.bias_n + K.cem_n
     U = mp + mn + K.stop
-    halt = (U == 0) | (_sdiv(mp, U) == _sdiv(mn, U))
-    inv = _sdiv(torch.ones_like(U), U)
+    halt = (U == 0) | (safe_divide(mp, U) == safe_divide(mn, U))
+    inv = safe_divide(torch.ones_like(U), U)
 
     def scale(t: Tensor) -> Tensor:
         return torch.where(halt, 0.0, t * inv)
@@ -382,16 +377,16 @@ def _deficit_layer(Ka: _Factor | _Edges, Kb: _Factor | _Edges, L: _Layer, d: Ten
         return (out + _half_sq(_cemetery(Ka), _cemetery(Kb))).reshape(L.layer.y.shape)
     # branch c: sqrt(t_a t_b) sum_j sqrt(pi_a pi_b) d_j, pi = |W_ij| g_j / N_c
     sp, sn = L.sums(_root(Ka.g, Kb.g) * d, with_bias=False)
-    kp = _sdiv(_root(Ka.t_p, Kb.t_p), _root(Ka.N_p, Kb.N_p))
-    kn = _sdiv(_root(Ka.t_n, Kb.t_n), _root(Ka.N_n, Kb.N_n))
+    kp = safe_divide(_root(Ka.t_p, Kb.t_p), _root(Ka.N_p, Kb.N_p))
+    kn = safe_divide(_root(Ka.t_n, Kb.t_n), _root(Ka.N_n, Kb.N_n))
     out = kp * sp + kn * sn
     # Delta: hand-over and cemetery terms, then the routing terms sqrt(t_a t_b) (1 - rho_c) with
     # rho_c = sum_j sqrt(pi_a pi_b) (= 1 exactly where both laws route alike: the same g)
     out = out + _half_sq(Ka.t_p, Kb.t_p) + _half_sq(Ka.t_n, Kb.t_n) + _half_sq(_cemetery(Ka), _cemetery(Kb))
     if not (Ka.g is Kb.g or torch.equal(Ka.g, Kb.g)):
         rp, rn = L.sums(_root(Ka.g, Kb.g))
-        out = out + _root(Ka.t_p, Kb.t_p) * (1 - _sdiv(rp, _root(Ka.N_p, Kb.N_p))).clamp_min(0)
-        out = out + _root(Ka.t_n, Kb.t_n) * (1 - _sdiv(rn, _root(Ka.N_n, Kb.N_n))).clamp_min(0)
+        out = out + _root(Ka.t_p, Kb.t_p) * (1 - safe_divide(rp, _root(Ka.N_p, Kb.N_p))).clamp_min(0)
+        out = out + _root(Ka.t_n, Kb.t_n) * (1 - safe_divide(rn, _root(Ka.N_n, Kb.N_n))).clamp_min(0)
     return out
 
 

@@ -130,7 +130,11 @@ class LinearOp:
     # the two parts of the map at once (the routing laws): ind=False W+ / W-, ind=True 1{W>0} / 1{W<0}
     def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(A+ y, A- y)`` without bias; the second is ``None`` where the part is identically 0. Fresh
-        tensors, as :meth:`cross`'s and the stacked forms' (the routing sweep writes over them)."""
+        tensors, as :meth:`cross`'s and the stacked forms' (the routing sweep writes over them): the
+        halves of :meth:`stacked_pair` where the map stacks its parts."""
+        buf = self.stacked_pair(y, ind)
+        if buf is not None:
+            return self.halves(buf)
         a, b = ("ipos", "ineg") if ind else ("pos", "neg")
         return self.apply(y, a), self.apply(y, b)
 
@@ -142,6 +146,9 @@ class LinearOp:
 
     def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         """``(A+ a + A- c, A+ c + A- a)`` (the branch sums of y = a + c split by sign)."""
+        buf = self.stacked_cross(a, c, ind)
+        if buf is not None:
+            return self.halves(buf)
         Pa, Na = self.pair(a, ind)
         Pc, Nc = self.pair(c, ind)
         return (Pa if Nc is None else Pa + Nc), (Pc if Na is None else Pc + Na)
@@ -151,12 +158,14 @@ class LinearOp:
         return self.pair_t(g, h, ind), self.pair_t(h, g, ind)
 
     # the stacked form: both halves as one tensor (one product each way); None where the map gives them apart
-    def stacked_pair(self, y: Tensor) -> Tensor | None:
-        """``[A+ y, A- y]`` as one tensor (:meth:`halves`), or None (then :meth:`pair`)."""
+    def stacked_pair(self, y: Tensor, ind: bool = False) -> Tensor | None:
+        """``[A+ y, A- y]`` as one tensor (:meth:`halves`), or None (then :meth:`pair` applies the parts
+        apart)."""
         return None
 
-    def stacked_cross(self, a: Tensor, c: Tensor) -> Tensor | None:
-        """``[A+ a + A- c, A+ c + A- a]`` as one tensor (:meth:`halves`), or None (then :meth:`cross`)."""
+    def stacked_cross(self, a: Tensor, c: Tensor, ind: bool = False) -> Tensor | None:
+        """``[A+ a + A- c, A+ c + A- a]`` as one tensor (:meth:`halves`), or None (then :meth:`cross` sums
+        the pairs)."""
         return None
 
     def halves(self, buf: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,14 +265,11 @@ class DenseOp(WeightOp):
     def transpose(self, g: Tensor, part: str = "W") -> Tensor:
         return g @ self.parts[part]
 
-    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
-        return self.halves(F.linear(y, self.stacked[ind]))
+    def stacked_pair(self, y: Tensor, ind: bool = False) -> Tensor:
+        return F.linear(y, self.stacked[ind])
 
-    def stacked_pair(self, y: Tensor) -> Tensor:
-        return F.linear(y, self.stacked[False])
-
-    def stacked_cross(self, a: Tensor, c: Tensor) -> Tensor:
-        return F.linear(torch.cat([a, c], -1), self.crossed[False])
+    def stacked_cross(self, a: Tensor, c: Tensor, ind: bool = False) -> Tensor:
+        return F.linear(torch.cat([a, c], -1), self.crossed[ind])
 
     def halves(self, buf: Tensor) -> tuple[Tensor, Tensor]:
         return buf.chunk(2, dim=-1)
@@ -274,9 +280,6 @@ class DenseOp(WeightOp):
         if h is None:
             return out
         return out.addmm_(h, self.parts[b]) if out.ndim == 2 else out + h @ self.parts[b]
-
-    def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
-        return self.halves(F.linear(torch.cat([a, c], -1), self.crossed[ind]))
 
     def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         m = self.weight.shape[1]
@@ -353,31 +356,21 @@ class ConvOp(WeightOp):
             return super().transpose(g, part)
         return _CONV_T[self.dims](g, self.parts[part], None, **tkw)
 
-    def pair(self, y: Tensor, ind: bool = False) -> tuple[Tensor, Tensor | None]:
-        if self.kw["groups"] != 1:
-            return super().pair(y, ind)
-        return self.halves(_CONV[self.dims](y, self.stacked[ind], None, **self.kw))
-
-    def stacked_pair(self, y: Tensor) -> Tensor | None:
+    def stacked_pair(self, y: Tensor, ind: bool = False) -> Tensor | None:
         if self.kw["groups"] != 1:
             return None
-        return _CONV[self.dims](y, self.stacked[False], None, **self.kw)
+        return _CONV[self.dims](y, self.stacked[ind], None, **self.kw)
 
-    def stacked_cross(self, a: Tensor, c: Tensor) -> Tensor | None:
+    def stacked_cross(self, a: Tensor, c: Tensor, ind: bool = False) -> Tensor | None:
         if self.kw["groups"] != 1:
             return None
-        return _CONV[self.dims](torch.cat([a, c], 1), self.crossed[False], None, **self.kw)
+        return _CONV[self.dims](torch.cat([a, c], 1), self.crossed[ind], None, **self.kw)
 
     def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
         tkw = self._tkw(g)
         if h is None or tkw is None or self.kw["groups"] != 1:
             return super().pair_t(g, h, ind)
         return _CONV_T[self.dims](torch.cat([g, h], 1), self.stacked[ind], None, **tkw)
-
-    def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
-        if self.kw["groups"] != 1:
-            return super().cross(a, c, ind)
-        return self.halves(_CONV[self.dims](torch.cat([a, c], 1), self.crossed[ind], None, **self.kw))
 
     def cross_t(self, g: Tensor, h: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         tkw = self._tkw(g)

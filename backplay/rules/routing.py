@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (Handover, LayerRule, Rule, check_finite, check_positive, constant_handover,
-                   equilibrium_handover, lrp0_backward, option, bias_sum)
+                   equilibrium_handover, lrp0_backward, option, bias_sum, safe_divide)
 
 if TYPE_CHECKING:  # pragma: no cover
     from backplay.gpu.trace import LayerTrace, Trace
@@ -44,11 +44,6 @@ def routing_parts(rule: "Rule") -> tuple["Rule", "Anchor | None", "RiskAverse | 
     if isinstance(rule, Anchor):
         anchor, rule = rule, rule.rule
     return rule, anchor, risk
-
-
-def _sdiv(num: Tensor, den: Tensor) -> Tensor:
-    """safe_divide without the extra buffers: num / den, 0 where den == 0."""
-    return torch.where(den == 0, 0.0, num / den)
 
 
 class _Local:
@@ -180,10 +175,10 @@ class _Local:
         """V_b = sum_j pi(j|b) U_j + pi(bias|b) * 1; 1 on an empty branch (stopped, U = 1)."""
         lam = self.lam
         wp, wn = self._w2(self.up * U, None if self.un is None else self.un * U)
-        Vp, Vn = _sdiv(wp, self.Dp), _sdiv(wn, self.Dn)
+        Vp, Vn = safe_divide(wp, self.Dp), safe_divide(wn, self.Dn)
         if lam:
             ip_, in_ = self._i2(self.ip * U, None if self.in_ is None else self.in_ * U)
-            Ip, In = _sdiv(ip_, self.Np), _sdiv(in_, self.Nn)
+            Ip, In = safe_divide(ip_, self.Np), safe_divide(in_, self.Nn)
             if self.own is not None:
                 Uo = self.M.own_gather(U)
                 Ip, In = torch.where(self.own[0], Uo, Ip), torch.where(self.own[1], Uo, In)
@@ -216,7 +211,7 @@ class _Local:
             up, un = self.up, self.un
         else:  # Doob transform by U, multiplier reset to 1/(p_theta - q_theta)
             Vp, Vn = self.branch_values(U)
-            p, q = _sdiv(self.p * Vp, U_self), _sdiv(self.q * Vn, U_self)
+            p, q = safe_divide(self.p * Vp, U_self), safe_divide(self.q * Vn, U_self)
             stop = (U_self == 0) | (p == q)
             if self.stop is True:
                 stop = torch.ones_like(stop)
@@ -247,11 +242,11 @@ class _Local:
             cp = torch.where(self.full_p, (ap * (1 - lam) if lam else ap) / self.Dp, 0.0)
             cn = torch.where(self.full_n, (an * (1 - lam) if lam else an) / self.Dn, 0.0)
         elif lam:
-            cp = _sdiv(ap * (1 - lam), self.Dp if Vp is None else self.Dp * Vp)
-            cn = _sdiv(an * (1 - lam), self.Dn if Vn is None else self.Dn * Vn)
+            cp = safe_divide(ap * (1 - lam), self.Dp if Vp is None else self.Dp * Vp)
+            cn = safe_divide(an * (1 - lam), self.Dn if Vn is None else self.Dn * Vn)
         else:
-            cp = _sdiv(ap, self.Dp if Vp is None else self.Dp * Vp)
-            cn = _sdiv(an, self.Dn if Vn is None else self.Dn * Vn)
+            cp = safe_divide(ap, self.Dp if Vp is None else self.Dp * Vp)
+            cn = safe_divide(an, self.Dn if Vn is None else self.Dn * Vn)
         # the stopped mass first, so that the branch buffers are freed before the adjoints
         if stop is True:
             stopped = R.clone()
@@ -282,12 +277,12 @@ class _Local:
             lp, ln = ap * lam, an * lam
             if self.own is not None:  # the own unit takes the anchor share where it is in the branch
                 op, on = self.own
-                oc = torch.where(op, lp if Vp is None else _sdiv(lp, Vp), 0.0)
-                oc = oc - torch.where(on, ln if Vn is None else _sdiv(ln, Vn), 0.0)
+                oc = torch.where(op, lp if Vp is None else safe_divide(lp, Vp), 0.0)
+                oc = oc - torch.where(on, ln if Vn is None else safe_divide(ln, Vn), 0.0)
                 lower = lower + M.own_scatter(oc if U is None else oc * M.own_gather(U))
                 lp, ln = torch.where(op, 0.0, lp), torch.where(on, 0.0, ln)
-            ci_p = _sdiv(lp, self.Np if Vp is None else self.Np * Vp)
-            ci_n = _sdiv(ln, self.Nn if Vn is None else self.Nn * Vn)
+            ci_p = safe_divide(lp, self.Np if Vp is None else self.Np * Vp)
+            ci_n = safe_divide(ln, self.Nn if Vn is None else self.Nn * Vn)
             if in_ is None:
                 lower = lower + ip * M.pair_t(ci_p, -ci_n, ind=True)
             else:
@@ -307,7 +302,7 @@ class _Local:
         q_theta, U = 0 there, or the base law's stop)."""
         zero = torch.eq(delta, 0, out=torch.empty_like(delta))
         stopped = torch.mul(R, zero).flatten(1).sum(1)
-        Rm = (1 - zero).mul_(R).div_(zero.add_(delta))  # R/delta, 0 where delta = 0
+        Rm = safe_divide(R, delta, zero, consume=True)  # R/delta, 0 where delta = 0
         del zero
         self.up = self.up * U
         self.un = None if self.un is None else self.un * U
