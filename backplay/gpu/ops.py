@@ -146,9 +146,9 @@ class LinearOp:
 
     def cross(self, a: Tensor, c: Tensor, ind: bool = False) -> tuple[Tensor, Tensor]:
         """``(A+ a + A- c, A+ c + A- a)`` (the branch sums of y = a + c split by sign)."""
-        buf = self.stacked_cross(a, c, ind)
-        if buf is not None:
-            return self.halves(buf)
+        ac = self.stack(a, c)
+        if ac is not None:
+            return self.halves(self.stacked_cross(ac, ind))
         Pa, Na = self.pair(a, ind)
         Pc, Nc = self.pair(c, ind)
         return (Pa if Nc is None else Pa + Nc), (Pc if Na is None else Pc + Na)
@@ -163,10 +163,32 @@ class LinearOp:
         apart)."""
         return None
 
-    def stacked_cross(self, a: Tensor, c: Tensor, ind: bool = False) -> Tensor | None:
-        """``[A+ a + A- c, A+ c + A- a]`` as one tensor (:meth:`halves`), or None (then :meth:`cross` sums
-        the pairs)."""
-        return None
+    #: the dimension along which the map reads a stacked input [a, c] in one product (:meth:`stacked_cross`);
+    #: None: the map gives its parts apart
+    stack_dim: int | None = None
+
+    def stack(self, a: Tensor, c: Tensor) -> Tensor | None:
+        """``[a, c]`` as one tensor along :attr:`stack_dim` (None where the map has none)."""
+        return None if self.stack_dim is None else torch.cat([a, c], self.stack_dim)
+
+    def split(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(y+, y-, [y+, y-])``: the sign split of y; where the map has a :attr:`stack_dim`, y+ and y-
+        are written as the halves of one stacked tensor (no concatenation), else the third is None."""
+        d = self.stack_dim
+        if d is None:
+            return y.clamp_min(0), y.clamp_max(0), None
+        shape = list(y.shape)
+        shape[d] *= 2
+        yy = torch.empty(shape, dtype=y.dtype, device=y.device)
+        yp, yn = yy.chunk(2, dim=d)
+        torch.clamp_min(y, 0, out=yp)
+        torch.clamp_max(y, 0, out=yn)
+        return yp, yn, yy
+
+    def stacked_cross(self, ac: Tensor, ind: bool = False) -> Tensor:
+        """``[A+ a + A- c, A+ c + A- a]`` as one tensor (:meth:`halves`) for the stacked ``ac`` = [a, c]
+        (:meth:`stack`, :meth:`split`): one product. Only on a map with a :attr:`stack_dim`."""
+        raise TypeError(f"{type(self).__name__} reads no stacked input (stack_dim is None): use cross()")
 
     def halves(self, buf: Tensor) -> tuple[Tensor, Tensor]:
         """The two halves (views) of a stacked tensor: along dim 1 (the last dim for a dense map)."""
@@ -268,8 +290,10 @@ class DenseOp(WeightOp):
     def stacked_pair(self, y: Tensor, ind: bool = False) -> Tensor:
         return F.linear(y, self.stacked[ind])
 
-    def stacked_cross(self, a: Tensor, c: Tensor, ind: bool = False) -> Tensor:
-        return F.linear(torch.cat([a, c], -1), self.crossed[ind])
+    stack_dim = -1
+
+    def stacked_cross(self, ac: Tensor, ind: bool = False) -> Tensor:
+        return F.linear(ac, self.crossed[ind])
 
     def halves(self, buf: Tensor) -> tuple[Tensor, Tensor]:
         return buf.chunk(2, dim=-1)
@@ -361,10 +385,12 @@ class ConvOp(WeightOp):
             return None
         return _CONV[self.dims](y, self.stacked[ind], None, **self.kw)
 
-    def stacked_cross(self, a: Tensor, c: Tensor, ind: bool = False) -> Tensor | None:
-        if self.kw["groups"] != 1:
-            return None
-        return _CONV[self.dims](torch.cat([a, c], 1), self.crossed[ind], None, **self.kw)
+    @property
+    def stack_dim(self) -> int | None:  # type: ignore[override]
+        return 1 if self.kw["groups"] == 1 else None
+
+    def stacked_cross(self, ac: Tensor, ind: bool = False) -> Tensor:
+        return _CONV[self.dims](ac, self.crossed[ind], None, **self.kw)
 
     def pair_t(self, g: Tensor, h: Tensor | None, ind: bool = False) -> Tensor:
         tkw = self._tkw(g)

@@ -63,7 +63,7 @@ class _Local:
     def __init__(self, layer: "LayerTrace", base: "Rule", lam: float, own: bool = False) -> None:
         M, y = layer.map, layer.input
         self.M, self.lam = M, float(lam)
-        self.nonneg = nonneg = not bool((y < 0).any())
+        self.nonneg = nonneg = y.numel() == 0 or bool(y.min() >= 0)  # a reduction: no boolean tensor
         b = M.bias  # shaped to broadcast against z (a conv's [C, 1, 1], a dense map's [n])
         # the sum/difference form (``fast=True``) on inputs of both signs only: on a nonnegative input
         # the exact form already takes two products each way
@@ -83,8 +83,9 @@ class _Local:
             if b is not None:
                 self.wp, self.wn = Sp > 0, Sn < 0
         else:
-            yp, yn = y.clamp_min(0), y.clamp_max(0)
-            S = M.stacked_cross(yp, yn)
+            yp, yn, Y = M.split(y)  # y+- the halves of one stacked tensor Y where the map reads it at once
+            S = None if Y is None else M.stacked_cross(Y)
+            del Y
             Sp, Sn = M.cross(yp, yn) if S is None else M.halves(S)
         if b is not None:  # fresh buffers (views of one product): the bias is added in place
             Sp, Sn = Sp.add_(b.clamp_min(0)), Sn.add_(b.clamp_max(0))
@@ -106,7 +107,7 @@ class _Local:
             self.up = self.un = None
             self.Dp, self.Dn = Sp, Sn.neg_()
         elif T == 1.0:
-            self.up, self.un = yp, (None if nonneg else -yn)
+            self.up, self.un = yp, (None if nonneg else yn.neg_())  # yn no longer read
             self.Dp, self.Dn = Sp, Sn.neg_()  # Sn is a fresh buffer, no longer read
             self.S = S
         else:
