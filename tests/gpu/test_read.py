@@ -49,6 +49,23 @@ def _near_tie(model, xb) -> bool:
     return False
 
 
+def _z_cancels(model, x) -> bool:
+    """Some pre-activation z = W y + b cancels almost fully without being 0 (|z| <= 1e-6 of the sum of
+    its terms' magnitudes |W| |y| + |b|): float64 gives such a z with a relative error above 1e-10 (it
+    may even be 0 exactly, where the unit stops), and LRP-0's R/z, also in the gradient equilibrium's
+    closed form (I8, I17), passes that error on in full. A comparison of those two rules at 1e-9 is then
+    ill-posed (found by the thorough profile: a mean over a group-normalised channel, 3e-17 in float64
+    against terms of 0.05); exact zeros are fine and stay checked. The routing laws divide by branch
+    sums of terms of one sign, which do not cancel."""
+    for layer in prepare(model, x, one_sample=True).trace().layers:
+        M, y = layer.map, layer.input
+        z = M.forward(y)
+        terms = M.apply(y.abs(), "abs") + (0.0 if M.bias is None else M.bias.abs())
+        if bool(((z != 0) & (z.abs() <= 1e-6 * terms)).any()):
+            return True
+    return False
+
+
 def _snapshot(model):
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},
             [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
@@ -63,12 +80,16 @@ def _unchanged(model, snap):
 @given(case=random_models())
 def test_random_models_exact_conservative_batched_unchanged(case):
     """On random DAGs of supported operations (residual sums, cats, pools, gates, norms): torch equals
-    the exact law / recursion in exact rationals at every report layer; the conservation report; a
+    the exact law / recursion in exact rationals at every report layer (LRP-0 and the gradient
+    equilibrium where no pre-activation nearly cancels: _z_cancels); the conservation report; a
     batch of 4 equals four single runs; the model is unchanged; GxI = x * autograd where the graph is
     piecewise linear."""
     model, x, t = case.model, case.x, case.target
     snap = _snapshot(model)
+    cancels = _z_cancels(model, x)
     for rule in RULES:
+        if cancels and isinstance(rule, (LRP0, GradientEquilibrium)):
+            continue  # ill-posed at 1e-9 there (_z_cancels)
         assert torch_error(model, x, t, rule) <= 1e-9, (rule.name, case.description)
     xb = torch.stack([x, -x, x / 2, x + 0.25])
     assume(not _near_tie(model, xb))
